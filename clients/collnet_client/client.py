@@ -1,0 +1,264 @@
+"""The thin client: a trainer process talking to its node's daemon.
+
+Control messages are msgpack over a pyzmq DEALER socket; tensor bytes stay in
+shared memory that both processes map. Arrays allocated with
+``Comm.empty``/``Comm.zeros`` live in shared memory already and are reduced in
+place with no copy; any other numpy array is copied into a staging segment
+and back (one copy each way).
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import threading
+import time
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any
+
+import ml_dtypes
+import msgpack
+import numpy as np
+import numpy.typing as npt
+import zmq
+
+from collnet.errors import CollnetError, DaemonUnavailable, InvalidArgument, Timeout
+from collnet.transport.shm import SharedBuffer
+
+DEFAULT_TIMEOUT_S = 600.0
+
+_DTYPE_NAMES = {
+    np.dtype(np.float32): "float32",
+    np.dtype(np.float16): "float16",
+    np.dtype(ml_dtypes.bfloat16): "bfloat16",
+    np.dtype(np.int32): "int32",
+    np.dtype(np.int64): "int64",
+}
+
+
+@dataclass(frozen=True)
+class World:
+    """The world as the daemon last saw it."""
+
+    epoch: int
+    peers: tuple[str, ...]
+    pending: tuple[str, ...]
+
+    @property
+    def size(self) -> int:
+        return len(self.peers)
+
+    @staticmethod
+    def from_wire(obj: dict[str, Any]) -> World:
+        return World(
+            int(obj["epoch"]),
+            tuple(str(p[0]) for p in obj.get("peers", [])),
+            tuple(str(p) for p in obj.get("pending", [])),
+        )
+
+
+class Handle:
+    """An all-reduce in flight; ``wait()`` returns the reduced array."""
+
+    def __init__(self, comm: Comm, rid: int, result: npt.NDArray[Any],
+                 staging: tuple[SharedBuffer, npt.NDArray[Any]] | None) -> None:
+        self._comm = comm
+        self._rid = rid
+        self._result = result
+        self._staging = staging
+        self._done = False
+
+    def done(self) -> bool:
+        if not self._done:
+            self._done = self._comm._poll_reply(self._rid)
+        return self._done
+
+    def wait(self, timeout_s: float | None = None) -> npt.NDArray[Any]:
+        staging, self._staging = self._staging, None
+        try:
+            self._comm._wait_reply(self._rid, timeout_s)
+            if staging is not None:
+                view = staging[1][: self._result.nbytes].view(self._result.dtype)
+                np.copyto(self._result, view.reshape(self._result.shape))
+        finally:
+            self._done = True
+            if staging is not None:
+                self._comm._staging.append(staging)
+        return self._result
+
+
+class Comm:
+    """A connection to the local daemon; see the module docstring."""
+
+    def __init__(self, address: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+        self.address = address
+        self.timeout_s = timeout_s
+        self._ctx = zmq.Context.instance()
+        self._sock = self._ctx.socket(zmq.DEALER)
+        self._sock.setsockopt(zmq.LINGER, 0)
+        self._sock.connect(address)
+        self._lock = threading.Lock()
+        self._ids = itertools.count(1)
+        self._tags = itertools.count(1)
+        self._replies: dict[int, dict[str, Any]] = {}
+        self._segments: dict[int, SharedBuffer] = {}  # id(base ndarray) -> its segment
+        self._staging: list[tuple[SharedBuffer, npt.NDArray[Any]]] = []
+        self.closed = False
+        try:
+            hello = self._call("hello", timeout_s=min(timeout_s, 10.0))
+        except Timeout:
+            self.close()
+            raise DaemonUnavailable(f"no daemon answers at {address}") from None
+        self.peer_id: str = hello["peer"]
+        self._world = World.from_wire(hello["world"])
+
+    # -- membership --------------------------------------------------------
+    @property
+    def world(self) -> World:
+        self._world = World.from_wire(self._call("world")["world"])
+        return self._world
+
+    def update_topology(self, timeout_s: float | None = None) -> World:
+        self._world = World.from_wire(self._call("update_topology", timeout_s=timeout_s)["world"])
+        return self._world
+
+    # -- memory ------------------------------------------------------------
+    def empty(self, shape: int | tuple[int, ...], dtype: npt.DTypeLike = np.float32
+              ) -> npt.NDArray[Any]:
+        """An array in shared memory: all-reduces on it cost no copy."""
+        dt = np.dtype(dtype)
+        n = int(np.prod(shape))
+        seg = SharedBuffer.create(n * dt.itemsize)
+        arr = seg.array(dt, n).reshape(shape)
+        self._segments[id(arr.base)] = seg
+        return arr
+
+    def zeros(self, shape: int | tuple[int, ...], dtype: npt.DTypeLike = np.float32
+              ) -> npt.NDArray[Any]:
+        arr = self.empty(shape, dtype)
+        arr.fill(0)
+        return arr
+
+    def _locate(self, arr: npt.NDArray[Any]) -> tuple[SharedBuffer, int] | None:
+        base = arr
+        while isinstance(base.base, np.ndarray):
+            base = base.base
+        seg = self._segments.get(id(base))
+        if seg is None or not arr.flags.c_contiguous:
+            return None
+        offset = arr.__array_interface__["data"][0] - base.__array_interface__["data"][0]
+        return seg, offset
+
+    def _stage(self, nbytes: int) -> tuple[SharedBuffer, npt.NDArray[Any]]:
+        for i, (seg, _) in enumerate(self._staging):
+            if seg.nbytes >= nbytes:
+                return self._staging.pop(i)
+        seg = SharedBuffer.create(nbytes)
+        return seg, seg.array(np.uint8, nbytes)
+
+    # -- collectives -------------------------------------------------------
+    def all_reduce(self, tensor: npt.NDArray[Any], op: str = "sum", codec: str = "none",
+                   algo: str = "auto", tag: int | str | None = None,
+                   timeout_s: float | None = None) -> npt.NDArray[Any]:
+        """Reduce ``tensor`` across the world, in place; returns it."""
+        return self.all_reduce_async(tensor, op, codec, algo, tag, timeout_s).wait()
+
+    def all_reduce_async(self, tensor: npt.NDArray[Any], op: str = "sum", codec: str = "none",
+                         algo: str = "auto", tag: int | str | None = None,
+                         timeout_s: float | None = None) -> Handle:
+        dtype_name = _DTYPE_NAMES.get(tensor.dtype)
+        if dtype_name is None:
+            raise InvalidArgument(f"unsupported dtype {tensor.dtype}")
+        where = self._locate(tensor)
+        staging = None
+        if where is None:
+            staging = self._stage(tensor.nbytes)
+            np.copyto(staging[1][: tensor.nbytes].view(tensor.dtype), tensor.reshape(-1))
+            where = (staging[0], 0)
+        seg, offset = where
+        rid = self._send(
+            "all_reduce", shm=seg.name, offset=offset, count=int(tensor.size), dtype=dtype_name,
+            reduce=op, codec=codec, algo=algo, tag=next(self._tags) if tag is None else tag,
+            timeout_s=timeout_s,
+        )
+        return Handle(self, rid, tensor, staging)
+
+    def leave(self) -> None:
+        self._call("leave", timeout_s=10.0)
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self._sock.close(0)
+        for seg in self._segments.values():
+            seg.close()
+        for seg, _ in self._staging:
+            seg.close()
+        self._segments.clear()
+        self._staging.clear()
+
+    def __enter__(self) -> Comm:
+        return self
+
+    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    # -- request plumbing --------------------------------------------------
+    def _send(self, op: str, **fields: Any) -> int:
+        if self.closed:
+            raise DaemonUnavailable("this Comm is closed")
+        rid = next(self._ids)
+        msg = {"id": rid, "op": op, **{k: v for k, v in fields.items() if v is not None}}
+        with self._lock:
+            self._sock.send(msgpack.packb(msg, use_bin_type=True))
+        return rid
+
+    def _call(self, op: str, timeout_s: float | None = None, **fields: Any) -> dict[str, Any]:
+        rid = self._send(op, **fields)
+        return self._wait_reply(rid, timeout_s)
+
+    def _poll_reply(self, rid: int) -> bool:
+        with self._lock:
+            self._drain(0)
+            return rid in self._replies
+
+    def _drain(self, timeout_ms: int) -> None:
+        if self._sock.poll(timeout_ms, zmq.POLLIN):
+            while True:
+                try:
+                    body = self._sock.recv(zmq.NOBLOCK)
+                except zmq.Again:
+                    return
+                reply = msgpack.unpackb(body, raw=False)
+                self._replies[int(reply.get("id") or 0)] = reply
+
+    def _wait_reply(self, rid: int, timeout_s: float | None) -> dict[str, Any]:
+        limit = self.timeout_s if timeout_s is None else timeout_s
+        deadline = time.monotonic() + limit
+        while True:
+            with self._lock:
+                reply = self._replies.pop(rid, None)
+                if reply is None:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        raise Timeout(
+                            f"no reply from the daemon at {self.address} within {limit:.1f}s"
+                        )
+                    self._drain(int(min(left, 0.05) * 1000) + 1)
+                    reply = self._replies.pop(rid, None)
+            if reply is not None:
+                break
+        if not reply.get("ok"):
+            raise CollnetError.from_wire(reply.get("error") or {})
+        return reply
+
+
+def connect(address: str | None = None, timeout_s: float = DEFAULT_TIMEOUT_S) -> Comm:
+    """Connect to the local daemon at ``address`` (default: ``$COLLNET_DAEMON``)."""
+    address = address or os.environ.get("COLLNET_DAEMON")
+    if not address:
+        raise DaemonUnavailable("no daemon address given and COLLNET_DAEMON is not set")
+    return Comm(address, timeout_s)

@@ -1,0 +1,259 @@
+"""Pipelined ring all-reduce (reduce-scatter, then all-gather) as a sans-I/O schedule.
+
+Rank ``r`` of ``W`` sends only to ``right = (r + 1) % W`` and receives only
+from ``left = (r - 1) % W``. The tensor is cut into ``W`` segments (see
+``partition``), each into chunks. At every step ``s`` in ``0 .. 2W - 3``
+rank ``r`` sends segment ``(r - s) % W`` and receives segment
+``(r - s - 1) % W``:
+
+- steps ``0 .. W - 2`` (reduce-scatter): the received chunk is combined into
+  the local one; after step ``W - 2`` rank ``r`` holds the full reduction of
+  segment ``(r + 1) % W`` and is its *owner*: the one place where the chunk
+  is finalized (avg divide; quantize once), so every rank gets its bytes;
+- steps ``W - 1 .. 2W - 3`` (all-gather): the received chunk is final; it is
+  installed and forwarded as-is.
+
+A message is named by ``(step, chunk)``. The ring is pipelined per chunk:
+chunk ``c`` of step ``s + 1`` is the very chunk received as ``(s, c)``, and it
+is sent as soon as that one has been received and combined; ``start()`` sends
+all chunks of step 0. Messages may arrive in any order (the transport stripes
+chunks over several connections); each chunk's chain is independent.
+
+Zero-copy invariant (raw path): sent payloads are views of the caller's
+tensor. A chunk's bytes are written again only when the all-gather brings
+its final value, and that value exists only after the right neighbour has
+consumed this rank's contribution (causality of the ring), so no payload is
+overwritten before it is delivered. The executor must still finish sending
+every payload before it tells the caller the collective completed.
+
+Failure model: any participant lost before ``Complete`` aborts the schedule
+with ``PeerLost``; the tensor's contents after an ``Abort`` are undefined
+(partially reduced). Messages that the ring does not expect (wrong sender,
+step or chunk, a duplicate, a wrong size, an all-gather chunk ahead of this
+rank's own contribution, undecodable bytes) raise ``ProtocolError`` and
+leave the schedule unfinished, so the executor can drop the offending link
+and report the peer lost. Messages arriving after an ``Abort`` are accepted
+into a discard buffer and ignored. A quantizing codec that cannot encode this
+rank's own data (``NonFiniteError``: NaN, Inf, out of range) aborts the
+schedule with that ``CodecError``; the executor must tell the other ranks.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy.typing as npt
+
+from collnet.algo.actions import Abort, Action, Complete, Schedule, Send
+from collnet.algo.partition import Partition, check_group
+from collnet.algo.reducer import ChunkReducer, Token
+from collnet.codec.base import Codec
+from collnet.errors import CodecError, CollnetError, PeerLost, ProtocolError
+
+_IDLE, _POSTED, _DONE = 0, 1, 2
+
+
+class RingAllReduce(Schedule):
+    """Ring all-reduce of ``buf`` in place, seen from ``rank``.
+
+    ``buf``: 1-D contiguous writable array of float32, float16, bfloat16,
+    int32 or int64; it holds the result after ``Complete``. ``op``: sum, avg,
+    min, max or prod. ``codec``: None (or a codec named ``"none"``) for exact
+    transfer; a quantizing codec for the float32-accumulating quantized path.
+    ``chunk_bytes``: pipelining granularity in tensor bytes (at least one
+    element a chunk). Every rank must pass the same length, dtype, op, codec
+    and chunk_bytes.
+    """
+
+    algorithm = "ring"
+
+    def __init__(
+        self,
+        rank: int,
+        world: int,
+        buf: npt.NDArray[Any],
+        op: str,
+        codec: Codec | None = None,
+        chunk_bytes: int = 1 << 20,
+    ) -> None:
+        check_group(rank, world)
+        self.rank = rank
+        self.world = world
+        self._red = ChunkReducer(buf, op, codec, world, chunk_bytes)
+        self._part = Partition(self._red.n, world, self._red.chunk_elems)
+        self._left = (rank - 1) % world
+        self._right = (rank + 1) % world
+        self._nsteps = 2 * world - 2
+        self._maxc = self._part.max_chunks()
+        # Per (step, chunk) receive state, indexed step * maxc + chunk.
+        self._state = bytearray(self._nsteps * self._maxc)
+        self._pending: dict[int, Token | None] = {}
+        self._step_done = [0] * self._nsteps
+        self._expected = sum(
+            self._part.num_chunks((rank - s - 1) % world) for s in range(self._nsteps)
+        )
+        self._received = 0
+        self._started = False
+        self._finished = False
+        self._aborted = False
+
+    @property
+    def finished(self) -> bool:
+        return self._finished
+
+    def start(self) -> list[Action]:
+        if self._started:
+            raise ProtocolError("start() called twice")
+        self._started = True
+        if self.world == 1:
+            self._red.finalize_local()
+        if self._expected == 0:
+            self._finished = True
+            return [Complete()]
+        seg = self.rank
+        part, red, right = self._part, self._red, self._right
+        actions: list[Action] = []
+        try:
+            for c in range(part.num_chunks(seg)):
+                a, b = part.chunk(seg, c)
+                actions.append(Send(right, 0, c, red.outgoing(a, b)))
+        except CodecError as exc:
+            return self._abort(exc)
+        return actions
+
+    def recv_buffer(self, src: int, step: int, chunk: int, nbytes: int) -> memoryview:
+        if self._aborted:
+            return self._red.sink(nbytes)
+        key, a, b = self._locate(src, step, chunk)
+        if self._state[key] != _IDLE:
+            raise ProtocolError(
+                f"duplicate ring message (step {step}, chunk {chunk}) from rank {src}",
+                rank=src,
+                step=step,
+                chunk=chunk,
+            )
+        red = self._red
+        red.check_nbytes(a, b, nbytes)
+        if step < self.world - 1:
+            view, token = red.contribution_buffer(a, b, nbytes)
+            self._pending[key] = token
+        else:
+            # The final value of this chunk can only exist once the right
+            # neighbour consumed our contribution, sent when (step - W, chunk)
+            # arrived; earlier means a broken peer, and writing now would
+            # corrupt bytes still to be sent.
+            before = step - self.world
+            if before >= 0 and self._state[before * self._maxc + chunk] != _DONE:
+                raise ProtocolError(
+                    f"all-gather chunk (step {step}, chunk {chunk}) from rank {src} arrived "
+                    f"before this rank sent its contribution",
+                    rank=src,
+                    step=step,
+                    chunk=chunk,
+                )
+            view, rtoken = red.result_buffer(a, b, nbytes)
+            self._pending[key] = rtoken
+        self._state[key] = _POSTED
+        return view
+
+    def on_receive(self, src: int, step: int, chunk: int) -> list[Action]:
+        if self._aborted:
+            return []
+        key, a, b = self._locate(src, step, chunk)
+        if self._state[key] != _POSTED:
+            what = "duplicate" if self._state[key] == _DONE else "unannounced"
+            raise ProtocolError(
+                f"{what} ring message (step {step}, chunk {chunk}) from rank {src}",
+                rank=src,
+                step=step,
+                chunk=chunk,
+            )
+        token = self._pending.pop(key)
+        self._state[key] = _DONE
+        red = self._red
+        last = self._nsteps - 1
+        if step < self.world - 1:
+            assert token is not None
+            red.accumulate(token, a, b)
+            try:
+                if step == self.world - 2:
+                    payload: memoryview | None = red.finalize(a, b)
+                else:
+                    payload = red.outgoing(a, b)
+            except CodecError as exc:
+                return self._abort(exc)
+        else:
+            payload = red.place(token, a, b, forward=step < last)
+        self._step_done[step] += 1
+        self._received += 1
+        actions: list[Action] = []
+        if payload is not None:
+            actions.append(Send(self._right, step + 1, chunk, payload))
+        if self._received == self._expected:
+            self._finished = True
+            actions.append(Complete())
+        return actions
+
+    def on_peer_lost(self, rank: int) -> list[Action]:
+        if self._finished or not 0 <= rank < self.world:
+            return []
+        step = next(
+            (s for s in range(self._nsteps) if self._step_done[s] < self._chunks_at(s)),
+            self._nsteps,
+        )
+        phase = "reduce-scatter" if step < self.world - 1 else "all-gather"
+        return self._abort(
+            PeerLost(
+                f"peer rank {rank} lost during ring all-reduce step {step} ({phase}); "
+                f"rank {self.rank} had received {self._received}/{self._expected} chunks",
+                rank=rank,
+                step=step,
+                phase=phase,
+                algorithm=self.algorithm,
+            )
+        )
+
+    # -- helpers ------------------------------------------------------------------
+
+    def _abort(self, error: CollnetError) -> list[Action]:
+        self._finished = True
+        self._aborted = True
+        for token in self._pending.values():
+            self._red.discard(token)
+        self._pending.clear()
+        return [Abort(error)]
+
+    def _chunks_at(self, step: int) -> int:
+        return self._part.num_chunks((self.rank - step - 1) % self.world)
+
+    def _locate(self, src: int, step: int, chunk: int) -> tuple[int, int, int]:
+        """Validate a message name; return its state index and element range."""
+        if self._finished:
+            raise ProtocolError(
+                f"ring message (step {step}, chunk {chunk}) from rank {src} after completion",
+                rank=src,
+            )
+        if not self._started:
+            raise ProtocolError("ring message received before start()", rank=src)
+        if src != self._left:
+            raise ProtocolError(
+                f"ring rank {self.rank} receives only from rank {self._left}, got a message "
+                f"from rank {src}",
+                rank=src,
+            )
+        if not 0 <= step < self._nsteps:
+            raise ProtocolError(
+                f"ring step {step} from rank {src} outside 0..{self._nsteps - 1}",
+                rank=src,
+                step=step,
+            )
+        seg = (self.rank - step - 1) % self.world
+        if not 0 <= chunk < self._part.num_chunks(seg):
+            raise ProtocolError(
+                f"ring chunk {chunk} of step {step} from rank {src} does not exist",
+                rank=src,
+                step=step,
+                chunk=chunk,
+            )
+        a, b = self._part.chunk(seg, chunk)
+        return step * self._maxc + chunk, a, b

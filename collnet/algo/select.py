@@ -1,0 +1,57 @@
+"""Choosing an all-reduce schedule by name, or by size for ``auto``.
+
+``auto`` picks the star when the tensor is small (``buf.nbytes <=
+star_max_bytes``: two hops beat ``2(W - 1)`` ring steps when latency
+dominates) or the world has at most two ranks (where the ring saves no
+bandwidth), and the ring otherwise. The choice depends only on arguments
+every rank shares, so all ranks pick the same schedule.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Final
+
+import numpy.typing as npt
+
+from collnet.algo.actions import Schedule
+from collnet.algo.reducer import check_tensor
+from collnet.algo.ring import RingAllReduce
+from collnet.algo.star import StarAllReduce
+from collnet.codec.base import Codec
+from collnet.errors import InvalidArgument
+
+ALGORITHMS: Final[tuple[str, ...]] = ("auto", "ring", "star")
+
+DEFAULT_STAR_MAX_BYTES: Final = 256 * 1024
+
+
+def choose_algorithm(
+    algo: str, world: int, nbytes: int, star_max_bytes: int = DEFAULT_STAR_MAX_BYTES
+) -> str:
+    """Resolve ``algo`` (``auto``, ``ring`` or ``star``) to ``ring`` or ``star``."""
+    if algo not in ALGORITHMS:
+        raise InvalidArgument(
+            f"unknown all-reduce algorithm {algo!r}; expected one of {ALGORITHMS}", algo=algo
+        )
+    if algo != "auto":
+        return algo
+    return "star" if nbytes <= star_max_bytes or world <= 2 else "ring"
+
+
+def make_all_reduce(
+    algo: str,
+    rank: int,
+    world: int,
+    buf: npt.NDArray[Any],
+    op: str,
+    codec: Codec | None = None,
+    chunk_bytes: int = 1 << 20,
+    star_max_bytes: int = DEFAULT_STAR_MAX_BYTES,
+    root: int = 0,
+) -> Schedule:
+    """Build the all-reduce schedule ``algo`` names for ``rank`` of ``world`` over ``buf``."""
+    check_tensor(buf)
+    chosen = choose_algorithm(algo, world, int(buf.nbytes), star_max_bytes)
+    if chosen == "star":
+        return StarAllReduce(rank, world, buf, op, codec, chunk_bytes, root=root)
+    return RingAllReduce(rank, world, buf, op, codec, chunk_bytes)

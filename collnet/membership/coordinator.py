@@ -1,0 +1,114 @@
+"""The coordinator's membership state machine (sans-I/O).
+
+Inputs are events (``register``, ``request_update``, ``lost``, ``leave``); each
+returns the effects the service must perform (``Reply`` to a waiting
+request, ``Push`` of a new world to members). Invariants:
+
+- membership changes only at agreed points: pending peers are admitted when
+  every active peer has asked for ``update_topology`` at the current epoch
+  (with no active peers, the first request admits everyone pending, so a
+  world can start from one peer);
+- every change of the active set bumps the epoch, exactly once;
+- a request made at an epoch older than the current one is answered at once
+  with the current world (the caller missed a change and must catch up);
+- a lost or leaving peer is removed at once and the survivors are pushed the
+  new world; waiting update requests are re-evaluated against the survivors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from collnet.errors import InvalidArgument, ProtocolError
+from collnet.membership.world import PeerInfo, WorldView
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """Answer request ``request_id`` of ``peer`` with ``world``."""
+
+    peer: str
+    request_id: int
+    world: WorldView
+
+
+@dataclass(frozen=True, slots=True)
+class Push:
+    """Tell ``peer`` (an active member) about a new world."""
+
+    peer: str
+    world: WorldView
+
+
+Effect = Reply | Push
+
+
+@dataclass
+class CoordinatorState:
+    epoch: int = 0
+    active: list[PeerInfo] = field(default_factory=list)
+    pending: dict[str, PeerInfo] = field(default_factory=dict)
+    # peer id -> request id of its outstanding update_topology call
+    waiting: dict[str, int] = field(default_factory=dict)
+
+    def world(self) -> WorldView:
+        return WorldView(self.epoch, tuple(self.active), tuple(self.pending))
+
+    def is_known(self, peer_id: str) -> bool:
+        return peer_id in self.pending or any(p.id == peer_id for p in self.active)
+
+    def register(self, peer: PeerInfo) -> list[Effect]:
+        if self.is_known(peer.id):
+            raise InvalidArgument(f"peer id {peer.id!r} is already registered")
+        self.pending[peer.id] = peer
+        return []
+
+    def request_update(self, peer_id: str, request_id: int, known_epoch: int) -> list[Effect]:
+        if not self.is_known(peer_id):
+            raise ProtocolError(f"update_topology from unregistered peer {peer_id!r}")
+        if peer_id in self.waiting:
+            raise ProtocolError(f"{peer_id} already has an update_topology in flight")
+        is_active = any(p.id == peer_id for p in self.active)
+        if is_active and known_epoch < self.epoch:
+            return [Reply(peer_id, request_id, self.world())]
+        self.waiting[peer_id] = request_id
+        return self._maybe_advance()
+
+    def lost(self, peer_id: str) -> list[Effect]:
+        """A peer died or left: remove it and tell the survivors."""
+        self.waiting.pop(peer_id, None)
+        if self.pending.pop(peer_id, None) is not None:
+            return []
+        before = len(self.active)
+        self.active = [p for p in self.active if p.id != peer_id]
+        if len(self.active) == before:
+            return []
+        self.epoch += 1
+        world = self.world()
+        effects: list[Effect] = [Push(p.id, world) for p in self.active]
+        # Waiting requests made at the old epoch are now stale: answer them.
+        for p in self.active:
+            rid = self.waiting.pop(p.id, None)
+            if rid is not None:
+                effects.append(Reply(p.id, rid, world))
+        return effects + self._maybe_advance()
+
+    leave = lost
+
+    def _maybe_advance(self) -> list[Effect]:
+        active_ids = [p.id for p in self.active]
+        if active_ids and not all(pid in self.waiting for pid in active_ids):
+            return []
+        if not active_ids and not any(pid in self.waiting for pid in self.pending):
+            return []
+        if self.pending:
+            self.active.extend(self.pending.values())
+            self.pending.clear()
+            self.epoch += 1
+        world = self.world()
+        effects: list[Effect] = []
+        for p in self.active:
+            rid = self.waiting.pop(p.id, None)
+            if rid is not None:
+                effects.append(Reply(p.id, rid, world))
+        return effects

@@ -1,0 +1,160 @@
+"""One TCP connection carrying collnet frames, driven by asyncio callbacks.
+
+``FrameConnection`` is an ``asyncio.BufferedProtocol``: the event loop asks it
+where the next bytes go (``get_buffer``) and the sans-I/O ``FrameReader``
+answers with a view straight into the tensor buffer a collective
+preallocated, so payload bytes are written once by the kernel and never copied
+by Python. What to do with a frame is decided by a ``ConnectionHandler``,
+which can be swapped (a data connection starts with a handshake handler and
+is then attached to its peer link).
+
+Bad input closes only this connection: the handler's ``on_lost`` learns the
+typed error, and the error is logged once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from typing import Any, Protocol
+
+from collnet.errors import CollnetError, PeerLost, ProtocolError
+from collnet.wire import Frame, FrameKind, FrameReader, Header, Limits, encode_frame
+
+log = logging.getLogger(__name__)
+
+# Large kernel buffers keep long fat pipes full; the kernel clamps to its max.
+SOCKET_BUFFER_BYTES = 8 << 20
+
+
+class ConnectionHandler(Protocol):
+    def payload_sink(self, conn: FrameConnection, header: Header, meta: Any) -> memoryview | None:
+        """Where the payload of the frame being read goes (None: a fresh buffer)."""
+        ...
+
+    def on_frame(self, conn: FrameConnection, frame: Frame) -> None: ...
+
+    def on_lost(self, conn: FrameConnection, exc: CollnetError) -> None: ...
+
+
+def tune_socket(sock: socket.socket | None) -> None:
+    if sock is None:
+        return
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER_BYTES)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SOCKET_BUFFER_BYTES)
+    except OSError:  # pragma: no cover - e.g. a unix socket in tests
+        pass
+
+
+class FrameConnection(asyncio.BufferedProtocol):
+    """A framed, back-pressured TCP connection; see the module docstring."""
+
+    def __init__(self, handler: ConnectionHandler, limits: Limits, label: str = "") -> None:
+        self.handler = handler
+        self.label = label
+        self.transport: asyncio.Transport | None = None
+        self.peername: Any = None
+        self.closed = False
+        self._reader = FrameReader(limits, self._sink)
+        self._can_write = asyncio.Event()
+        self._can_write.set()
+        self._lost_reported = False
+        self.bytes_received = 0
+        self.bytes_sent = 0
+
+    # -- asyncio callbacks -------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  # uvloop's is no subclass
+        self.peername = transport.get_extra_info("peername")
+        tune_socket(transport.get_extra_info("socket"))
+        # Paused whenever anything is queued, resumed when the queue is empty:
+        # drain() then means "every byte handed to send() reached the kernel",
+        # which is what lets a collective complete while the payloads it sent
+        # are views of a tensor that the caller will reuse.
+        self.transport.set_write_buffer_limits(high=0, low=0)
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        try:
+            return self._reader.get_buffer()
+        except CollnetError as exc:  # reader failed: swallow bytes until close lands
+            self._fail(exc)
+            return memoryview(bytearray(65536))
+
+    def buffer_updated(self, nbytes: int) -> None:
+        if self.closed:
+            return
+        self.bytes_received += nbytes
+        try:
+            frames = self._reader.buffer_updated(nbytes)
+            for frame in frames:
+                self.handler.on_frame(self, frame)
+        except CollnetError as exc:
+            self._fail(exc)
+        except Exception as exc:  # a handler bug must not kill the event loop
+            log.exception("connection %s: handler failed", self.label)
+            self._fail(ProtocolError(f"internal error handling frame: {exc!r}"))
+
+    def eof_received(self) -> bool | None:
+        self._report_lost(PeerLost(f"connection {self.label} closed by peer", peer=self.label))
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self._can_write.set()
+        reason = f"connection {self.label} lost" + (f": {exc}" if exc else "")
+        self._report_lost(PeerLost(reason, peer=self.label))
+
+    def pause_writing(self) -> None:
+        self._can_write.clear()
+
+    def resume_writing(self) -> None:
+        self._can_write.set()
+
+    # -- API ---------------------------------------------------------------
+    def send(
+        self, kind: FrameKind, meta: Any, payload: bytes | memoryview = b"", flags: int = 0
+    ) -> None:
+        """Queue a frame; the payload is written from its own memory, not copied."""
+        if self.closed or self.transport is None:
+            raise PeerLost(f"connection {self.label} is closed", peer=self.label)
+        head, body = encode_frame(kind, meta, payload, flags)
+        if len(body):
+            self.transport.writelines((head, body))
+        else:
+            self.transport.write(head)
+        self.bytes_sent += len(head) + len(body)
+
+    async def drain(self) -> None:
+        """Wait until every queued byte has been handed to the kernel."""
+        await self._can_write.wait()
+        if self.closed:
+            raise PeerLost(f"connection {self.label} is closed", peer=self.label)
+
+    def close(self) -> None:
+        if self.transport is not None and not self.closed:
+            self.closed = True
+            self.transport.close()
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.closed = True
+            self.transport.abort()
+
+    # -- internals ---------------------------------------------------------
+    def _sink(self, header: Header, meta: Any) -> memoryview | None:
+        return self.handler.payload_sink(self, header, meta)
+
+    def _fail(self, exc: CollnetError) -> None:
+        if not self._lost_reported:
+            log.warning("connection %s (%s): %s: %s", self.label, self.peername, exc.kind, exc)
+        self._report_lost(exc)
+        self.abort()
+
+    def _report_lost(self, exc: CollnetError) -> None:
+        if self._lost_reported:
+            return
+        self._lost_reported = True
+        self.handler.on_lost(self, exc)

@@ -1,0 +1,146 @@
+"""A link to one peer: K parallel TCP connections used as one striped pipe.
+
+Long fat WAN pipes are filled by several TCP streams; a large message is cut
+into at most K pieces, each carried by a different connection and written by
+the receiver straight to its offset in the destination buffer, so the pieces
+may arrive in any order and reassembly costs no copy. The link fails as a
+whole: losing any of its connections loses the link, and the router learns it
+once, as a typed ``PeerLost``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any, Protocol
+
+from collnet.errors import CollnetError, PeerLost, ProtocolError
+from collnet.transport.connection import FrameConnection
+from collnet.wire import Frame, FrameKind, Header
+
+log = logging.getLogger(__name__)
+
+# Below this a piece costs more in per-frame overhead than striping gains.
+MIN_PIECE_BYTES = 256 * 1024
+
+
+class LinkRouter(Protocol):
+    """Where a link delivers what arrives (implemented by the daemon)."""
+
+    def data_sink(self, peer: str, meta: Any, nbytes: int) -> memoryview | None: ...
+
+    def on_data(self, peer: str, meta: Any, payload: memoryview) -> None: ...
+
+    def on_control(self, peer: str, frame: Frame) -> None: ...
+
+    def on_link_lost(self, peer: str, exc: CollnetError) -> None: ...
+
+
+class PeerLink:
+    """K connections to ``peer``; see the module docstring."""
+
+    def __init__(self, peer: str, connections: int, router: LinkRouter) -> None:
+        self.peer = peer
+        self.k = connections
+        self.router = router
+        self.conns: list[FrameConnection | None] = [None] * connections
+        self.ready = asyncio.Event()
+        self.error: CollnetError | None = None
+        self._next = 0
+
+    @property
+    def failed(self) -> bool:
+        return self.error is not None
+
+    def attach(self, index: int, conn: FrameConnection) -> None:
+        if not 0 <= index < self.k:
+            raise ProtocolError(f"connection index {index} outside 0..{self.k - 1}")
+        if self.conns[index] is not None:
+            raise ProtocolError(f"duplicate connection {index} from {self.peer}")
+        conn.handler = self
+        conn.label = f"{self.peer}#{index}"
+        self.conns[index] = conn
+        if all(c is not None for c in self.conns):
+            self.ready.set()
+
+    async def wait_ready(self, timeout_s: float) -> None:
+        try:
+            await asyncio.wait_for(self.ready.wait(), timeout_s)
+        except TimeoutError:
+            exc = PeerLost(f"link to {self.peer} not ready within {timeout_s:.1f}s", peer=self.peer)
+            self.fail(exc)
+            raise exc from None
+        if self.error is not None:
+            raise self.error
+
+    # -- sending -----------------------------------------------------------
+    def send_data(self, meta_head: list[Any], payload: memoryview) -> None:
+        """Send ``payload`` striped over the connections.
+
+        Every piece's metadata is ``meta_head + [offset, total]`` so the
+        receiver can place it without knowing the striping.
+        """
+        if self.error is not None:
+            raise self.error
+        total = len(payload)
+        conns = self.conns
+        pieces = max(1, min(self.k, total // MIN_PIECE_BYTES))
+        step = -(-total // pieces) if total else 0
+        offset = 0
+        while True:
+            end = min(total, offset + step)
+            conn = conns[self._next]
+            self._next = (self._next + 1) % self.k
+            if conn is None:
+                raise PeerLost(f"link to {self.peer} is not connected", peer=self.peer)
+            conn.send(FrameKind.DATA, [*meta_head, offset, total], payload[offset:end])
+            offset = end
+            if offset >= total:
+                break
+
+    def send_control(self, kind: FrameKind, meta: Any, payload: bytes = b"") -> None:
+        conn = self.conns[0]
+        if self.error is not None or conn is None:
+            raise self.error or PeerLost(f"link to {self.peer} is not connected", peer=self.peer)
+        conn.send(kind, meta, payload)
+
+    async def drain(self) -> None:
+        for conn in self.conns:
+            if conn is not None:
+                await conn.drain()
+
+    # -- ConnectionHandler -------------------------------------------------
+    def payload_sink(self, conn: FrameConnection, header: Header, meta: Any) -> memoryview | None:
+        if header.kind == FrameKind.DATA:
+            return self.router.data_sink(self.peer, meta, header.payload_len)
+        return None
+
+    def on_frame(self, conn: FrameConnection, frame: Frame) -> None:
+        if frame.kind == FrameKind.DATA:
+            self.router.on_data(self.peer, frame.meta, frame.payload)
+        else:
+            self.router.on_control(self.peer, frame)
+
+    def on_lost(self, conn: FrameConnection, exc: CollnetError) -> None:
+        if isinstance(exc, ProtocolError):
+            # Garbage from a peer costs only its link, never the daemon.
+            log.warning("link %s: dropping after protocol error: %s", self.peer, exc)
+        self.fail(exc if isinstance(exc, PeerLost) else PeerLost(str(exc), peer=self.peer))
+
+    def fail(self, exc: CollnetError) -> None:
+        if self.error is not None:
+            return
+        self.error = exc
+        self.ready.set()
+        for c in self.conns:
+            if c is not None:
+                c.abort()
+        self.router.on_link_lost(self.peer, exc)
+
+    def close(self) -> None:
+        if self.error is None:
+            self.error = PeerLost(f"link to {self.peer} closed", peer=self.peer)
+            self.ready.set()
+        for c in self.conns:
+            if c is not None:
+                c.close()

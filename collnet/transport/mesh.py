@@ -1,0 +1,158 @@
+"""Data links between daemons: listening, dialling and the link handshake.
+
+Exactly one side dials each pair (the peer whose id sorts first), so two
+peers that need each other at the same moment never build two links. The
+dialler opens K connections and sends ``HELLO {peer, conn, k}`` on each; the
+acceptor answers ``HELLO {peer}`` and attaches the connection to its link for
+that peer. A connection whose first frame is not a valid HELLO is closed; it
+can send nothing else before that.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from collnet.errors import CollnetError, PeerLost, ProtocolError
+from collnet.transport.connection import FrameConnection
+from collnet.transport.link import LinkRouter, PeerLink
+from collnet.wire import Frame, FrameKind, Header, Limits
+
+log = logging.getLogger(__name__)
+
+
+def _hello_fields(meta: Any) -> tuple[str, int, int]:
+    if not isinstance(meta, dict):
+        raise ProtocolError("HELLO metadata must be a map")
+    peer, index, k = meta.get("peer"), meta.get("conn", 0), meta.get("k", 1)
+    if not isinstance(peer, str) or not peer or len(peer) > 128:
+        raise ProtocolError(f"HELLO has a bad peer id {peer!r}")
+    if not isinstance(index, int) or not isinstance(k, int) or not 0 <= index < k <= 64:
+        raise ProtocolError(f"HELLO has bad connection index {index!r} of {k!r}")
+    return peer, index, k
+
+
+class _Handshake:
+    """Handler of a connection until its HELLO has been exchanged."""
+
+    def __init__(self, mesh: Mesh, dialled: asyncio.Future[None] | None = None) -> None:
+        self.mesh = mesh
+        self.dialled = dialled
+
+    def payload_sink(self, conn: FrameConnection, header: Header, meta: Any) -> memoryview | None:
+        raise ProtocolError(f"{header.kind.name} frame with payload before handshake")
+
+    def on_frame(self, conn: FrameConnection, frame: Frame) -> None:
+        if frame.kind != FrameKind.HELLO:
+            raise ProtocolError(f"expected HELLO, got {frame.kind.name}")
+        if self.dialled is not None:  # the acceptor's answer
+            if not self.dialled.done():
+                self.dialled.set_result(None)
+            return
+        peer, index, k = _hello_fields(frame.meta)
+        self.mesh._accept(peer, index, k, conn)
+
+    def on_lost(self, conn: FrameConnection, exc: CollnetError) -> None:
+        if self.dialled is not None and not self.dialled.done():
+            self.dialled.set_exception(exc)
+
+
+class Mesh:
+    """This daemon's data links, keyed by peer id."""
+
+    def __init__(
+        self,
+        self_id: str,
+        connections: int,
+        router: LinkRouter,
+        limits: Limits | None = None,
+        connect_timeout_s: float = 10.0,
+    ) -> None:
+        self.self_id = self_id
+        self.k = connections
+        self.router = router
+        self.limits = limits or Limits()
+        self.connect_timeout_s = connect_timeout_s
+        self.links: dict[str, PeerLink] = {}
+        self._dialling: dict[str, asyncio.Task[PeerLink]] = {}
+        self._server: asyncio.Server | None = None
+
+    async def listen(self, host: str, port: int) -> tuple[str, int]:
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            lambda: FrameConnection(_Handshake(self), self.limits, "accepting"), host, port
+        )
+        sock = self._server.sockets[0]
+        addr = sock.getsockname()
+        return str(addr[0]), int(addr[1])
+
+    def link_if_ready(self, peer: str) -> PeerLink | None:
+        link = self.links.get(peer)
+        if link is not None and link.ready.is_set() and not link.failed:
+            return link
+        return None
+
+    async def get_link(self, peer: str, addr: tuple[str, int]) -> PeerLink:
+        """A ready link to ``peer``, dialling it or awaiting its dial."""
+        link = self.link_if_ready(peer)
+        if link is not None:
+            return link
+        if self.self_id < peer:
+            task = self._dialling.get(peer)
+            if task is None:
+                task = asyncio.ensure_future(self._dial(peer, addr))
+                self._dialling[peer] = task
+                task.add_done_callback(lambda _t, p=peer: self._dialling.pop(p, None))
+            return await asyncio.shield(task)
+        link = self.links.get(peer)
+        if link is None or link.failed:
+            link = self.links[peer] = PeerLink(peer, self.k, self.router)
+        await link.wait_ready(self.connect_timeout_s)
+        return link
+
+    async def _dial(self, peer: str, addr: tuple[str, int]) -> PeerLink:
+        loop = asyncio.get_running_loop()
+        link = self.links[peer] = PeerLink(peer, self.k, self.router)
+        try:
+            async with asyncio.timeout(self.connect_timeout_s):
+                answers = []
+                for index in range(self.k):
+                    answer: asyncio.Future[None] = loop.create_future()
+                    _, conn = await loop.create_connection(
+                        lambda a=answer: FrameConnection(_Handshake(self, a), self.limits, peer),
+                        addr[0],
+                        addr[1],
+                    )
+                    conn.send(FrameKind.HELLO, {"peer": self.self_id, "conn": index, "k": self.k})
+                    answers.append((index, conn, answer))
+                for index, conn, answer in answers:
+                    await answer
+                    link.attach(index, conn)
+        except (OSError, TimeoutError, CollnetError) as exc:
+            err = PeerLost(f"cannot connect to {peer} at {addr[0]}:{addr[1]}: {exc}", peer=peer)
+            link.fail(err)
+            raise err from None
+        return link
+
+    def _accept(self, peer: str, index: int, k: int, conn: FrameConnection) -> None:
+        if k != self.k:
+            raise ProtocolError(f"{peer} uses {k} connections per link, this daemon {self.k}")
+        link = self.links.get(peer)
+        if link is None or link.failed:
+            link = self.links[peer] = PeerLink(peer, self.k, self.router)
+        conn.send(FrameKind.HELLO, {"peer": self.self_id})
+        link.attach(index, conn)
+
+    def drop(self, peer: str, reason: str = "dropped") -> None:
+        link = self.links.pop(peer, None)
+        if link is not None:
+            link.fail(PeerLost(f"link to {peer} {reason}", peer=peer))
+
+    async def close(self) -> None:
+        for link in list(self.links.values()):
+            link.close()
+        self.links.clear()
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()

@@ -1,0 +1,3 @@
+from collnet_daemon.cli import main
+
+main()

@@ -1,0 +1,286 @@
+"""Running collectives over peer links: the executor and the message router.
+
+The router is the one place where data-plane messages meet collectives. A
+DATA piece names its collective by ``(epoch, tag)``; the router asks that
+collective's schedule where the bytes go, and the kernel writes them there.
+Pieces for a collective this daemon has not started yet (a faster peer began
+first) are held in a bounded stash and replayed when it starts. Every failure
+(a lost link, an ABORT from a peer, a mismatch, a timeout) ends the affected
+collectives with a typed error, exactly once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from collnet.algo.actions import Abort, Action, Complete, Schedule, Send
+from collnet.errors import (
+    CollectiveAborted,
+    CollnetError,
+    MismatchError,
+    PeerLost,
+    ProtocolError,
+    Timeout,
+)
+from collnet.membership import WorldView
+from collnet.transport.link import PeerLink
+from collnet.wire import Frame, FrameKind
+
+log = logging.getLogger(__name__)
+
+Key = tuple[int, int | str]
+
+
+@dataclass(slots=True)
+class _Inbound:
+    view: memoryview
+    remaining: int
+
+
+class CollectiveRun:
+    """One collective in flight on this daemon."""
+
+    def __init__(
+        self,
+        key: Key,
+        world: WorldView,
+        rank: int,
+        schedule: Schedule,
+        digest: int,
+        links: dict[int, PeerLink],
+        on_finished: Callable[[CollectiveRun], None],
+    ) -> None:
+        self.key = key
+        self.world = world
+        self.rank = rank
+        self.schedule = schedule
+        self.digest = digest
+        self.links = links
+        self.on_finished = on_finished
+        self.future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.inbound: dict[tuple[int, int, int], _Inbound] = {}
+        self.meta_head: list[Any] = [key[0], key[1], 0, 0, digest]
+        self.started_s = time.monotonic()
+
+    @property
+    def done(self) -> bool:
+        return self.future.done()
+
+    def start(self) -> None:
+        self._perform(self.schedule.start())
+
+    def sink(self, src: int, step: int, chunk: int, digest: int, offset: int, total: int,
+             nbytes: int) -> memoryview:
+        if digest != self.digest:
+            raise MismatchError(
+                f"collective {self.key}: peer rank {src} runs a different collective "
+                "(shape, dtype, op, codec or algorithm differ)",
+                epoch=self.key[0], tag=self.key[1], peer=self.world.peers[src].id,
+            )
+        slot = self.inbound.get((src, step, chunk))
+        if slot is None:
+            view = self.schedule.recv_buffer(src, step, chunk, total)
+            slot = self.inbound[(src, step, chunk)] = _Inbound(view, total)
+        if offset < 0 or offset + nbytes > total:
+            raise ProtocolError(f"piece [{offset}, {offset + nbytes}) outside message of {total}")
+        return slot.view[offset : offset + nbytes]
+
+    def received(self, src: int, step: int, chunk: int, nbytes: int) -> None:
+        slot = self.inbound[(src, step, chunk)]
+        slot.remaining -= nbytes
+        if slot.remaining <= 0:
+            del self.inbound[(src, step, chunk)]
+            self._perform(self.schedule.on_receive(src, step, chunk))
+
+    def peer_lost(self, rank: int) -> None:
+        if not self.done:
+            self._perform(self.schedule.on_peer_lost(rank))
+
+    def fail(self, exc: CollnetError) -> None:
+        if not self.done:
+            self.future.set_exception(exc)
+            self.on_finished(self)
+
+    def _perform(self, actions: list[Action]) -> None:
+        head = self.meta_head
+        for action in actions:
+            if self.done:
+                return
+            if isinstance(action, Send):
+                head[2] = action.step
+                head[3] = action.chunk
+                try:
+                    self.links[action.to].send_data(head, action.payload)
+                except CollnetError as exc:
+                    self.fail(exc)
+            elif isinstance(action, Complete):
+                self.future.set_result(None)
+                self.on_finished(self)
+            elif isinstance(action, Abort):
+                self.fail(action.error)
+
+
+def _parse_data_meta(meta: Any) -> tuple[Key, int, int, int, int, int]:
+    if not isinstance(meta, list) or len(meta) != 7:
+        raise ProtocolError(f"bad DATA metadata {meta!r:.80}")
+    epoch, tag, step, chunk, digest, offset, total = meta
+    if not all(isinstance(v, int) for v in (epoch, step, chunk, digest, offset, total)):
+        raise ProtocolError(f"bad DATA metadata {meta!r:.80}")
+    if not isinstance(tag, int | str):
+        raise ProtocolError(f"bad DATA tag {tag!r:.40}")
+    return (epoch, tag), step, chunk, digest, offset, total
+
+
+@dataclass(slots=True)
+class _Early:
+    peer: str
+    meta: list[Any]
+    payload: bytearray
+
+
+class Router:
+    """Routes DATA/ABORT frames of every link to the collectives; see module docstring."""
+
+    def __init__(self, max_early_bytes: int = 1 << 30) -> None:
+        self.runs: dict[Key, CollectiveRun] = {}
+        self.early: dict[Key, list[_Early]] = {}
+        self.early_bytes = 0
+        self.max_early_bytes = max_early_bytes
+        # Recently finished/aborted keys: late pieces are discarded, late starts fail.
+        self.finished: OrderedDict[Key, CollnetError | None] = OrderedDict()
+        self.on_peer_lost: Callable[[str, CollnetError], None] | None = None
+
+    # -- registry ----------------------------------------------------------
+    def register(self, run: CollectiveRun) -> None:
+        if run.key in self.runs:
+            raise ProtocolError(f"collective {run.key} is already running")
+        prior = self.finished.get(run.key)
+        if prior is not None:
+            run.fail(prior)
+            return
+        self.runs[run.key] = run
+        run.start()
+        for item in self.early.pop(run.key, []):
+            self.early_bytes -= len(item.payload)
+            if run.done:
+                break
+            self._replay(run, item)
+
+    def _replay(self, run: CollectiveRun, item: _Early) -> None:
+        key, step, chunk, digest, offset, total = _parse_data_meta(item.meta)
+        src = run.world.rank_of(item.peer)
+        try:
+            if src is None:
+                raise ProtocolError(f"{item.peer} is not in epoch {key[0]}")
+            view = run.sink(src, step, chunk, digest, offset, total, len(item.payload))
+            view[:] = item.payload
+            run.received(src, step, chunk, len(item.payload))
+        except CollnetError as exc:
+            self._abort_everywhere(run, exc)
+
+    def finish(self, run: CollectiveRun) -> None:
+        self.runs.pop(run.key, None)
+        exc = run.future.exception() if run.future.done() and not run.future.cancelled() else None
+        self.finished[run.key] = exc if isinstance(exc, CollnetError) else None
+        while len(self.finished) > 4096:
+            self.finished.popitem(last=False)
+
+    def _abort_everywhere(self, run: CollectiveRun, exc: CollnetError) -> None:
+        """Fail ``run`` here and tell every other participant why."""
+        log.warning("collective %s aborted: %s: %s", run.key, exc.kind, exc)
+        for rank, link in run.links.items():
+            if rank != run.rank and not link.failed:
+                try:
+                    link.send_control(FrameKind.ABORT, [run.key[0], run.key[1], exc.to_wire()])
+                except CollnetError:
+                    pass
+        run.fail(exc)
+
+    # -- LinkRouter --------------------------------------------------------
+    def data_sink(self, peer: str, meta: Any, nbytes: int) -> memoryview | None:
+        key, step, chunk, digest, offset, total = _parse_data_meta(meta)
+        run = self.runs.get(key)
+        if run is None:
+            if key in self.finished:
+                return None  # late piece of a finished collective: read and drop
+            if self.early_bytes + nbytes > self.max_early_bytes:
+                raise ProtocolError(
+                    f"{peer} sent {self.early_bytes + nbytes} bytes for collectives "
+                    f"not started here (limit {self.max_early_bytes})"
+                )
+            return None
+        src = run.world.rank_of(peer)
+        if src is None:
+            raise ProtocolError(f"{peer} sent data for {key} but is not in epoch {key[0]}")
+        try:
+            return run.sink(src, step, chunk, digest, offset, total, nbytes)
+        except MismatchError as exc:
+            self._abort_everywhere(run, exc)
+            return None
+
+    def on_data(self, peer: str, meta: Any, payload: memoryview) -> None:
+        key, step, chunk, _digest, _offset, _total = _parse_data_meta(meta)
+        run = self.runs.get(key)
+        if run is None:
+            if key not in self.finished:
+                buf = payload.obj if isinstance(payload.obj, bytearray) else bytearray(payload)
+                self.early.setdefault(key, []).append(_Early(peer, meta, buf))
+                self.early_bytes += len(buf)
+            return
+        src = run.world.rank_of(peer)
+        if src is None:
+            return
+        try:
+            run.received(src, step, chunk, len(payload))
+        except CollnetError as exc:
+            self._abort_everywhere(run, exc)
+
+    def on_control(self, peer: str, frame: Frame) -> None:
+        if frame.kind == FrameKind.ABORT:
+            meta = frame.meta
+            if not isinstance(meta, list) or len(meta) != 3 or not isinstance(meta[2], dict):
+                raise ProtocolError(f"bad ABORT metadata {meta!r:.80}")
+            key: Key = (meta[0], meta[1])
+            remote = CollnetError.from_wire(meta[2])
+            if not isinstance(remote, MismatchError | PeerLost):
+                remote = CollectiveAborted(
+                    f"collective {key} aborted by {peer}: {remote.message}", peer=peer
+                )
+            run = self.runs.get(key)
+            if run is not None:
+                run.fail(remote)
+            else:
+                self.finished[key] = remote
+                dropped = self.early.pop(key, [])
+                self.early_bytes -= sum(len(e.payload) for e in dropped)
+        elif frame.kind == FrameKind.HEARTBEAT:
+            pass
+        else:
+            raise ProtocolError(f"unexpected {frame.kind.name} frame on a data link")
+
+    def on_link_lost(self, peer: str, exc: CollnetError) -> None:
+        for run in list(self.runs.values()):
+            rank = run.world.rank_of(peer)
+            if rank is not None:
+                run.peer_lost(rank)
+                if not run.done:
+                    run.fail(PeerLost(f"peer {peer} lost: {exc.message}", peer=peer))
+        for key in [k for k, items in self.early.items() if any(i.peer == peer for i in items)]:
+            self.early_bytes -= sum(len(i.payload) for i in self.early.pop(key))
+        if self.on_peer_lost is not None:
+            self.on_peer_lost(peer, exc)
+
+    def fail_all(self, exc: CollnetError) -> None:
+        for run in list(self.runs.values()):
+            run.fail(exc)
+
+    def expire(self, run: CollectiveRun, timeout_s: float) -> None:
+        if not run.done:
+            run.fail(Timeout(f"collective {run.key} did not finish within {timeout_s:.1f}s",
+                             epoch=run.key[0], tag=run.key[1]))

@@ -1,0 +1,35 @@
+"""Daemon configuration: one dataclass, built in one place (the CLI)."""
+
+from __future__ import annotations
+
+import secrets
+import socket
+from dataclasses import dataclass, field
+
+
+def parse_hostport(text: str, default_host: str = "127.0.0.1") -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep:
+        host, port = default_host, text
+    host = host.strip("[]") or default_host
+    return host, int(port)
+
+
+def default_peer_id() -> str:
+    return f"{socket.gethostname()[:24]}-{secrets.token_hex(3)}"
+
+
+@dataclass
+class DaemonConfig:
+    coordinator: tuple[str, int]
+    ipc: str
+    listen: tuple[str, int] = ("127.0.0.1", 0)
+    advertise_host: str | None = None
+    connections: int = 4
+    chunk_bytes: int = 1 << 20
+    star_max_bytes: int = 256 * 1024
+    codec_block_size: int = 256
+    collective_timeout_s: float = 300.0
+    connect_timeout_s: float = 10.0
+    max_early_bytes: int = 1 << 30
+    peer_id: str = field(default_factory=default_peer_id)

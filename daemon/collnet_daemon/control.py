@@ -1,0 +1,110 @@
+"""The daemon's control connection to the coordinator.
+
+Control messages are CONTROL frames whose metadata is a msgpack map with a
+type ``t``. Requests carry an ``id`` and are answered by ``{"t": "reply",
+"id", "ok", ...}``; the coordinator may also push ``{"t": "world"}`` when the
+world changes under the peer (a member was lost). The coordinator never sees
+tensor data.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from collnet.errors import CollnetError, DaemonUnavailable, ProtocolError
+from collnet.membership import WorldView
+from collnet.transport.connection import FrameConnection
+from collnet.wire import Frame, FrameKind, Header, Limits
+
+log = logging.getLogger(__name__)
+
+HEARTBEAT_INTERVAL_S = 1.0
+
+
+class CoordinatorClient:
+    """RPC over one control connection; see the module docstring."""
+
+    def __init__(self, on_world: Callable[[WorldView], None]) -> None:
+        self.on_world = on_world
+        self.conn: FrameConnection | None = None
+        self.lost: asyncio.Future[CollnetError] | None = None
+        self._pending: dict[int, asyncio.Future[dict[str, Any]]] = {}
+        self._next_id = 1
+        self._heartbeat: asyncio.Task[None] | None = None
+
+    async def connect(self, host: str, port: int, timeout_s: float = 10.0) -> None:
+        loop = asyncio.get_running_loop()
+        self.lost = loop.create_future()
+        try:
+            _, self.conn = await asyncio.wait_for(
+                loop.create_connection(
+                    lambda: FrameConnection(self, Limits(max_payload_bytes=0), "coordinator"),
+                    host,
+                    port,
+                ),
+                timeout_s,
+            )
+        except (OSError, TimeoutError) as exc:
+            raise DaemonUnavailable(f"cannot reach coordinator {host}:{port}: {exc}") from None
+        self._heartbeat = asyncio.ensure_future(self._beat())
+
+    async def call(self, t: str, timeout_s: float | None = None, **fields: Any) -> dict[str, Any]:
+        if self.conn is None or self.conn.closed:
+            raise DaemonUnavailable("not connected to the coordinator")
+        rid = self._next_id
+        self._next_id += 1
+        fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._pending[rid] = fut
+        self.conn.send(FrameKind.CONTROL, {"t": t, "id": rid, **fields})
+        try:
+            reply = await asyncio.wait_for(fut, timeout_s)
+        finally:
+            self._pending.pop(rid, None)
+        if not reply.get("ok"):
+            raise CollnetError.from_wire(reply.get("error") or {})
+        return reply
+
+    async def _beat(self) -> None:
+        while self.conn is not None and not self.conn.closed:
+            try:
+                self.conn.send(FrameKind.HEARTBEAT, {})
+            except CollnetError:
+                return
+            await asyncio.sleep(HEARTBEAT_INTERVAL_S)
+
+    def close(self) -> None:
+        if self._heartbeat is not None:
+            self._heartbeat.cancel()
+        if self.conn is not None:
+            self.conn.close()
+
+    # -- ConnectionHandler -------------------------------------------------
+    def payload_sink(self, conn: FrameConnection, header: Header, meta: Any) -> memoryview | None:
+        raise ProtocolError("the coordinator sent a payload")
+
+    def on_frame(self, conn: FrameConnection, frame: Frame) -> None:
+        if frame.kind == FrameKind.HEARTBEAT:
+            return
+        meta = frame.meta
+        if frame.kind != FrameKind.CONTROL or not isinstance(meta, dict):
+            raise ProtocolError(f"unexpected {frame.kind.name} from the coordinator")
+        t = meta.get("t")
+        if t == "reply":
+            fut = self._pending.get(meta.get("id", -1))
+            if fut is not None and not fut.done():
+                fut.set_result(meta)
+        elif t == "world":
+            self.on_world(WorldView.from_wire(meta.get("world")))
+        else:
+            raise ProtocolError(f"unknown control message {t!r}")
+
+    def on_lost(self, conn: FrameConnection, exc: CollnetError) -> None:
+        err = DaemonUnavailable(f"lost the coordinator: {exc.message}")
+        for fut in self._pending.values():
+            if not fut.done():
+                fut.set_exception(err)
+        if self.lost is not None and not self.lost.done():
+            self.lost.set_result(err)

@@ -1,0 +1,137 @@
+"""The coordinator service: membership over TCP, no tensor data.
+
+A thin asyncio shell around ``collnet.membership.CoordinatorState``: each
+control connection is one peer; requests become state-machine events and the
+returned effects become replies and pushes. A closed control connection is a
+lost peer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from collnet.errors import CollnetError, ProtocolError
+from collnet.membership import CoordinatorState, PeerInfo, Push, Reply
+from collnet.membership.coordinator import Effect
+from collnet.transport.connection import FrameConnection
+from collnet.wire import Frame, FrameKind, Header, Limits
+
+log = logging.getLogger(__name__)
+
+
+class CoordinatorService:
+    def __init__(self) -> None:
+        self.state = CoordinatorState()
+        self.conns: dict[str, FrameConnection] = {}
+        self._server: asyncio.Server | None = None
+        self.address: tuple[str, int] | None = None
+
+    async def start(self, host: str, port: int) -> tuple[str, int]:
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            lambda: FrameConnection(_PeerSession(self), Limits(max_payload_bytes=0), "peer"),
+            host,
+            port,
+        )
+        addr = self._server.sockets[0].getsockname()
+        self.address = (str(addr[0]), int(addr[1]))
+        log.info("coordinator listening on %s:%d", *self.address)
+        return self.address
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for conn in list(self.conns.values()):
+            conn.close()
+
+    def perform(self, effects: list[Effect]) -> None:
+        for eff in effects:
+            conn = self.conns.get(eff.peer)
+            if conn is None or conn.closed:
+                continue
+            if isinstance(eff, Reply):
+                msg = {"t": "reply", "id": eff.request_id, "ok": True, "world": eff.world.to_wire()}
+            elif isinstance(eff, Push):
+                msg = {"t": "world", "world": eff.world.to_wire()}
+            try:
+                conn.send(FrameKind.CONTROL, msg)
+            except CollnetError:
+                pass
+
+
+class _PeerSession:
+    """One peer's control connection."""
+
+    def __init__(self, service: CoordinatorService) -> None:
+        self.service = service
+        self.peer_id: str | None = None
+
+    def payload_sink(self, conn: FrameConnection, header: Header, meta: Any) -> memoryview | None:
+        raise ProtocolError("control frames carry no payload")
+
+    def on_frame(self, conn: FrameConnection, frame: Frame) -> None:
+        if frame.kind == FrameKind.HEARTBEAT:
+            conn.send(FrameKind.HEARTBEAT, {})
+            return
+        meta = frame.meta
+        if frame.kind != FrameKind.CONTROL or not isinstance(meta, dict):
+            raise ProtocolError(f"unexpected {frame.kind.name} frame on a control connection")
+        rid = meta.get("id")
+        if not isinstance(rid, int):
+            raise ProtocolError("control request without an integer id")
+        try:
+            result = self._handle(conn, meta, rid)
+        except ProtocolError:
+            raise
+        except CollnetError as exc:
+            conn.send(FrameKind.CONTROL, {"t": "reply", "id": rid, "ok": False,
+                                          "error": exc.to_wire()})
+            return
+        if result is not None:
+            conn.send(FrameKind.CONTROL, {"t": "reply", "id": rid, "ok": True, **result})
+
+    def _handle(self, conn: FrameConnection, meta: dict[str, Any], rid: int) -> dict[str, Any] | None:
+        state = self.service.state
+        t = meta.get("t")
+        if t == "register":
+            if self.peer_id is not None:
+                raise ProtocolError("register sent twice")
+            peer = PeerInfo.from_wire(meta.get("peer"))
+            state.register(peer)
+            self.peer_id = peer.id
+            self.service.conns[peer.id] = conn
+            conn.label = peer.id
+            log.info("peer %s registered (data %s:%d), pending", peer.id, peer.host, peer.port)
+            return {"world": state.world().to_wire()}
+        if self.peer_id is None:
+            raise ProtocolError(f"{t!r} before register")
+        if t == "update_topology":
+            epoch = meta.get("epoch", 0)
+            if not isinstance(epoch, int):
+                raise ProtocolError("update_topology epoch must be an integer")
+            before = state.epoch
+            self.service.perform(state.request_update(self.peer_id, rid, epoch))
+            if state.epoch != before:
+                log.info("epoch %d: world %s", state.epoch, list(state.world().ids))
+            return None
+        if t == "world":
+            return {"world": state.world().to_wire()}
+        if t == "leave":
+            self._drop("left")
+            return {}
+        raise ProtocolError(f"unknown control message {t!r}")
+
+    def _drop(self, why: str) -> None:
+        if self.peer_id is None:
+            return
+        peer, self.peer_id = self.peer_id, None
+        self.service.conns.pop(peer, None)
+        state = self.service.state
+        before = state.epoch
+        self.service.perform(state.lost(peer))
+        log.info("peer %s %s; epoch %d -> %d", peer, why, before, state.epoch)
+
+    def on_lost(self, conn: FrameConnection, exc: CollnetError) -> None:
+        self._drop(f"lost ({exc.message})")

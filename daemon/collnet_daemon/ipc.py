@@ -1,0 +1,94 @@
+"""The daemon's local API: a pyzmq ROUTER socket speaking msgpack.
+
+Each request is one message ``{"id", "op", ...}`` from a client's DEALER
+socket and is handled in its own task, so a client may keep several
+collectives in flight. Tensor bytes never travel on this socket: requests
+name a shared-memory segment, offset and element count. A malformed request
+is answered with a typed ``ProtocolError`` and logged; it never takes the
+daemon down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import msgpack
+import zmq
+import zmq.asyncio
+
+from collnet.errors import CollnetError, ProtocolError
+
+log = logging.getLogger(__name__)
+
+MAX_REQUEST_BYTES = 64 * 1024
+
+Handler = Callable[[bytes, dict[str, Any]], Awaitable[dict[str, Any]]]
+
+
+class IpcServer:
+    def __init__(self, address: str, handler: Handler) -> None:
+        self.address = address
+        self.handler = handler
+        self.ctx = zmq.asyncio.Context()
+        self.sock = self.ctx.socket(zmq.ROUTER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.setsockopt(zmq.MAXMSGSIZE, MAX_REQUEST_BYTES)
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._loop: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self.sock.bind(self.address)
+        self._loop = asyncio.ensure_future(self._serve())
+
+    async def _serve(self) -> None:
+        while True:
+            try:
+                parts = await self.sock.recv_multipart(copy=True)
+            except zmq.ZMQError as exc:
+                if exc.errno == zmq.ETERM or self.sock.closed:
+                    return
+                log.warning("ipc receive failed: %s", exc)
+                continue
+            if len(parts) != 2:
+                log.warning("ipc: dropping a message of %d parts", len(parts))
+                continue
+            ident, body = parts
+            task = asyncio.ensure_future(self._one(ident, body))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _one(self, ident: bytes, body: bytes) -> None:
+        rid: Any = None
+        try:
+            try:
+                req = msgpack.unpackb(body, raw=False, strict_map_key=True)
+            except Exception as exc:
+                raise ProtocolError(f"request is not valid msgpack: {exc}") from None
+            if not isinstance(req, dict) or not isinstance(req.get("op"), str):
+                raise ProtocolError("request must be a map with a string 'op'")
+            rid = req.get("id")
+            result = await self.handler(ident, req)
+            reply: dict[str, Any] = {"id": rid, "ok": True, **result}
+        except CollnetError as exc:
+            if isinstance(exc, ProtocolError):
+                log.warning("ipc: bad request from client %s: %s", ident.hex(), exc)
+            reply = {"id": rid, "ok": False, "error": exc.to_wire()}
+        except Exception as exc:
+            log.exception("ipc: request failed")
+            reply = {"id": rid, "ok": False,
+                     "error": CollnetError(f"internal daemon error: {exc!r}").to_wire()}
+        try:
+            await self.sock.send_multipart([ident, msgpack.packb(reply, use_bin_type=True)])
+        except zmq.ZMQError as exc:
+            log.warning("ipc: cannot reply to %s: %s", ident.hex(), exc)
+
+    async def close(self) -> None:
+        if self._loop is not None:
+            self._loop.cancel()
+        for t in list(self._tasks):
+            t.cancel()
+        self.sock.close(0)
+        self.ctx.term()

@@ -1,0 +1,231 @@
+"""The peer daemon: membership client, data links, collectives, local API.
+
+One ``Daemon`` per node. It registers with the coordinator (and is pending
+until admitted by ``update_topology``), listens for data links from other
+daemons, and serves trainers on its IPC socket. A collective runs on the
+world of the epoch in which it was called; its key ``(epoch, tag)`` is what
+every peer's messages for it carry.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+import ml_dtypes
+import numpy as np
+import xxhash
+
+from collnet.algo import ALGORITHMS, make_all_reduce
+from collnet.codec.registry import get_codec
+from collnet.errors import (
+    CollnetError,
+    DaemonUnavailable,
+    InvalidArgument,
+    PeerLost,
+    Timeout,
+)
+from collnet.membership import PeerInfo, WorldView
+from collnet.transport.link import PeerLink
+from collnet.transport.mesh import Mesh
+from collnet.transport.shm import SharedBuffer
+from collnet_daemon.collectives import CollectiveRun, Router
+from collnet_daemon.config import DaemonConfig
+from collnet_daemon.control import CoordinatorClient
+from collnet_daemon.ipc import IpcServer
+
+log = logging.getLogger(__name__)
+
+DTYPES: dict[str, np.dtype[Any]] = {
+    "float32": np.dtype(np.float32),
+    "float16": np.dtype(np.float16),
+    "bfloat16": np.dtype(ml_dtypes.bfloat16),
+    "int32": np.dtype(np.int32),
+    "int64": np.dtype(np.int64),
+}
+OPS = ("sum", "avg", "min", "max", "prod")
+
+
+def _field(req: dict[str, Any], name: str, kind: type, default: Any = None) -> Any:
+    value = req.get(name, default)
+    if value is None and default is None:
+        raise InvalidArgument(f"request {req.get('op')!r} needs field {name!r}")
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise InvalidArgument(f"field {name!r} must be {kind.__name__}, got {value!r:.40}")
+    return value
+
+
+class Daemon:
+    def __init__(self, config: DaemonConfig) -> None:
+        self.config = config
+        self.id = config.peer_id
+        self.router = Router(config.max_early_bytes)
+        self.router.on_peer_lost = self._on_link_lost
+        self.mesh = Mesh(self.id, config.connections, self.router,
+                         connect_timeout_s=config.connect_timeout_s)
+        self.coord = CoordinatorClient(self._on_world_push)
+        self.ipc = IpcServer(config.ipc, self.handle)
+        self.world = WorldView(0, ())
+        self.data_addr: tuple[str, int] = ("", 0)
+        self.buffers: dict[str, SharedBuffer] = {}
+        self.stopped = asyncio.Event()
+
+    # -- lifecycle ---------------------------------------------------------
+    async def start(self) -> None:
+        host, port = await self.mesh.listen(*self.config.listen)
+        self.data_addr = (self.config.advertise_host or host, port)
+        await self.coord.connect(*self.config.coordinator)
+        reply = await self.coord.call("register", peer=PeerInfo(self.id, *self.data_addr).to_wire())
+        self.world = WorldView.from_wire(reply["world"])
+        self.ipc.start()
+        assert self.coord.lost is not None
+        self.coord.lost.add_done_callback(lambda f: self._coordinator_lost(f.result()))
+        log.info("daemon %s: data %s:%d, ipc %s, pending admission",
+                 self.id, *self.data_addr, self.config.ipc)
+
+    async def stop(self, leave: bool = True) -> None:
+        if self.stopped.is_set():
+            return
+        self.stopped.set()
+        if leave:
+            try:
+                await self.coord.call("leave", timeout_s=2.0)
+                log.info("daemon %s: left the world", self.id)
+            except (CollnetError, TimeoutError) as exc:
+                log.warning("daemon %s: could not announce leave: %s", self.id, exc)
+        self.router.fail_all(DaemonUnavailable(f"daemon {self.id} is shutting down"))
+        self.coord.close()
+        await self.ipc.close()
+        await self.mesh.close()
+        for buf in self.buffers.values():
+            buf.close()
+        self.buffers.clear()
+
+    def _coordinator_lost(self, exc: CollnetError) -> None:
+        if not self.stopped.is_set():
+            log.error("daemon %s: %s; shutting down", self.id, exc)
+            asyncio.ensure_future(self.stop(leave=False))
+
+    # -- membership --------------------------------------------------------
+    def _set_world(self, world: WorldView) -> None:
+        if world.epoch < self.world.epoch:
+            return
+        gone = set(self.world.ids) - set(world.ids)
+        self.world = world
+        for peer in gone:
+            self.mesh.drop(peer, "left the world")
+        if self.id in world.ids:
+            asyncio.ensure_future(self._connect_all(world))
+
+    def _on_world_push(self, world: WorldView) -> None:
+        log.info("daemon %s: epoch %d, world %s", self.id, world.epoch, list(world.ids))
+        self._set_world(world)
+
+    def _on_link_lost(self, peer: str, exc: CollnetError) -> None:
+        log.warning("daemon %s: link to %s lost: %s", self.id, peer, exc.message)
+
+    async def _connect_all(self, world: WorldView) -> dict[int, PeerLink]:
+        """Links to every other member of ``world``, keyed by rank."""
+        others = [(r, p) for r, p in enumerate(world.peers) if p.id != self.id]
+        links = await asyncio.gather(
+            *(self.mesh.get_link(p.id, (p.host, p.port)) for _, p in others),
+            return_exceptions=True,
+        )
+        out: dict[int, PeerLink] = {}
+        for (rank, _), link in zip(others, links, strict=True):
+            if isinstance(link, BaseException):
+                if isinstance(link, CollnetError):
+                    raise link
+                raise PeerLost(f"cannot link to rank {rank}: {link}") from link
+            out[rank] = link
+        return out
+
+    # -- local API ---------------------------------------------------------
+    async def handle(self, ident: bytes, req: dict[str, Any]) -> dict[str, Any]:
+        op = req["op"]
+        if op == "hello":
+            return {"peer": self.id, "world": self.world.to_wire()}
+        if op == "world":
+            reply = await self.coord.call("world", timeout_s=10.0)
+            world = WorldView.from_wire(reply["world"])
+            self._set_world(world)
+            return {"world": world.to_wire()}
+        if op == "update_topology":
+            reply = await self.coord.call("update_topology", epoch=self.world.epoch)
+            self._set_world(WorldView.from_wire(reply["world"]))
+            if self.id in self.world.ids:
+                await self._connect_all(self.world)
+            return {"world": self.world.to_wire()}
+        if op == "all_reduce":
+            await self.all_reduce(req)
+            return {}
+        if op == "release":
+            buf = self.buffers.pop(_field(req, "shm", str), None)
+            if buf is not None:
+                buf.close()
+            return {}
+        if op == "leave":
+            asyncio.get_running_loop().call_soon(lambda: asyncio.ensure_future(self.stop()))
+            return {}
+        raise InvalidArgument(f"unknown request {op!r}")
+
+    def _buffer(self, name: str) -> SharedBuffer:
+        buf = self.buffers.get(name)
+        if buf is None:
+            buf = self.buffers[name] = SharedBuffer.attach(name)
+        return buf
+
+    async def all_reduce(self, req: dict[str, Any]) -> None:
+        dtype_name = _field(req, "dtype", str)
+        dtype = DTYPES.get(dtype_name)
+        if dtype is None:
+            raise InvalidArgument(f"unsupported dtype {dtype_name!r}; use one of {list(DTYPES)}")
+        op = _field(req, "reduce", str, "sum")
+        if op not in OPS:
+            raise InvalidArgument(f"unknown reduce op {op!r}; use one of {list(OPS)}")
+        algo = _field(req, "algo", str, "auto")
+        if algo not in ALGORITHMS:
+            raise InvalidArgument(f"unknown algorithm {algo!r}; use one of {list(ALGORITHMS)}")
+        codec_name = _field(req, "codec", str, "none")
+        codec = get_codec(codec_name, block_size=self.config.codec_block_size)
+        count = _field(req, "count", int)
+        offset = _field(req, "offset", int, 0)
+        tag = req.get("tag")
+        if not isinstance(tag, int | str) or isinstance(tag, bool):
+            raise InvalidArgument("all_reduce needs an int or str 'tag'")
+        timeout_s = float(req.get("timeout_s") or self.config.collective_timeout_s)
+        array = self._buffer(_field(req, "shm", str)).array(dtype, count, offset)
+
+        world = self.world
+        rank = world.rank_of(self.id)
+        if rank is None:
+            raise InvalidArgument(
+                f"daemon {self.id} is not an active member yet: call update_topology first"
+            )
+        key = (world.epoch, tag)
+        schedule = make_all_reduce(
+            algo, rank, world.size, array, op,
+            codec=None if codec.name == "none" else codec,
+            chunk_bytes=self.config.chunk_bytes, star_max_bytes=self.config.star_max_bytes,
+        )
+        digest = xxhash.xxh32_intdigest(
+            f"{count}|{dtype_name}|{op}|{codec.name}|{algo}|{self.config.chunk_bytes}|"
+            f"{self.config.codec_block_size}|{self.config.star_max_bytes}".encode()
+        )
+        links = await self._connect_all(world) if world.size > 1 else {}
+        run = CollectiveRun(key, world, rank, schedule, digest, links, self.router.finish)
+        started = time.perf_counter()
+        self.router.register(run)
+        try:
+            await asyncio.wait_for(asyncio.shield(run.future), timeout_s)
+        except TimeoutError:
+            self.router.expire(run, timeout_s)
+            raise Timeout(f"all_reduce {key} timed out after {timeout_s:.1f}s",
+                          epoch=key[0], tag=tag) from None
+        # Sent payloads may be views of the caller's tensor: they must reach the
+        # kernel before the caller may touch the tensor again.
+        await asyncio.gather(*(link.drain() for link in links.values()), return_exceptions=True)
+        log.debug("all_reduce %s: %d x %s in %.3f ms", key, count, dtype_name,
+                  (time.perf_counter() - started) * 1e3)

@@ -1,0 +1,160 @@
+"""The coordinator's membership state machine, driven without sockets."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
+
+from collnet.errors import InvalidArgument, ProtocolError
+from collnet.membership import CoordinatorState, PeerInfo, Push, Reply, WorldView
+
+
+def peer(i: int) -> PeerInfo:
+    return PeerInfo(f"p{i}", "127.0.0.1", 9000 + i)
+
+
+def replies(effects: list[object]) -> dict[str, WorldView]:
+    return {e.peer: e.world for e in effects if isinstance(e, Reply)}
+
+
+def test_first_update_admits_all_pending_and_world_starts_from_one() -> None:
+    s = CoordinatorState()
+    for i in range(3):
+        assert s.register(peer(i)) == []
+    got = replies(s.request_update("p0", 1, 0))
+    assert list(got) == ["p0"]
+    assert got["p0"].epoch == 1 and got["p0"].ids == ("p0", "p1", "p2")
+    # the others were admitted passively: their own call returns at once
+    assert replies(s.request_update("p1", 7, 0))["p1"].epoch == 1
+
+
+def test_joiner_waits_until_every_active_peer_calls_update() -> None:
+    s = CoordinatorState()
+    s.register(peer(0))
+    s.register(peer(1))
+    s.request_update("p0", 1, 0)
+    s.request_update("p1", 1, 0)
+    assert s.epoch == 1
+    s.register(peer(2))
+    assert s.world().pending == ("p2",)
+    assert s.request_update("p2", 1, 0) == []
+    assert s.request_update("p0", 2, 1) == []
+    got = replies(s.request_update("p1", 2, 1))
+    assert set(got) == {"p0", "p1", "p2"}
+    assert {w.epoch for w in got.values()} == {2}
+    assert got["p2"].ids == ("p0", "p1", "p2")
+
+
+def test_update_without_pending_keeps_epoch() -> None:
+    s = CoordinatorState()
+    s.register(peer(0))
+    s.request_update("p0", 1, 0)
+    got = replies(s.request_update("p0", 2, 1))
+    assert got["p0"].epoch == 1
+
+
+def test_lost_peer_bumps_epoch_pushes_survivors_and_unblocks_barrier() -> None:
+    s = CoordinatorState()
+    for i in range(3):
+        s.register(peer(i))
+    s.request_update("p0", 1, 0)
+    s.register(peer(3))
+    s.request_update("p0", 2, 1)
+    s.request_update("p1", 2, 1)
+    effects = s.lost("p2")
+    pushes = {e.peer for e in effects if isinstance(e, Push)}
+    assert pushes == {"p0", "p1"}
+    assert s.epoch >= 2 and "p2" not in s.world().ids
+    # the waiting calls were answered (stale epoch) and p3 was not silently admitted
+    assert set(replies(effects)) == {"p0", "p1"}
+
+
+def test_duplicate_and_unknown_peers_are_typed_errors() -> None:
+    s = CoordinatorState()
+    s.register(peer(0))
+    with pytest.raises(InvalidArgument):
+        s.register(peer(0))
+    with pytest.raises(ProtocolError):
+        s.request_update("nobody", 1, 0)
+    s.request_update("p0", 1, 0)
+    s.register(peer(1))
+    s.request_update("p1", 2, 0)
+    with pytest.raises(ProtocolError):
+        s.request_update("p1", 3, 0)
+
+
+def test_world_view_round_trips_and_rejects_garbage() -> None:
+    w = WorldView(3, (peer(0), peer(1)), ("p9",))
+    assert WorldView.from_wire(w.to_wire()) == w
+    for bad in (
+        None,
+        {"epoch": "x"},
+        {"epoch": 1, "peers": [["a", "h"]]},
+        {"epoch": 1, "peers": [], "pending": [1]},
+    ):
+        with pytest.raises(ProtocolError):
+            WorldView.from_wire(bad)
+
+
+class MembershipMachine(RuleBasedStateMachine):
+    """Random registrations, updates and losses keep the invariants."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.s = CoordinatorState()
+        self.next = 0
+        self.rid = 0
+        self.last_epoch = 0
+        self.known_epoch: dict[str, int] = {}
+
+    @rule()
+    def register(self) -> None:
+        self.s.register(peer(self.next))
+        self.known_epoch[f"p{self.next}"] = 0
+        self.next += 1
+
+    @rule(data=st.data())
+    def update(self, data: st.DataObject) -> None:
+        candidates = [p for p in self.known_epoch if p not in self.s.waiting]
+        if not candidates:
+            return
+        pid = data.draw(st.sampled_from(sorted(candidates)))
+        self.rid += 1
+        self._apply(self.s.request_update(pid, self.rid, self.known_epoch[pid]))
+
+    @rule(data=st.data())
+    def lose(self, data: st.DataObject) -> None:
+        if not self.known_epoch:
+            return
+        pid = data.draw(st.sampled_from(sorted(self.known_epoch)))
+        del self.known_epoch[pid]
+        self._apply(self.s.lost(pid))
+
+    def _apply(self, effects: list[object]) -> None:
+        for e in effects:
+            assert isinstance(e, Reply | Push)
+            assert e.peer in self.known_epoch
+            self.known_epoch[e.peer] = e.world.epoch
+            if isinstance(e, Reply):
+                assert e.peer in e.world.ids, "a reply always goes to an active member"
+
+    @invariant()
+    def epoch_never_decreases_and_sets_are_disjoint(self) -> None:
+        w = self.s.world()
+        assert w.epoch >= self.last_epoch
+        self.last_epoch = w.epoch
+        assert not set(w.ids) & set(w.pending)
+        assert len(set(w.ids)) == len(w.ids)
+        assert set(self.s.waiting) <= set(w.ids) | set(w.pending)
+
+    @invariant()
+    def no_active_peer_waits_forever_when_all_asked(self) -> None:
+        ids = self.s.world().ids
+        if ids:
+            assert not all(p in self.s.waiting for p in ids)
+
+
+TestMembershipMachine = MembershipMachine.TestCase
+TestMembershipMachine.settings = settings(max_examples=60, stateful_step_count=30, deadline=None)
