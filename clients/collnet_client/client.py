@@ -61,8 +61,13 @@ class World:
 class Handle:
     """An all-reduce in flight; ``wait()`` returns the reduced array."""
 
-    def __init__(self, comm: Comm, rid: int, result: npt.NDArray[Any],
-                 staging: tuple[SharedBuffer, npt.NDArray[Any]] | None) -> None:
+    def __init__(
+        self,
+        comm: Comm,
+        rid: int,
+        result: npt.NDArray[Any],
+        staging: tuple[SharedBuffer, npt.NDArray[Any]] | None,
+    ) -> None:
         self._comm = comm
         self._rid = rid
         self._result = result
@@ -124,8 +129,9 @@ class Comm:
         return self._world
 
     # -- memory ------------------------------------------------------------
-    def empty(self, shape: int | tuple[int, ...], dtype: npt.DTypeLike = np.float32
-              ) -> npt.NDArray[Any]:
+    def empty(
+        self, shape: int | tuple[int, ...], dtype: npt.DTypeLike = np.float32
+    ) -> npt.NDArray[Any]:
         """An array in shared memory: all-reduces on it cost no copy."""
         dt = np.dtype(dtype)
         n = int(np.prod(shape))
@@ -134,8 +140,9 @@ class Comm:
         self._segments[id(arr.base)] = seg
         return arr
 
-    def zeros(self, shape: int | tuple[int, ...], dtype: npt.DTypeLike = np.float32
-              ) -> npt.NDArray[Any]:
+    def zeros(
+        self, shape: int | tuple[int, ...], dtype: npt.DTypeLike = np.float32
+    ) -> npt.NDArray[Any]:
         arr = self.empty(shape, dtype)
         arr.fill(0)
         return arr
@@ -158,15 +165,27 @@ class Comm:
         return seg, seg.array(np.uint8, nbytes)
 
     # -- collectives -------------------------------------------------------
-    def all_reduce(self, tensor: npt.NDArray[Any], op: str = "sum", codec: str = "none",
-                   algo: str = "auto", tag: int | str | None = None,
-                   timeout_s: float | None = None) -> npt.NDArray[Any]:
+    def all_reduce(
+        self,
+        tensor: npt.NDArray[Any],
+        op: str = "sum",
+        codec: str = "none",
+        algo: str = "auto",
+        tag: int | str | None = None,
+        timeout_s: float | None = None,
+    ) -> npt.NDArray[Any]:
         """Reduce ``tensor`` across the world, in place; returns it."""
         return self.all_reduce_async(tensor, op, codec, algo, tag, timeout_s).wait()
 
-    def all_reduce_async(self, tensor: npt.NDArray[Any], op: str = "sum", codec: str = "none",
-                         algo: str = "auto", tag: int | str | None = None,
-                         timeout_s: float | None = None) -> Handle:
+    def all_reduce_async(
+        self,
+        tensor: npt.NDArray[Any],
+        op: str = "sum",
+        codec: str = "none",
+        algo: str = "auto",
+        tag: int | str | None = None,
+        timeout_s: float | None = None,
+    ) -> Handle:
         dtype_name = _DTYPE_NAMES.get(tensor.dtype)
         if dtype_name is None:
             raise InvalidArgument(f"unsupported dtype {tensor.dtype}")
@@ -178,8 +197,15 @@ class Comm:
             where = (staging[0], 0)
         seg, offset = where
         rid = self._send(
-            "all_reduce", shm=seg.name, offset=offset, count=int(tensor.size), dtype=dtype_name,
-            reduce=op, codec=codec, algo=algo, tag=next(self._tags) if tag is None else tag,
+            "all_reduce",
+            shm=seg.name,
+            offset=offset,
+            count=int(tensor.size),
+            dtype=dtype_name,
+            reduce=op,
+            codec=codec,
+            algo=algo,
+            tag=next(self._tags) if tag is None else tag,
             timeout_s=timeout_s,
         )
         return Handle(self, rid, tensor, staging)
@@ -202,8 +228,9 @@ class Comm:
     def __enter__(self) -> Comm:
         return self
 
-    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.close()
 
     # -- request plumbing --------------------------------------------------

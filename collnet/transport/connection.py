@@ -67,14 +67,15 @@ class FrameConnection(asyncio.BufferedProtocol):
 
     # -- asyncio callbacks -------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]  # uvloop's is no subclass
+        # uvloop's transports are not asyncio.Transport subclasses, hence no isinstance.
+        self.transport = tr = transport  # type: ignore[assignment]
         self.peername = transport.get_extra_info("peername")
         tune_socket(transport.get_extra_info("socket"))
         # Paused whenever anything is queued, resumed when the queue is empty:
         # drain() then means "every byte handed to send() reached the kernel",
         # which is what lets a collective complete while the payloads it sent
         # are views of a tensor that the caller will reuse.
-        self.transport.set_write_buffer_limits(high=0, low=0)
+        tr.set_write_buffer_limits(high=0, low=0)  # type: ignore[attr-defined]
 
     def get_buffer(self, sizehint: int) -> memoryview:
         try:

@@ -21,7 +21,7 @@ from collnet.wire import Frame, FrameKind, Header
 log = logging.getLogger(__name__)
 
 # Below this a piece costs more in per-frame overhead than striping gains.
-MIN_PIECE_BYTES = 256 * 1024
+MIN_PIECE_BYTES = 2 << 20
 
 
 class LinkRouter(Protocol):

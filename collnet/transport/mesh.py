@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from functools import partial
 from typing import Any
 
 from collnet.errors import CollnetError, PeerLost, ProtocolError
@@ -80,9 +81,10 @@ class Mesh:
 
     async def listen(self, host: str, port: int) -> tuple[str, int]:
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(
-            lambda: FrameConnection(_Handshake(self), self.limits, "accepting"), host, port
-        )
+        def accepted() -> FrameConnection:
+            return FrameConnection(_Handshake(self), self.limits, "accepting")
+
+        self._server = await loop.create_server(accepted, host, port)
         sock = self._server.sockets[0]
         addr = sock.getsockname()
         return str(addr[0]), int(addr[1])
@@ -103,13 +105,18 @@ class Mesh:
             if task is None:
                 task = asyncio.ensure_future(self._dial(peer, addr))
                 self._dialling[peer] = task
-                task.add_done_callback(lambda _t, p=peer: self._dialling.pop(p, None))
+                task.add_done_callback(partial(self._dial_done, peer))
             return await asyncio.shield(task)
         link = self.links.get(peer)
         if link is None or link.failed:
             link = self.links[peer] = PeerLink(peer, self.k, self.router)
         await link.wait_ready(self.connect_timeout_s)
         return link
+
+    def _dial_done(self, peer: str, task: asyncio.Task[PeerLink]) -> None:
+        self._dialling.pop(peer, None)
+        if not task.cancelled():
+            task.exception()  # retrieved here; the awaiting caller re-raises it
 
     async def _dial(self, peer: str, addr: tuple[str, int]) -> PeerLink:
         loop = asyncio.get_running_loop()
@@ -119,8 +126,9 @@ class Mesh:
                 answers = []
                 for index in range(self.k):
                     answer: asyncio.Future[None] = loop.create_future()
+                    handshake = _Handshake(self, answer)
                     _, conn = await loop.create_connection(
-                        lambda a=answer: FrameConnection(_Handshake(self, a), self.limits, peer),
+                        lambda h=handshake: FrameConnection(h, self.limits, peer),  # type: ignore[misc]
                         addr[0],
                         addr[1],
                     )

@@ -9,6 +9,7 @@ an arbitrary file.
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import os
 import re
@@ -66,13 +67,9 @@ class SharedBuffer:
         if self.closed:
             return
         self.closed = True
-        try:
+        # BufferError: numpy views still reference the map; it is freed with them.
+        with contextlib.suppress(BufferError):
             self._map.close()
-        except BufferError:
-            # numpy views still reference the map; it is freed with them.
-            pass
         if self.owner:
-            try:
+            with contextlib.suppress(FileNotFoundError):
                 os.unlink(os.path.join(SHM_DIR, self.name))
-            except FileNotFoundError:
-                pass

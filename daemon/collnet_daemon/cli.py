@@ -35,8 +35,12 @@ async def _until_signalled() -> None:
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--log-level", default="info", show_default=True,
-              type=click.Choice(["debug", "info", "warning", "error"]))
+@click.option(
+    "--log-level",
+    default="info",
+    show_default=True,
+    type=click.Choice(["debug", "info", "warning", "error"]),
+)
 @click.option("--log-json", is_flag=True, help="One JSON object per log line.")
 @click.pass_context
 def main(ctx: click.Context, log_level: str, log_json: bool) -> None:
@@ -68,25 +72,51 @@ def coordinator(ctx: click.Context, listen: str, ready_file: str | None) -> None
 @main.command()
 @click.option("--coordinator", "coordinator_addr", required=True, help="HOST:PORT")
 @click.option("--ipc", required=True, help="Local API address, e.g. ipc:///tmp/collnet.sock")
-@click.option("--listen", default="127.0.0.1:0", show_default=True,
-              help="HOST:PORT for data links from other daemons (port 0: any).")
+@click.option(
+    "--listen",
+    default="127.0.0.1:0",
+    show_default=True,
+    help="HOST:PORT for data links from other daemons (port 0: any).",
+)
 @click.option("--advertise-host", default=None, help="Host other peers dial (default: --listen).")
-@click.option("--connections", default=4, show_default=True, type=click.IntRange(1, 64),
-              help="Parallel TCP connections per peer link.")
-@click.option("--chunk-bytes", default=1 << 20, show_default=True, type=click.IntRange(4096),
-              help="Pipelining chunk of the ring all-reduce.")
+@click.option(
+    "--connections",
+    default=4,
+    show_default=True,
+    type=click.IntRange(1, 64),
+    help="Parallel TCP connections per peer link.",
+)
+@click.option(
+    "--chunk-bytes",
+    default=1 << 20,
+    show_default=True,
+    type=click.IntRange(4096),
+    help="Pipelining chunk of the ring all-reduce.",
+)
 @click.option("--peer-id", default=None, help="Stable id of this peer (default: random).")
 @click.option("--ready-file", hidden=True)
 @click.pass_context
-def daemon(ctx: click.Context, coordinator_addr: str, ipc: str, listen: str,
-           advertise_host: str | None, connections: int, chunk_bytes: int,
-           peer_id: str | None, ready_file: str | None) -> None:
+def daemon(
+    ctx: click.Context,
+    coordinator_addr: str,
+    ipc: str,
+    listen: str,
+    advertise_host: str | None,
+    connections: int,
+    chunk_bytes: int,
+    peer_id: str | None,
+    ready_file: str | None,
+) -> None:
     """Run the peer daemon of this node."""
     from collnet_daemon.service import Daemon
 
     config = DaemonConfig(
-        coordinator=parse_hostport(coordinator_addr), ipc=ipc, listen=parse_hostport(listen),
-        advertise_host=advertise_host, connections=connections, chunk_bytes=chunk_bytes,
+        coordinator=parse_hostport(coordinator_addr),
+        ipc=ipc,
+        listen=parse_hostport(listen),
+        advertise_host=advertise_host,
+        connections=connections,
+        chunk_bytes=chunk_bytes,
     )
     if peer_id:
         config.peer_id = peer_id
@@ -114,18 +144,37 @@ def daemon(ctx: click.Context, coordinator_addr: str, ipc: str, listen: str,
 @click.option("--codecs", default="none,fp16,bf16,uint8,uint4", show_default=True)
 @click.option("--iters", default=3, show_default=True, type=click.IntRange(1, 100))
 @click.option("--connections", default=4, show_default=True, type=click.IntRange(1, 64))
-@click.option("--algo", default="auto", show_default=True,
-              type=click.Choice(["auto", "ring", "star"]))
+@click.option(
+    "--algo", default="auto", show_default=True, type=click.Choice(["auto", "ring", "star"])
+)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @click.pass_context
-def up(ctx: click.Context, peers: int, size: str, codecs: str, iters: int, connections: int,
-       algo: str, as_json: bool) -> None:
+def up(
+    ctx: click.Context,
+    peers: int,
+    size: str,
+    codecs: str,
+    iters: int,
+    connections: int,
+    algo: str,
+    as_json: bool,
+) -> None:
     """Start a local cluster, all-reduce a tensor in every codec, check it, stop."""
     from collnet_daemon.localcluster import parse_size
     from collnet_daemon.up import run_demo
 
-    setup_logging("warning" if ctx.obj["log_level"] == "info" else ctx.obj["log_level"],
-                  ctx.obj["log_json"], "up")
-    ok = run_demo(peers=peers, nbytes=parse_size(size), codecs=codecs.split(","), iters=iters,
-                  connections=connections, algo=algo, as_json=as_json)
+    setup_logging(
+        "warning" if ctx.obj["log_level"] == "info" else ctx.obj["log_level"],
+        ctx.obj["log_json"],
+        "up",
+    )
+    ok = run_demo(
+        peers=peers,
+        nbytes=parse_size(size),
+        codecs=codecs.split(","),
+        iters=iters,
+        connections=connections,
+        algo=algo,
+        as_json=as_json,
+    )
     sys.exit(0 if ok else 1)

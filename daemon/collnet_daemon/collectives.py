@@ -12,6 +12,7 @@ collectives with a typed error, exactly once.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import OrderedDict
@@ -75,13 +76,16 @@ class CollectiveRun:
     def start(self) -> None:
         self._perform(self.schedule.start())
 
-    def sink(self, src: int, step: int, chunk: int, digest: int, offset: int, total: int,
-             nbytes: int) -> memoryview:
+    def sink(
+        self, src: int, step: int, chunk: int, digest: int, offset: int, total: int, nbytes: int
+    ) -> memoryview:
         if digest != self.digest:
             raise MismatchError(
                 f"collective {self.key}: peer rank {src} runs a different collective "
                 "(shape, dtype, op, codec or algorithm differ)",
-                epoch=self.key[0], tag=self.key[1], peer=self.world.peers[src].id,
+                epoch=self.key[0],
+                tag=self.key[1],
+                peer=self.world.peers[src].id,
             )
         slot = self.inbound.get((src, step, chunk))
         if slot is None:
@@ -196,10 +200,8 @@ class Router:
         log.warning("collective %s aborted: %s: %s", run.key, exc.kind, exc)
         for rank, link in run.links.items():
             if rank != run.rank and not link.failed:
-                try:
+                with contextlib.suppress(CollnetError):
                     link.send_control(FrameKind.ABORT, [run.key[0], run.key[1], exc.to_wire()])
-                except CollnetError:
-                    pass
         run.fail(exc)
 
     # -- LinkRouter --------------------------------------------------------
@@ -282,5 +284,10 @@ class Router:
 
     def expire(self, run: CollectiveRun, timeout_s: float) -> None:
         if not run.done:
-            run.fail(Timeout(f"collective {run.key} did not finish within {timeout_s:.1f}s",
-                             epoch=run.key[0], tag=run.key[1]))
+            run.fail(
+                Timeout(
+                    f"collective {run.key} did not finish within {timeout_s:.1f}s",
+                    epoch=run.key[0],
+                    tag=run.key[1],
+                )
+            )

@@ -9,6 +9,7 @@ lost peer.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from typing import Any
 
@@ -55,10 +56,8 @@ class CoordinatorService:
                 msg = {"t": "reply", "id": eff.request_id, "ok": True, "world": eff.world.to_wire()}
             elif isinstance(eff, Push):
                 msg = {"t": "world", "world": eff.world.to_wire()}
-            try:
+            with contextlib.suppress(CollnetError):
                 conn.send(FrameKind.CONTROL, msg)
-            except CollnetError:
-                pass
 
 
 class _PeerSession:
@@ -86,13 +85,16 @@ class _PeerSession:
         except ProtocolError:
             raise
         except CollnetError as exc:
-            conn.send(FrameKind.CONTROL, {"t": "reply", "id": rid, "ok": False,
-                                          "error": exc.to_wire()})
+            conn.send(
+                FrameKind.CONTROL, {"t": "reply", "id": rid, "ok": False, "error": exc.to_wire()}
+            )
             return
         if result is not None:
             conn.send(FrameKind.CONTROL, {"t": "reply", "id": rid, "ok": True, **result})
 
-    def _handle(self, conn: FrameConnection, meta: dict[str, Any], rid: int) -> dict[str, Any] | None:
+    def _handle(
+        self, conn: FrameConnection, meta: dict[str, Any], rid: int
+    ) -> dict[str, Any] | None:
         state = self.service.state
         t = meta.get("t")
         if t == "register":

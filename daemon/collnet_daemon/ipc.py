@@ -78,8 +78,11 @@ class IpcServer:
             reply = {"id": rid, "ok": False, "error": exc.to_wire()}
         except Exception as exc:
             log.exception("ipc: request failed")
-            reply = {"id": rid, "ok": False,
-                     "error": CollnetError(f"internal daemon error: {exc!r}").to_wire()}
+            reply = {
+                "id": rid,
+                "ok": False,
+                "error": CollnetError(f"internal daemon error: {exc!r}").to_wire(),
+            }
         try:
             await self.sock.send_multipart([ident, msgpack.packb(reply, use_bin_type=True)])
         except zmq.ZMQError as exc:

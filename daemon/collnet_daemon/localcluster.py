@@ -8,7 +8,6 @@ rather than a sleep, and ``stop()`` always reaps what it started.
 from __future__ import annotations
 
 import json
-import os
 import re
 import signal
 import subprocess
@@ -19,8 +18,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 
-_UNITS = {"": 1, "b": 1, "k": 1 << 10, "kib": 1 << 10, "kb": 1000, "m": 1 << 20, "mib": 1 << 20,
-          "mb": 1000**2, "g": 1 << 30, "gib": 1 << 30, "gb": 1000**3}
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 1 << 10,
+    "kib": 1 << 10,
+    "kb": 1000,
+    "m": 1 << 20,
+    "mib": 1 << 20,
+    "mb": 1000**2,
+    "g": 1 << 30,
+    "gib": 1 << 30,
+    "gb": 1000**3,
+}
 
 
 def parse_size(text: str) -> int:
@@ -56,13 +66,16 @@ class LocalCluster:
         try:
             return subprocess.Popen(
                 [sys.executable, "-m", "collnet_daemon", "--log-level", self.log_level, *args],
-                stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                stdout=logf,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
             )
         finally:
             logf.close()
 
-    def _await_ready(self, path: Path, proc: subprocess.Popen[bytes], what: str,
-                     timeout_s: float = 30.0) -> dict[str, str]:
+    def _await_ready(
+        self, path: Path, proc: subprocess.Popen[bytes], what: str, timeout_s: float = 30.0
+    ) -> dict[str, str]:
         deadline = time.monotonic() + timeout_s
         while not path.exists():
             if proc.poll() is not None:
@@ -90,9 +103,20 @@ class LocalCluster:
         ipc = f"ipc://{self.workdir}/daemon{i}.sock"
         ready = self.workdir / f"daemon{i}.ready"
         proc = self._spawn(
-            ["daemon", "--coordinator", self.coordinator_addr, "--ipc", ipc,
-             "--connections", str(self.connections), "--peer-id", f"peer{i:02d}",
-             "--ready-file", str(ready), *self.extra_args],
+            [
+                "daemon",
+                "--coordinator",
+                self.coordinator_addr,
+                "--ipc",
+                ipc,
+                "--connections",
+                str(self.connections),
+                "--peer-id",
+                f"peer{i:02d}",
+                "--ready-file",
+                str(ready),
+                *self.extra_args,
+            ],
             f"daemon{i}.log",
         )
         d = DaemonProc(i, proc, ipc)
@@ -129,8 +153,7 @@ class LocalCluster:
     def __enter__(self) -> LocalCluster:
         return self.start()
 
-    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.stop()
-
-

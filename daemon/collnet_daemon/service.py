@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Coroutine
 from typing import Any
 
 import ml_dtypes
@@ -63,14 +64,16 @@ class Daemon:
         self.id = config.peer_id
         self.router = Router(config.max_early_bytes)
         self.router.on_peer_lost = self._on_link_lost
-        self.mesh = Mesh(self.id, config.connections, self.router,
-                         connect_timeout_s=config.connect_timeout_s)
+        self.mesh = Mesh(
+            self.id, config.connections, self.router, connect_timeout_s=config.connect_timeout_s
+        )
         self.coord = CoordinatorClient(self._on_world_push)
         self.ipc = IpcServer(config.ipc, self.handle)
         self.world = WorldView(0, ())
         self.data_addr: tuple[str, int] = ("", 0)
         self.buffers: dict[str, SharedBuffer] = {}
         self.stopped = asyncio.Event()
+        self._tasks: set[asyncio.Task[Any]] = set()
 
     # -- lifecycle ---------------------------------------------------------
     async def start(self) -> None:
@@ -82,8 +85,12 @@ class Daemon:
         self.ipc.start()
         assert self.coord.lost is not None
         self.coord.lost.add_done_callback(lambda f: self._coordinator_lost(f.result()))
-        log.info("daemon %s: data %s:%d, ipc %s, pending admission",
-                 self.id, *self.data_addr, self.config.ipc)
+        log.info(
+            "daemon %s: data %s:%d, ipc %s, pending admission",
+            self.id,
+            *self.data_addr,
+            self.config.ipc,
+        )
 
     async def stop(self, leave: bool = True) -> None:
         if self.stopped.is_set():
@@ -106,7 +113,17 @@ class Daemon:
     def _coordinator_lost(self, exc: CollnetError) -> None:
         if not self.stopped.is_set():
             log.error("daemon %s: %s; shutting down", self.id, exc)
-            asyncio.ensure_future(self.stop(leave=False))
+            self._background(self.stop(leave=False))
+
+    def _background(self, coro: Coroutine[Any, Any, Any]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._background_done)
+
+    def _background_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("daemon %s: background task failed: %s", self.id, task.exception())
 
     # -- membership --------------------------------------------------------
     def _set_world(self, world: WorldView) -> None:
@@ -117,7 +134,7 @@ class Daemon:
         for peer in gone:
             self.mesh.drop(peer, "left the world")
         if self.id in world.ids:
-            asyncio.ensure_future(self._connect_all(world))
+            self._background(self._connect_all(world))
 
     def _on_world_push(self, world: WorldView) -> None:
         log.info("daemon %s: epoch %d, world %s", self.id, world.epoch, list(world.ids))
@@ -167,7 +184,7 @@ class Daemon:
                 buf.close()
             return {}
         if op == "leave":
-            asyncio.get_running_loop().call_soon(lambda: asyncio.ensure_future(self.stop()))
+            asyncio.get_running_loop().call_soon(self._background, self.stop())
             return {}
         raise InvalidArgument(f"unknown request {op!r}")
 
@@ -206,9 +223,14 @@ class Daemon:
             )
         key = (world.epoch, tag)
         schedule = make_all_reduce(
-            algo, rank, world.size, array, op,
+            algo,
+            rank,
+            world.size,
+            array,
+            op,
             codec=None if codec.name == "none" else codec,
-            chunk_bytes=self.config.chunk_bytes, star_max_bytes=self.config.star_max_bytes,
+            chunk_bytes=self.config.chunk_bytes,
+            star_max_bytes=self.config.star_max_bytes,
         )
         digest = xxhash.xxh32_intdigest(
             f"{count}|{dtype_name}|{op}|{codec.name}|{algo}|{self.config.chunk_bytes}|"
@@ -222,10 +244,16 @@ class Daemon:
             await asyncio.wait_for(asyncio.shield(run.future), timeout_s)
         except TimeoutError:
             self.router.expire(run, timeout_s)
-            raise Timeout(f"all_reduce {key} timed out after {timeout_s:.1f}s",
-                          epoch=key[0], tag=tag) from None
+            raise Timeout(
+                f"all_reduce {key} timed out after {timeout_s:.1f}s", epoch=key[0], tag=tag
+            ) from None
         # Sent payloads may be views of the caller's tensor: they must reach the
         # kernel before the caller may touch the tensor again.
         await asyncio.gather(*(link.drain() for link in links.values()), return_exceptions=True)
-        log.debug("all_reduce %s: %d x %s in %.3f ms", key, count, dtype_name,
-                  (time.perf_counter() - started) * 1e3)
+        log.debug(
+            "all_reduce %s: %d x %s in %.3f ms",
+            key,
+            count,
+            dtype_name,
+            (time.perf_counter() - started) * 1e3,
+        )

@@ -25,15 +25,33 @@ def error_bound(codec: str, world: int) -> float:
     return world * world / levels
 
 
-def run_workers(cluster: LocalCluster, nbytes: int, codecs: list[str], iters: int, algo: str,
-                check: bool = True) -> list[dict[str, Any]]:
+def run_workers(
+    cluster: LocalCluster, nbytes: int, codecs: list[str], iters: int, algo: str, check: bool = True
+) -> list[dict[str, Any]]:
     procs = [
         subprocess.Popen(
-            [sys.executable, "-m", "collnet_daemon.worker", "--ipc", d.ipc, "--rank", str(i),
-             "--world", str(len(cluster.daemons)), "--nbytes", str(nbytes),
-             "--codecs", ",".join(codecs), "--iters", str(iters), "--algo", algo,
-             *([] if check else ["--no-check"])],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            [
+                sys.executable,
+                "-m",
+                "collnet_daemon.worker",
+                "--ipc",
+                d.ipc,
+                "--rank",
+                str(i),
+                "--world",
+                str(len(cluster.daemons)),
+                "--nbytes",
+                str(nbytes),
+                "--codecs",
+                ",".join(codecs),
+                "--iters",
+                str(iters),
+                "--algo",
+                algo,
+                *([] if check else ["--no-check"]),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
         )
         for i, d in enumerate(cluster.daemons)
     ]
@@ -41,8 +59,9 @@ def run_workers(cluster: LocalCluster, nbytes: int, codecs: list[str], iters: in
     for p in procs:
         out, err = p.communicate(timeout=900)
         if p.returncode != 0:
-            raise RuntimeError(f"worker failed ({p.returncode}):\n{err.decode()[-3000:]}\n"
-                               f"{cluster.logs()}")
+            raise RuntimeError(
+                f"worker failed ({p.returncode}):\n{err.decode()[-3000:]}\n{cluster.logs()}"
+            )
         results.append(json.loads(out.decode().strip().splitlines()[-1]))
     return results
 
@@ -65,8 +84,13 @@ def summarize(results: list[dict[str, Any]], codecs: list[str], nbytes: int) -> 
         all_ok &= ok
         all_identical &= identical
         summary["codecs"][codec] = {
-            "time_s": t, "algbw": algbw, "busbw": busbw, "max_abs_error": err,
-            "error_bound": bound, "bit_identical": identical, "ok": ok,
+            "time_s": t,
+            "algbw": algbw,
+            "busbw": busbw,
+            "max_abs_error": err,
+            "error_bound": bound,
+            "bit_identical": identical,
+            "ok": ok,
         }
     summary["ok"] = all_ok
     summary["bit_identical"] = all_identical
@@ -74,19 +98,32 @@ def summarize(results: list[dict[str, Any]], codecs: list[str], nbytes: int) -> 
 
 
 def print_table(summary: dict[str, Any]) -> None:
-    print(f"collnet all-reduce: {summary['peers']} peers, "
-          f"{summary['bytes'] / 2**20:.1f} MiB float32, loopback")
-    print(f"{'codec':<8} {'time ms':>9} {'algbw GB/s':>11} {'busbw GB/s':>11} "
-          f"{'max error':>10} {'bit-identical':>14}")
+    print(
+        f"collnet all-reduce: {summary['peers']} peers, "
+        f"{summary['bytes'] / 2**20:.1f} MiB float32, loopback"
+    )
+    print(
+        f"{'codec':<8} {'time ms':>9} {'algbw GB/s':>11} {'busbw GB/s':>11} "
+        f"{'max error':>10} {'bit-identical':>14}"
+    )
     for codec, row in summary["codecs"].items():
         err = "n/a" if row["max_abs_error"] is None else f"{row['max_abs_error']:.2e}"
-        print(f"{codec:<8} {row['time_s'] * 1e3:>9.1f} {row['algbw']:>11.3f} "
-              f"{row['busbw']:>11.3f} {err:>10} {'yes' if row['bit_identical'] else 'NO':>14}")
+        print(
+            f"{codec:<8} {row['time_s'] * 1e3:>9.1f} {row['algbw']:>11.3f} "
+            f"{row['busbw']:>11.3f} {err:>10} {'yes' if row['bit_identical'] else 'NO':>14}"
+        )
     print("result:", "OK" if summary["ok"] else "FAILED")
 
 
-def run_demo(peers: int, nbytes: int, codecs: list[str], iters: int, connections: int,
-             algo: str, as_json: bool) -> bool:
+def run_demo(
+    peers: int,
+    nbytes: int,
+    codecs: list[str],
+    iters: int,
+    connections: int,
+    algo: str,
+    as_json: bool,
+) -> bool:
     with LocalCluster(peers=peers, connections=connections) as cluster:
         results = run_workers(cluster, nbytes, codecs, iters, algo)
     summary = summarize(results, codecs, nbytes)

@@ -17,10 +17,9 @@ import sys
 import time
 from typing import Any
 
+import collnet_client
 import numpy as np
 import xxhash
-
-import collnet_client
 
 
 def peer_input(rank: int, n: int) -> np.ndarray[Any, np.dtype[np.float32]]:
