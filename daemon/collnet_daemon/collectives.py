@@ -96,7 +96,9 @@ class CollectiveRun:
         return slot.view[offset : offset + nbytes]
 
     def received(self, src: int, step: int, chunk: int, nbytes: int) -> None:
-        slot = self.inbound[(src, step, chunk)]
+        slot = self.inbound.get((src, step, chunk))
+        if slot is None:
+            raise ProtocolError(f"collective {self.key}: piece of unannounced message")
         slot.remaining -= nbytes
         if slot.remaining <= 0:
             del self.inbound[(src, step, chunk)]
@@ -141,6 +143,10 @@ def _parse_data_meta(meta: Any) -> tuple[Key, int, int, int, int, int]:
     return (epoch, tag), step, chunk, digest, offset, total
 
 
+class _EarlyBuffer(bytearray):
+    """Bytes of a piece that arrived before its collective started here."""
+
+
 @dataclass(slots=True)
 class _Early:
     peer: str
@@ -158,6 +164,9 @@ class Router:
         self.max_early_bytes = max_early_bytes
         # Recently finished/aborted keys: late pieces are discarded, late starts fail.
         self.finished: OrderedDict[Key, CollnetError | None] = OrderedDict()
+        # ABORTs for collectives not started here yet, with their sender: honoured at
+        # start only if the sender is a member of that collective's world.
+        self.early_aborts: OrderedDict[Key, tuple[str, CollnetError]] = OrderedDict()
         self.on_peer_lost: Callable[[str, CollnetError], None] | None = None
 
     # -- registry ----------------------------------------------------------
@@ -165,13 +174,19 @@ class Router:
         if run.key in self.runs:
             raise ProtocolError(f"collective {run.key} is already running")
         prior = self.finished.get(run.key)
+        aborted = self.early_aborts.pop(run.key, None)
+        if prior is None and aborted is not None and run.world.rank_of(aborted[0]) is not None:
+            prior = aborted[1]
         if prior is not None:
+            dropped = self.early.pop(run.key, [])
+            self.early_bytes -= sum(len(e.payload) for e in dropped)
             run.fail(prior)
             return
         self.runs[run.key] = run
         run.start()
-        for item in self.early.pop(run.key, []):
-            self.early_bytes -= len(item.payload)
+        items = self.early.pop(run.key, [])
+        self.early_bytes -= sum(len(item.payload) for item in items)
+        for item in items:
             if run.done:
                 break
             self._replay(run, item)
@@ -179,9 +194,12 @@ class Router:
     def _replay(self, run: CollectiveRun, item: _Early) -> None:
         key, step, chunk, digest, offset, total = _parse_data_meta(item.meta)
         src = run.world.rank_of(item.peer)
+        if src is None:
+            # Bytes from a non-member (a stranger, or a peer of another world) have no
+            # place in this collective and must not cost its members the collective.
+            log.warning("collective %s: dropped early data from non-member %s", key, item.peer)
+            return
         try:
-            if src is None:
-                raise ProtocolError(f"{item.peer} is not in epoch {key[0]}")
             view = run.sink(src, step, chunk, digest, offset, total, len(item.payload))
             view[:] = item.payload
             run.received(src, step, chunk, len(item.payload))
@@ -216,7 +234,8 @@ class Router:
                     f"{peer} sent {self.early_bytes + nbytes} bytes for collectives "
                     f"not started here (limit {self.max_early_bytes})"
                 )
-            return None
+            self.early_bytes += nbytes
+            return memoryview(_EarlyBuffer(nbytes))
         src = run.world.rank_of(peer)
         if src is None:
             raise ProtocolError(f"{peer} sent data for {key} but is not in epoch {key[0]}")
@@ -229,12 +248,20 @@ class Router:
     def on_data(self, peer: str, meta: Any, payload: memoryview) -> None:
         key, step, chunk, _digest, _offset, _total = _parse_data_meta(meta)
         run = self.runs.get(key)
-        if run is None:
-            if key not in self.finished:
-                buf = payload.obj if isinstance(payload.obj, bytearray) else bytearray(payload)
-                self.early.setdefault(key, []).append(_Early(peer, meta, buf))
-                self.early_bytes += len(buf)
+        if isinstance(payload.obj, _EarlyBuffer):
+            # Read before the collective started here; it may have started
+            # while the bytes were arriving, so decide only now.
+            item = _Early(peer, meta, payload.obj)
+            if run is not None:
+                self.early_bytes -= len(item.payload)
+                self._replay(run, item)
+            elif key in self.finished:
+                self.early_bytes -= len(item.payload)
+            else:
+                self.early.setdefault(key, []).append(item)
             return
+        if run is None:
+            return  # a piece of a collective that finished or failed meanwhile
         src = run.world.rank_of(peer)
         if src is None:
             return
@@ -256,11 +283,13 @@ class Router:
                 )
             run = self.runs.get(key)
             if run is not None:
+                if run.world.rank_of(peer) is None:
+                    raise ProtocolError(f"{peer} sent ABORT for {key} but is not in epoch {key[0]}")
                 run.fail(remote)
-            else:
-                self.finished[key] = remote
-                dropped = self.early.pop(key, [])
-                self.early_bytes -= sum(len(e.payload) for e in dropped)
+            elif key not in self.finished:
+                self.early_aborts[key] = (peer, remote)
+                while len(self.early_aborts) > 4096:
+                    self.early_aborts.popitem(last=False)
         elif frame.kind == FrameKind.HEARTBEAT:
             pass
         else:
