@@ -99,6 +99,10 @@ class Comm:
     def __init__(self, address: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
         self.address = address
         self.timeout_s = timeout_s
+        path = address.removeprefix("ipc://")
+        if path != address and not path.startswith("@") and not os.path.exists(path):
+            # zmq would wait for the socket to appear: fail now, not after the hello timeout.
+            raise DaemonUnavailable(f"no daemon listens at {address} ({path} does not exist)")
         self._ctx = zmq.Context.instance()
         self._sock = self._ctx.socket(zmq.DEALER)
         self._sock.setsockopt(zmq.LINGER, 0)
@@ -107,7 +111,10 @@ class Comm:
         self._ids = itertools.count(1)
         self._tags = itertools.count(1)
         self._replies: dict[int, dict[str, Any]] = {}
-        self._segments: dict[int, SharedBuffer] = {}  # id(base ndarray) -> its segment
+        # id(base ndarray) -> (its segment, that ndarray). Holding the ndarray keeps
+        # its id from being reused by an unrelated array once the caller drops it;
+        # a reused id would send a plain array's all-reduce to a stale segment.
+        self._segments: dict[int, tuple[SharedBuffer, npt.NDArray[Any]]] = {}
         self._staging: list[tuple[SharedBuffer, npt.NDArray[Any]]] = []
         self.closed = False
         try:
@@ -136,9 +143,9 @@ class Comm:
         dt = np.dtype(dtype)
         n = int(np.prod(shape))
         seg = SharedBuffer.create(n * dt.itemsize)
-        arr = seg.array(dt, n).reshape(shape)
-        self._segments[id(arr.base)] = seg
-        return arr
+        base = seg.array(dt, n)
+        self._segments[id(base)] = (seg, base)
+        return base.reshape(shape)
 
     def zeros(
         self, shape: int | tuple[int, ...], dtype: npt.DTypeLike = np.float32
@@ -151,9 +158,10 @@ class Comm:
         base = arr
         while isinstance(base.base, np.ndarray):
             base = base.base
-        seg = self._segments.get(id(base))
-        if seg is None or not arr.flags.c_contiguous:
+        entry = self._segments.get(id(base))
+        if entry is None or entry[1] is not base or not arr.flags.c_contiguous:
             return None
+        seg = entry[0]
         offset = arr.__array_interface__["data"][0] - base.__array_interface__["data"][0]
         return seg, offset
 
@@ -218,12 +226,14 @@ class Comm:
             return
         self.closed = True
         self._sock.close(0)
-        for seg in self._segments.values():
-            seg.close()
-        for seg, _ in self._staging:
-            seg.close()
+        # Drop our references to the mapped arrays first, so a segment whose
+        # arrays the caller no longer holds is unmapped right away.
+        segments = [seg for seg, _ in self._segments.values()]
+        segments += [seg for seg, _ in self._staging]
         self._segments.clear()
         self._staging.clear()
+        for seg in segments:
+            seg.close()
 
     def __enter__(self) -> Comm:
         return self

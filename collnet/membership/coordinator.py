@@ -11,6 +11,8 @@ request, ``Push`` of a new world to members). Invariants:
 - every change of the active set bumps the epoch, exactly once;
 - a request made at an epoch older than the current one is answered at once
   with the current world (the caller missed a change and must catch up);
+- a peer admitted while not inside ``update_topology`` is pushed the new
+  world at once, and its next ``update_topology`` returns that world;
 - a lost or leaving peer is removed at once and the survivors are pushed the
   new world; waiting update requests are re-evaluated against the survivors.
 """
@@ -50,6 +52,9 @@ class CoordinatorState:
     pending: dict[str, PeerInfo] = field(default_factory=dict)
     # peer id -> request id of its outstanding update_topology call
     waiting: dict[str, int] = field(default_factory=dict)
+    # peers admitted while not inside update_topology: they were pushed the
+    # world, and their next update_topology returns it at once
+    unannounced: set[str] = field(default_factory=set)
 
     def world(self) -> WorldView:
         return WorldView(self.epoch, tuple(self.active), tuple(self.pending))
@@ -69,7 +74,8 @@ class CoordinatorState:
         if peer_id in self.waiting:
             raise ProtocolError(f"{peer_id} already has an update_topology in flight")
         is_active = any(p.id == peer_id for p in self.active)
-        if is_active and known_epoch < self.epoch:
+        if peer_id in self.unannounced or (is_active and known_epoch < self.epoch):
+            self.unannounced.discard(peer_id)
             return [Reply(peer_id, request_id, self.world())]
         self.waiting[peer_id] = request_id
         return self._maybe_advance()
@@ -77,6 +83,7 @@ class CoordinatorState:
     def lost(self, peer_id: str) -> list[Effect]:
         """A peer died or left: remove it and tell the survivors."""
         self.waiting.pop(peer_id, None)
+        self.unannounced.discard(peer_id)
         if self.pending.pop(peer_id, None) is not None:
             return []
         before = len(self.active)
@@ -101,8 +108,9 @@ class CoordinatorState:
             return []
         if not active_ids and not any(pid in self.waiting for pid in self.pending):
             return []
-        if self.pending:
-            self.active.extend(self.pending.values())
+        admitted = list(self.pending.values())
+        if admitted:
+            self.active.extend(admitted)
             self.pending.clear()
             self.epoch += 1
         world = self.world()
@@ -111,4 +119,10 @@ class CoordinatorState:
             rid = self.waiting.pop(p.id, None)
             if rid is not None:
                 effects.append(Reply(p.id, rid, world))
+        for p in admitted:
+            if not any(isinstance(e, Reply) and e.peer == p.id for e in effects):
+                # Its daemon must learn now that it is a member (others will
+                # dial it or wait for its dial), not at its next call.
+                self.unannounced.add(p.id)
+                effects.append(Push(p.id, world))
         return effects

@@ -129,9 +129,9 @@ def daemon(
         signalled = asyncio.ensure_future(_until_signalled())
         stopped = asyncio.ensure_future(d.stopped.wait())
         await asyncio.wait([signalled, stopped], return_when=asyncio.FIRST_COMPLETED)
-        graceful = signalled.done()
         signalled.cancel()
-        await d.stop(leave=True)
+        await d.stop(leave=True)  # or wait for the stop a client's leave began
+        graceful = d.left
         log.info("daemon %s stopped", d.id)
         return 0 if graceful else 1
 

@@ -299,6 +299,7 @@ class Router:
         for run in list(self.runs.values()):
             rank = run.world.rank_of(peer)
             if rank is not None:
+                log.warning("collective %s: peer %s lost: %s", run.key, peer, exc.message)
                 run.peer_lost(rank)
                 if not run.done:
                     run.fail(PeerLost(f"peer {peer} lost: {exc.message}", peer=peer))

@@ -73,6 +73,10 @@ class Daemon:
         self.data_addr: tuple[str, int] = ("", 0)
         self.buffers: dict[str, SharedBuffer] = {}
         self.stopped = asyncio.Event()
+        # Why it stopped: True when on purpose, announcing its leave (a signal or a
+        # client's leave request); False when it lost the coordinator.
+        self.left = False
+        self._stopping: asyncio.Future[None] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
 
     # -- lifecycle ---------------------------------------------------------
@@ -93,9 +97,14 @@ class Daemon:
         )
 
     async def stop(self, leave: bool = True) -> None:
-        if self.stopped.is_set():
-            return
-        self.stopped.set()
+        """Stop once; a second caller waits until the first caller's stop has finished."""
+        if self._stopping is None:
+            self.left = leave
+            self.stopped.set()
+            self._stopping = asyncio.ensure_future(self._stop(leave))
+        await asyncio.shield(self._stopping)
+
+    async def _stop(self, leave: bool) -> None:
         if leave:
             try:
                 await self.coord.call("leave", timeout_s=2.0)
@@ -103,6 +112,10 @@ class Daemon:
             except (CollnetError, TimeoutError) as exc:
                 log.warning("daemon %s: could not announce leave: %s", self.id, exc)
         self.router.fail_all(DaemonUnavailable(f"daemon {self.id} is shutting down"))
+        current = asyncio.current_task()
+        for task in list(self._tasks):
+            if task is not current:
+                task.cancel()
         self.coord.close()
         await self.ipc.close()
         await self.mesh.close()
@@ -141,7 +154,9 @@ class Daemon:
         self._set_world(world)
 
     def _on_link_lost(self, peer: str, exc: CollnetError) -> None:
-        log.warning("daemon %s: link to %s lost: %s", self.id, peer, exc.message)
+        # Links close routinely (a peer left, shutdown); failed collectives are
+        # logged by the router, so this is only informational.
+        log.info("daemon %s: link to %s closed: %s", self.id, peer, exc.message)
 
     async def _connect_all(self, world: WorldView) -> dict[int, PeerLink]:
         """Links to every other member of ``world``, keyed by rank."""

@@ -23,11 +23,16 @@ def test_first_update_admits_all_pending_and_world_starts_from_one() -> None:
     s = CoordinatorState()
     for i in range(3):
         assert s.register(peer(i)) == []
-    got = replies(s.request_update("p0", 1, 0))
+    effects = s.request_update("p0", 1, 0)
+    got = replies(effects)
     assert list(got) == ["p0"]
     assert got["p0"].epoch == 1 and got["p0"].ids == ("p0", "p1", "p2")
-    # the others were admitted passively: their own call returns at once
-    assert replies(s.request_update("p1", 7, 0))["p1"].epoch == 1
+    # the others were admitted passively: pushed the world at once...
+    assert {e.peer for e in effects if isinstance(e, Push)} == {"p1", "p2"}
+    # ...and their own call returns at once, even at the pushed epoch
+    assert replies(s.request_update("p1", 7, 1))["p1"].epoch == 1
+    # after that, p1's calls are barrier calls again
+    assert s.request_update("p1", 8, 1) == []
 
 
 def test_joiner_waits_until_every_active_peer_calls_update() -> None:
@@ -60,9 +65,10 @@ def test_lost_peer_bumps_epoch_pushes_survivors_and_unblocks_barrier() -> None:
     for i in range(3):
         s.register(peer(i))
     s.request_update("p0", 1, 0)
+    s.request_update("p1", 2, 0)  # passively admitted: answered at once
     s.register(peer(3))
-    s.request_update("p0", 2, 1)
-    s.request_update("p1", 2, 1)
+    assert s.request_update("p0", 3, 1) == []
+    assert s.request_update("p1", 4, 1) == []
     effects = s.lost("p2")
     pushes = {e.peer for e in effects if isinstance(e, Push)}
     assert pushes == {"p0", "p1"}
