@@ -81,13 +81,26 @@ class Mesh:
 
     async def listen(self, host: str, port: int) -> tuple[str, int]:
         loop = asyncio.get_running_loop()
+
         def accepted() -> FrameConnection:
-            return FrameConnection(_Handshake(self), self.limits, "accepting")
+            conn = FrameConnection(_Handshake(self), self.limits, "accepting")
+            loop.call_later(self.connect_timeout_s, self._expire_handshake, conn)
+            return conn
 
         self._server = await loop.create_server(accepted, host, port)
         sock = self._server.sockets[0]
         addr = sock.getsockname()
         return str(addr[0]), int(addr[1])
+
+    def _expire_handshake(self, conn: FrameConnection) -> None:
+        # A connection that never completes its HELLO must not hold a socket forever.
+        if isinstance(conn.handler, _Handshake) and not conn.closed:
+            log.warning(
+                "connection from %s: no HELLO within %.1fs; closing",
+                conn.peername,
+                self.connect_timeout_s,
+            )
+            conn.abort()
 
     def link_if_ready(self, peer: str) -> PeerLink | None:
         link = self.links.get(peer)

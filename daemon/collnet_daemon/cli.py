@@ -93,6 +93,13 @@ def coordinator(ctx: click.Context, listen: str, ready_file: str | None) -> None
     type=click.IntRange(4096),
     help="Pipelining chunk of the ring all-reduce.",
 )
+@click.option(
+    "--connect-timeout-s",
+    default=10.0,
+    show_default=True,
+    type=click.FloatRange(0.1),
+    help="Deadline for dialling a peer and for an accepted connection's HELLO.",
+)
 @click.option("--peer-id", default=None, help="Stable id of this peer (default: random).")
 @click.option("--ready-file", hidden=True)
 @click.pass_context
@@ -104,6 +111,7 @@ def daemon(
     advertise_host: str | None,
     connections: int,
     chunk_bytes: int,
+    connect_timeout_s: float,
     peer_id: str | None,
     ready_file: str | None,
 ) -> None:
@@ -117,6 +125,7 @@ def daemon(
         advertise_host=advertise_host,
         connections=connections,
         chunk_bytes=chunk_bytes,
+        connect_timeout_s=connect_timeout_s,
     )
     if peer_id:
         config.peer_id = peer_id

@@ -204,7 +204,7 @@ class Router:
             view[:] = item.payload
             run.received(src, step, chunk, len(item.payload))
         except CollnetError as exc:
-            self._abort_everywhere(run, exc)
+            self.abort_everywhere(run, exc)
 
     def finish(self, run: CollectiveRun) -> None:
         self.runs.pop(run.key, None)
@@ -213,7 +213,7 @@ class Router:
         while len(self.finished) > 4096:
             self.finished.popitem(last=False)
 
-    def _abort_everywhere(self, run: CollectiveRun, exc: CollnetError) -> None:
+    def abort_everywhere(self, run: CollectiveRun, exc: CollnetError) -> None:
         """Fail ``run`` here and tell every other participant why."""
         log.warning("collective %s aborted: %s: %s", run.key, exc.kind, exc)
         for rank, link in run.links.items():
@@ -242,7 +242,7 @@ class Router:
         try:
             return run.sink(src, step, chunk, digest, offset, total, nbytes)
         except MismatchError as exc:
-            self._abort_everywhere(run, exc)
+            self.abort_everywhere(run, exc)
             return None
 
     def on_data(self, peer: str, meta: Any, payload: memoryview) -> None:
@@ -268,7 +268,7 @@ class Router:
         try:
             run.received(src, step, chunk, len(payload))
         except CollnetError as exc:
-            self._abort_everywhere(run, exc)
+            self.abort_everywhere(run, exc)
 
     def on_control(self, peer: str, frame: Frame) -> None:
         if frame.kind == FrameKind.ABORT:
@@ -314,10 +314,11 @@ class Router:
 
     def expire(self, run: CollectiveRun, timeout_s: float) -> None:
         if not run.done:
-            run.fail(
+            self.abort_everywhere(
+                run,
                 Timeout(
                     f"collective {run.key} did not finish within {timeout_s:.1f}s",
                     epoch=run.key[0],
                     tag=run.key[1],
-                )
+                ),
             )

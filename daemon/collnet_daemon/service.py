@@ -10,6 +10,7 @@ every peer's messages for it carry.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Coroutine
@@ -20,6 +21,7 @@ import numpy as np
 import xxhash
 
 from collnet.algo import ALGORITHMS, make_all_reduce
+from collnet.algo.actions import Schedule
 from collnet.codec.registry import get_codec
 from collnet.errors import (
     CollnetError,
@@ -32,6 +34,7 @@ from collnet.membership import PeerInfo, WorldView
 from collnet.transport.link import PeerLink
 from collnet.transport.mesh import Mesh
 from collnet.transport.shm import SharedBuffer
+from collnet.wire import FrameKind
 from collnet_daemon.collectives import CollectiveRun, Router
 from collnet_daemon.config import DaemonConfig
 from collnet_daemon.control import CoordinatorClient
@@ -209,7 +212,10 @@ class Daemon:
             buf = self.buffers[name] = SharedBuffer.attach(name)
         return buf
 
-    async def all_reduce(self, req: dict[str, Any]) -> None:
+    def _plan_all_reduce(
+        self, req: dict[str, Any], world: WorldView, rank: int
+    ) -> tuple[Schedule, int]:
+        """Validate an all_reduce request; its schedule and digest."""
         dtype_name = _field(req, "dtype", str)
         dtype = DTYPES.get(dtype_name)
         if dtype is None:
@@ -220,23 +226,12 @@ class Daemon:
         algo = _field(req, "algo", str, "auto")
         if algo not in ALGORITHMS:
             raise InvalidArgument(f"unknown algorithm {algo!r}; use one of {list(ALGORITHMS)}")
-        codec_name = _field(req, "codec", str, "none")
-        codec = get_codec(codec_name, block_size=self.config.codec_block_size)
+        codec = get_codec(
+            _field(req, "codec", str, "none"), block_size=self.config.codec_block_size
+        )
         count = _field(req, "count", int)
         offset = _field(req, "offset", int, 0)
-        tag = req.get("tag")
-        if not isinstance(tag, int | str) or isinstance(tag, bool):
-            raise InvalidArgument("all_reduce needs an int or str 'tag'")
-        timeout_s = float(req.get("timeout_s") or self.config.collective_timeout_s)
         array = self._buffer(_field(req, "shm", str)).array(dtype, count, offset)
-
-        world = self.world
-        rank = world.rank_of(self.id)
-        if rank is None:
-            raise InvalidArgument(
-                f"daemon {self.id} is not an active member yet: call update_topology first"
-            )
-        key = (world.epoch, tag)
         schedule = make_all_reduce(
             algo,
             rank,
@@ -247,10 +242,40 @@ class Daemon:
             chunk_bytes=self.config.chunk_bytes,
             star_max_bytes=self.config.star_max_bytes,
         )
+        # Peers must agree on everything that shapes the messages.
         digest = xxhash.xxh32_intdigest(
             f"{count}|{dtype_name}|{op}|{codec.name}|{algo}|{self.config.chunk_bytes}|"
             f"{self.config.codec_block_size}|{self.config.star_max_bytes}".encode()
         )
+        return schedule, digest
+
+    def _abort_remote(
+        self, key: tuple[int, int | str], world: WorldView, exc: CollnetError
+    ) -> None:
+        for peer in world.peers:
+            link = self.mesh.link_if_ready(peer.id) if peer.id != self.id else None
+            if link is not None:
+                with contextlib.suppress(CollnetError):
+                    link.send_control(FrameKind.ABORT, [key[0], key[1], exc.to_wire()])
+
+    async def all_reduce(self, req: dict[str, Any]) -> None:
+        tag = req.get("tag")
+        if not isinstance(tag, int | str) or isinstance(tag, bool):
+            raise InvalidArgument("all_reduce needs an int or str 'tag'")
+        world = self.world
+        rank = world.rank_of(self.id)
+        if rank is None:
+            raise InvalidArgument(
+                f"daemon {self.id} is not an active member yet: call update_topology first"
+            )
+        key = (world.epoch, tag)
+        try:
+            schedule, digest = self._plan_all_reduce(req, world, rank)
+        except CollnetError as exc:
+            # The other peers would otherwise wait for this one until their deadline.
+            self._abort_remote(key, world, exc)
+            raise
+        timeout_s = float(req.get("timeout_s") or self.config.collective_timeout_s)
         links = await self._connect_all(world) if world.size > 1 else {}
         run = CollectiveRun(key, world, rank, schedule, digest, links, self.router.finish)
         started = time.perf_counter()
@@ -266,9 +291,9 @@ class Daemon:
         # kernel before the caller may touch the tensor again.
         await asyncio.gather(*(link.drain() for link in links.values()), return_exceptions=True)
         log.debug(
-            "all_reduce %s: %d x %s in %.3f ms",
+            "all_reduce %s: %s x %s in %.3f ms",
             key,
-            count,
-            dtype_name,
+            req.get("count"),
+            req.get("dtype"),
             (time.perf_counter() - started) * 1e3,
         )

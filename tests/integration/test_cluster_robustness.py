@@ -376,3 +376,21 @@ def test_oversized_ipc_message_does_not_take_the_daemon_down(
     with collnet_client.connect(peers.cluster.daemons[0].ipc, timeout_s=CALL_TIMEOUT_S) as comm:
         assert comm.world.size == WORLD
     _world_still_works(peers)
+
+
+def test_connection_that_never_says_hello_is_closed_after_the_connect_timeout(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    workdir = tmp_path_factory.mktemp("silent")
+    with running_peers(2, workdir, extra_args=["--connect-timeout-s", "1"]) as p:
+        victim = p.cluster.daemons[0]
+        log = p.cluster.workdir / "daemon0.log"
+        since = log_size(log)
+        with socket.create_connection(hostport(victim.data), timeout=10) as sock:
+            sock.sendall(HEADER.pack(MAGIC, VERSION, FrameKind.HELLO, 0, 8, 0)[:7])  # half a header
+            started = time.monotonic()
+            read_until_closed(sock, timeout_s=8.0)
+            assert time.monotonic() - started < 5.0
+        wait_for_log(log, ["no HELLO within 1.0s"], since)
+        inputs = peer_inputs(2, 101, np.dtype(np.float32), "sum", seed=4)
+        assert_bit_identical(p.all_reduce(inputs, op="sum"))
