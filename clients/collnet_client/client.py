@@ -9,6 +9,7 @@ and back (one copy each way).
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import threading
@@ -224,12 +225,18 @@ class Comm:
     def close(self) -> None:
         if self.closed:
             return
-        self.closed = True
-        self._sock.close(0)
         # Drop our references to the mapped arrays first, so a segment whose
         # arrays the caller no longer holds is unmapped right away.
         segments = [seg for seg, _ in self._segments.values()]
         segments += [seg for seg, _ in self._staging]
+        # The daemon keeps segments mapped until told; unlinked pages stay
+        # allocated while anyone maps them. Best effort: a gone daemon is fine.
+        for seg in segments:
+            msg = {"id": next(self._ids), "op": "release", "shm": seg.name}
+            with contextlib.suppress(zmq.ZMQError):
+                self._sock.send(msgpack.packb(msg, use_bin_type=True), zmq.NOBLOCK)
+        self.closed = True
+        self._sock.close(linger=200)
         self._segments.clear()
         self._staging.clear()
         for seg in segments:
