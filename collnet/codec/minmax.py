@@ -5,16 +5,19 @@ block holds the remaining ``n % block_size`` values when that is not zero).
 Each block ``b`` gets its own affine map from codes to floats, computed in
 float32 with IEEE-exact operations only::
 
-    lo[b]    = min(block)                                  # stored as is
+    lo[b]    = min(block) + 0                              # -0 becomes +0
     scale[b] = (max(block) - lo[b]) / L                    # L = 2**bits - 1
     code     = min(rint((x - lo[b]) / d[b]), L)            # rint: half to even
     decoded  = float32(code) * scale[b] + lo[b]            # two roundings, no FMA
 
 where ``d[b]`` is ``scale[b]``, or 1 when ``scale[b] == 0`` (a constant block,
-which therefore decodes exactly, up to the sign of zero). The clip to ``L``
-only matters for blocks whose scale is subnormal; for normal scales the
-quotient provably stays below ``L + 0.5``. Codes are never negative because
-``x - lo >= 0`` holds exactly in IEEE arithmetic.
+which therefore decodes exactly, up to the sign of zero). The ``+ 0`` (also
+applied to ``max(block)``) makes a zero extreme ``+0.0``: for a block holding
+both ``0.0`` and ``-0.0``, numpy's ``min`` returns whichever zero its SIMD
+reduction order happens to keep, and that order differs between CPUs. The
+clip to ``L`` only matters for blocks whose scale is subnormal; for normal
+scales the quotient provably stays below ``L + 0.5``. Codes are never
+negative because ``x - lo >= 0`` holds exactly in IEEE arithmetic.
 
 Encoded layout, for ``n`` values and ``nb = ceil(n / block_size)`` blocks
 (all multi-byte fields little-endian)::
@@ -43,7 +46,15 @@ Invariants:
   ``2**-117`` absolute for blocks whose range is subnormal); see
   ``max_abs_error_bound``.
 
-Performance: all work is vectorised over ``(blocks, block_size)`` views of
+Performance: when the optional C extension ``collnet.codec._minmax`` is
+built (``setup.py``; skipped without a compiler), encode and decode run in
+it, a few times faster than numpy and bit-identical to it: same bytes, same
+floats, same errors. On non-finite input or a corrupt encoding it hands
+back to the numpy path, which raises the precise error; so it does for
+buffers it does not take (misaligned, overlapping, strided).
+``MinMaxCodec(accelerated=False)`` forces the numpy path.
+
+The numpy path vectorises all work over ``(blocks, block_size)`` views of
 the input, processed in chunks of about 64 Ki values so the float32
 temporary stays in cache and memory use does not grow with ``n``; the ragged
 last block is handled as its own one-row chunk rather than by padding.
@@ -70,11 +81,19 @@ from collnet.codec.base import (
 )
 from collnet.errors import CodecError, InvalidArgument, NonFiniteError
 
+try:
+    from collnet.codec import _minmax
+except ImportError:  # built without a C compiler: numpy only
+    ACCELERATOR_AVAILABLE = False
+else:
+    ACCELERATOR_AVAILABLE = True
+
 DEFAULT_BLOCK_SIZE = 256
 
 _LE_F32 = np.dtype("<f4")
 _LE_U16 = np.dtype("<u2")
 _ONE = np.float32(1.0)
+_ZERO = np.float32(0.0)
 # Below the smallest normal float32, scale = range / L carries a large
 # relative rounding error, so the quotient can exceed L and must be clipped.
 _TINY = np.float32(np.finfo(np.float32).tiny)
@@ -93,7 +112,10 @@ class MinMaxCodec(Codec):
     bits: ClassVar[int]
     _levels: ClassVar[np.float32]
 
-    def __init__(self, block_size: int = DEFAULT_BLOCK_SIZE) -> None:
+    def __init__(
+        self, block_size: int = DEFAULT_BLOCK_SIZE, *, accelerated: bool | None = None
+    ) -> None:
+        """``accelerated``: use the C kernels (None: when built; True: require them)."""
         if isinstance(block_size, bool):
             raise InvalidArgument(f"block_size must be an integer, got {block_size!r}")
         try:
@@ -102,11 +124,21 @@ class MinMaxCodec(Codec):
             raise InvalidArgument(f"block_size must be an integer, got {block_size!r}") from None
         if size < 1:
             raise InvalidArgument(f"block_size must be >= 1, got {size}", block_size=size)
+        if accelerated is None:
+            accelerated = ACCELERATOR_AVAILABLE
+        elif not isinstance(accelerated, bool):
+            raise InvalidArgument(f"accelerated must be a bool or None, got {accelerated!r}")
+        elif accelerated and not ACCELERATOR_AVAILABLE:
+            raise InvalidArgument(
+                "accelerated=True but the C extension collnet.codec._minmax is not built"
+            )
         self.block_size = size
+        self.accelerated = accelerated
         self._chunk_blocks = max(1, _CHUNK_VALUES // size)
 
     def __repr__(self) -> str:
-        return f"<{type(self).__name__} {self.name} block_size={self.block_size}>"
+        kind = "C" if self.accelerated else "numpy"
+        return f"<{type(self).__name__} {self.name} block_size={self.block_size} {kind}>"
 
     # -- sizes ---------------------------------------------------------------
 
@@ -115,6 +147,11 @@ class MinMaxCodec(Codec):
 
     def _codes_nbytes(self, n: int) -> int:
         raise NotImplementedError
+
+    def _kernel_block(self, n: int) -> int:
+        """The block size passed to the C kernels (which take a C ssize_t)."""
+        # A block size >= n gives the same layout as block size n: one block.
+        return max(1, min(self.block_size, n))
 
     def encoded_nbytes(self, n: int) -> int:
         n = check_count(n, self.name)
@@ -127,6 +164,10 @@ class MinMaxCodec(Codec):
         n = x.shape[0]
         nb = self._nblocks(n)
         out = np.empty(8 * nb + self._codes_nbytes(n), dtype=np.uint8)
+        # Anything but 0 (non-finite input, misaligned x): the numpy path
+        # below raises the precise error or does the work.
+        if self.accelerated and _minmax.encode(x, out, n, self._kernel_block(n), self.bits) == 0:
+            return out
         scales = out[: 4 * nb].view(_LE_F32)
         lows = out[4 * nb : 8 * nb].view(_LE_F32)
         codes = self._code_buffer(out[8 * nb :], n)
@@ -178,6 +219,10 @@ class MinMaxCodec(Codec):
         levels = self._levels
         np.minimum.reduce(xs, axis=1, out=lo)
         np.maximum.reduce(xs, axis=1, out=scale)
+        # -0 + 0 is +0: the sign of a zero extreme must not depend on the
+        # reduction order (see the module docstring).
+        np.add(lo, _ZERO, out=lo)
+        np.add(scale, _ZERO, out=scale)
         # Non-finite values are detected right below, from these few values.
         with np.errstate(over="ignore", invalid="ignore"):
             np.subtract(scale, lo, out=scale)
@@ -220,6 +265,19 @@ class MinMaxCodec(Codec):
 
     def decode(self, data: bytes | memoryview | U8, n: int, out: F32 | None = None) -> F32:
         n = check_count(n, self.name)
+        if self.accelerated:
+            raw = as_bytes(data, self.name)
+            check_size(raw, self.encoded_nbytes(n), n, self.name)
+            try:
+                result = prepare_out(out, n, self.name)
+            except InvalidArgument:
+                result = None  # the numpy path checks the header first, then raises
+            if (
+                result is not None
+                and raw.flags.c_contiguous
+                and _minmax.decode(raw, n, self._kernel_block(n), self.bits, result, None) == 0
+            ):
+                return result
         scales, lows, codes = self._parse(data, n)
         result = prepare_out(out, n, self.name)
         self._dequantize(scales, lows, codes, result, None)
@@ -228,6 +286,16 @@ class MinMaxCodec(Codec):
     def decode_add(self, data: bytes | memoryview | U8, acc: F32, scratch: F32) -> None:
         n = check_acc(acc, self.name)
         prepare_out(scratch, n, self.name)
+        if self.accelerated:
+            raw = as_bytes(data, self.name)
+            check_size(raw, self.encoded_nbytes(n), n, self.name)
+            # One pass, acc += value, scratch unused; nothing is written
+            # unless the whole encoding is valid.
+            if (
+                raw.flags.c_contiguous
+                and _minmax.decode(raw, n, self._kernel_block(n), self.bits, scratch, acc) == 0
+            ):
+                return
         scales, lows, codes = self._parse(data, n)
         self._dequantize(scales, lows, codes, scratch, acc)
 
@@ -263,15 +331,18 @@ class MinMaxCodec(Codec):
         ]
         if tail:
             spans.append((nfull, nfull + 1, nfull * bs, n))
-        for b0, b1, start, stop in spans:
-            rows = b1 - b0
-            d = dst[start:stop].reshape(rows, -1)
-            # uint8 * float32 picks the float32 loop, so codes widen exactly.
-            np.multiply(codes[start:stop].reshape(rows, -1), scales[b0:b1, None], out=d)
-            np.add(d, lows[b0:b1, None], out=d)
-            if acc is not None:
-                # Chunk by chunk, while d is still in cache.
-                np.add(acc[start:stop], dst[start:stop], out=acc[start:stop])
+        # acc + dst may overflow to +-Inf: that is the caller's data, not a
+        # warning (dst itself cannot: the header check bounds it).
+        with np.errstate(over="ignore"):
+            for b0, b1, start, stop in spans:
+                rows = b1 - b0
+                d = dst[start:stop].reshape(rows, -1)
+                # uint8 * float32 picks the float32 loop, so codes widen exactly.
+                np.multiply(codes[start:stop].reshape(rows, -1), scales[b0:b1, None], out=d)
+                np.add(d, lows[b0:b1, None], out=d)
+                if acc is not None:
+                    # Chunk by chunk, while d is still in cache.
+                    np.add(acc[start:stop], dst[start:stop], out=acc[start:stop])
 
     # -- error bound ---------------------------------------------------------
 
@@ -351,3 +422,49 @@ class Uint4Codec(MinMaxCodec):
         np.bitwise_and(region, 0x0F, out=codes[0::2])
         np.right_shift(region, 4, out=codes[1::2])
         return codes[:n]
+
+
+def _accelerator_agrees() -> bool:
+    """Whether the C kernels reproduce the numpy path bit for bit on a probe.
+
+    Guards against a build that rounds differently (FMA contraction, fast
+    math from the environment's CFLAGS): peers must agree on every byte, so
+    such a build is not used. The probe has rounding ties, signed zeros,
+    subnormal ranges and values where a fused multiply-add would differ.
+    """
+    i = np.arange(1, 301, dtype=np.float32)
+    # Blocks of 4 [0, 255 * s, (k + 0.5) * s, (k + 1.5) * s]: exact ties for
+    # scale s; s = 7 also catches division by a rounded reciprocal.
+    k = np.arange(0.5, 254, 2, dtype=np.float32)[:, None]
+    ties = [np.float32(s) * np.hstack([0 * k, 0 * k + 255, k, k + 1]) for s in (1, 7)]
+    x = np.concatenate(
+        [
+            np.array([-0.0, 0.0, -0.0, 0.0], np.float32),
+            *(t.reshape(-1) for t in ties),
+            _ONE / i - i * np.float32(0.37),
+            i * np.float32(3e-41),
+        ]
+    )
+    acc0 = np.concatenate([np.array([-0.0, 1e30], np.float32), x[:-2] * np.float32(-0.5)])
+    try:
+        for cls in (Uint8Codec, Uint4Codec):
+            for block_size in (4, 7):
+                fast, ref = cls(block_size, accelerated=True), cls(block_size, accelerated=False)
+                data = ref.encode(x)
+                if not np.array_equal(fast.encode(x), data):
+                    return False
+                got, want = fast.decode(data, x.shape[0]), ref.decode(data, x.shape[0])
+                if not np.array_equal(got.view(np.uint32), want.view(np.uint32)):
+                    return False
+                got, want = acc0.copy(), acc0.copy()
+                fast.decode_add(data, got, np.empty_like(got))
+                ref.decode_add(data, want, np.empty_like(want))
+                if not np.array_equal(got.view(np.uint32), want.view(np.uint32)):
+                    return False
+    except Exception:
+        return False
+    return True
+
+
+if ACCELERATOR_AVAILABLE and not _accelerator_agrees():
+    ACCELERATOR_AVAILABLE = False

@@ -86,7 +86,8 @@ def ref_minmax_encode(x: F32, bits: int, block_size: int) -> bytes:
     codes: list[int] = []
     for start in range(0, x.shape[0], block_size):
         block = x[start : start + block_size]
-        lo, hi = np.float32(block.min()), np.float32(block.max())
+        # + 0: a zero min or max is stored as +0.0 whatever the sign of the zeros.
+        lo, hi = np.float32(block.min()) + np.float32(0), np.float32(block.max()) + np.float32(0)
         scale = np.float32((hi - lo) / levels)
         divisor = scale if scale != 0 else np.float32(1)
         q = np.minimum(np.rint((block - lo) / divisor), levels)
