@@ -162,8 +162,11 @@ class Router:
         self.early: dict[Key, list[_Early]] = {}
         self.early_bytes = 0
         self.max_early_bytes = max_early_bytes
-        # Recently finished/aborted keys: late pieces are discarded, late starts fail.
-        self.finished: OrderedDict[Key, CollnetError | None] = OrderedDict()
+        # Keys of collectives that failed here: their late pieces are dropped and
+        # a new run under the same key fails at once. A completed collective needs
+        # no record: it has consumed every message addressed to this peer, so its
+        # key may be used again (a new client session restarts its tags).
+        self.failed: OrderedDict[Key, CollnetError] = OrderedDict()
         # ABORTs for collectives not started here yet, with their sender: honoured at
         # start only if the sender is a member of that collective's world.
         self.early_aborts: OrderedDict[Key, tuple[str, CollnetError]] = OrderedDict()
@@ -173,7 +176,7 @@ class Router:
     def register(self, run: CollectiveRun) -> None:
         if run.key in self.runs:
             raise ProtocolError(f"collective {run.key} is already running")
-        prior = self.finished.get(run.key)
+        prior = self.failed.get(run.key)
         aborted = self.early_aborts.pop(run.key, None)
         if prior is None and aborted is not None and run.world.rank_of(aborted[0]) is not None:
             prior = aborted[1]
@@ -209,9 +212,10 @@ class Router:
     def finish(self, run: CollectiveRun) -> None:
         self.runs.pop(run.key, None)
         exc = run.future.exception() if run.future.done() and not run.future.cancelled() else None
-        self.finished[run.key] = exc if isinstance(exc, CollnetError) else None
-        while len(self.finished) > 4096:
-            self.finished.popitem(last=False)
+        if isinstance(exc, CollnetError):
+            self.failed[run.key] = exc
+            while len(self.failed) > 4096:
+                self.failed.popitem(last=False)
 
     def abort_everywhere(self, run: CollectiveRun, exc: CollnetError) -> None:
         """Fail ``run`` here and tell every other participant why."""
@@ -227,7 +231,7 @@ class Router:
         key, step, chunk, digest, offset, total = _parse_data_meta(meta)
         run = self.runs.get(key)
         if run is None:
-            if key in self.finished:
+            if key in self.failed:
                 return None  # late piece of a finished collective: read and drop
             if self.early_bytes + nbytes > self.max_early_bytes:
                 raise ProtocolError(
@@ -255,7 +259,7 @@ class Router:
             if run is not None:
                 self.early_bytes -= len(item.payload)
                 self._replay(run, item)
-            elif key in self.finished:
+            elif key in self.failed:
                 self.early_bytes -= len(item.payload)
             else:
                 self.early.setdefault(key, []).append(item)
@@ -286,7 +290,7 @@ class Router:
                 if run.world.rank_of(peer) is None:
                     raise ProtocolError(f"{peer} sent ABORT for {key} but is not in epoch {key[0]}")
                 run.fail(remote)
-            elif key not in self.finished:
+            elif key not in self.failed:
                 self.early_aborts[key] = (peer, remote)
                 while len(self.early_aborts) > 4096:
                     self.early_aborts.popitem(last=False)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import collnet_client
 import numpy as np
 import pytest
-from cluster_harness import running_peers, wait_until
+from cluster_harness import run_on_all, running_peers, wait_until
+from collnet_client import Comm
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -36,3 +38,20 @@ def test_daemon_unmaps_a_closed_clients_segments(tmp_path: Path) -> None:
             "daemon unmapping the closed client's segments",
         )
         assert not any(Path("/dev/shm", name).exists() for name in names)
+
+
+def test_a_new_client_session_reuses_default_tags_without_hanging(tmp_path: Path) -> None:
+    with running_peers(2, tmp_path) as p:
+        for session in range(2):
+            p.close()
+            p.comms = [p.connect(i) for i in range(2)]
+            for step in range(2):
+                # default tags: every new Comm counts them from 1 again
+                def one(rank: int, comm: Comm, s: int = session + step) -> np.ndarray:
+                    buf = np.full(300_000, rank + s, np.float32)
+                    if rank == 1:
+                        time.sleep(0.3)  # rank 0's data must arrive before rank 1 starts
+                    return comm.all_reduce(buf, algo="ring", timeout_s=10.0)
+
+                expected = np.full(300_000, 1 + 2 * (session + step), np.float32)
+                assert all(np.array_equal(r, expected) for r in run_on_all(p.comms, one))
