@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -55,14 +56,27 @@ class LocalCluster:
     connections: int = 4
     extra_args: list[str] = field(default_factory=list)
     log_level: str = "warning"
-    workdir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="collnet-")))
+    workdir: Path | None = None
+    # A workdir this cluster made itself is removed by stop() unless kept.
+    keep_workdir: bool = False
+    _own_workdir: bool = False
     coordinator: subprocess.Popen[bytes] | None = None
     coordinator_addr: str = ""
     daemons: list[DaemonProc] = field(default_factory=list)
     _next_index: int = 0
 
+    def __post_init__(self) -> None:
+        if self.workdir is None:
+            self.workdir = Path(tempfile.mkdtemp(prefix="collnet-"))
+            self._own_workdir = True
+
+    @property
+    def dir(self) -> Path:
+        assert self.workdir is not None
+        return self.workdir
+
     def _spawn(self, args: list[str], log_name: str) -> subprocess.Popen[bytes]:
-        logf = open(self.workdir / log_name, "wb")  # noqa: SIM115 - owned by the child
+        logf = open(self.dir / log_name, "wb")  # noqa: SIM115 - owned by the child
         try:
             return subprocess.Popen(
                 [sys.executable, "-m", "collnet_daemon", "--log-level", self.log_level, *args],
@@ -79,15 +93,15 @@ class LocalCluster:
         deadline = time.monotonic() + timeout_s
         while not path.exists():
             if proc.poll() is not None:
-                raise RuntimeError(f"{what} exited with {proc.returncode}; see {self.workdir}")
+                raise RuntimeError(f"{what} exited with {proc.returncode}; see {self.dir}")
             if time.monotonic() > deadline:
-                raise RuntimeError(f"{what} not ready within {timeout_s}s; see {self.workdir}")
+                raise RuntimeError(f"{what} not ready within {timeout_s}s; see {self.dir}")
             time.sleep(0.02)
         info: dict[str, str] = json.loads(path.read_text())
         return info
 
     def start(self) -> LocalCluster:
-        ready = self.workdir / "coordinator.ready"
+        ready = self.dir / "coordinator.ready"
         self.coordinator = self._spawn(
             ["coordinator", "--listen", "127.0.0.1:0", "--ready-file", str(ready)],
             "coordinator.log",
@@ -101,7 +115,7 @@ class LocalCluster:
         i = self._next_index
         self._next_index += 1
         ipc = f"ipc://{self.workdir}/daemon{i}.sock"
-        ready = self.workdir / f"daemon{i}.ready"
+        ready = self.dir / f"daemon{i}.ready"
         proc = self._spawn(
             [
                 "daemon",
@@ -143,10 +157,12 @@ class LocalCluster:
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait()
+        if self._own_workdir and not self.keep_workdir:
+            shutil.rmtree(self.dir, ignore_errors=True)
 
     def logs(self) -> str:
         out = []
-        for f in sorted(self.workdir.glob("*.log")):
+        for f in sorted(self.dir.glob("*.log")):
             out.append(f"--- {f.name}\n{f.read_text(errors='replace')[-4000:]}")
         return "\n".join(out)
 

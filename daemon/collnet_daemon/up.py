@@ -6,6 +6,7 @@ import json
 import statistics
 import subprocess
 import sys
+import time
 from typing import Any
 
 from collnet_daemon.localcluster import LocalCluster
@@ -26,44 +27,60 @@ def error_bound(codec: str, world: int) -> float:
 
 
 def run_workers(
-    cluster: LocalCluster, nbytes: int, codecs: list[str], iters: int, algo: str, check: bool = True
+    cluster: LocalCluster,
+    nbytes: int,
+    codecs: list[str],
+    iters: int,
+    algo: str,
+    check: bool = True,
+    timeout_s: float = 900.0,
 ) -> list[dict[str, Any]]:
-    procs = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "collnet_daemon.worker",
-                "--ipc",
-                d.ipc,
-                "--rank",
-                str(i),
-                "--world",
-                str(len(cluster.daemons)),
-                "--nbytes",
-                str(nbytes),
-                "--codecs",
-                ",".join(codecs),
-                "--iters",
-                str(iters),
-                "--algo",
-                algo,
-                *([] if check else ["--no-check"]),
-            ],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-        )
-        for i, d in enumerate(cluster.daemons)
-    ]
-    results = []
-    for p in procs:
-        out, err = p.communicate(timeout=900)
-        if p.returncode != 0:
-            raise RuntimeError(
-                f"worker failed ({p.returncode}):\n{err.decode()[-3000:]}\n{cluster.logs()}"
+    """One worker process per daemon; their JSON results, in rank order.
+
+    The first worker to fail stops the others at once (they would wait for it
+    until their collective deadline), and every worker's stderr is reported.
+    """
+    world = len(cluster.daemons)
+    outs = [cluster.dir / f"worker{i}.out" for i in range(world)]
+    errs = [cluster.dir / f"worker{i}.err" for i in range(world)]
+    procs = []
+    for i, d in enumerate(cluster.daemons):
+        with outs[i].open("wb") as out, errs[i].open("wb") as err:
+            args = ["--ipc", d.ipc, "--rank", str(i), "--world", str(world)]
+            args += ["--nbytes", str(nbytes), "--codecs", ",".join(codecs)]
+            args += ["--iters", str(iters), "--algo", algo, *([] if check else ["--no-check"])]
+            procs.append(
+                subprocess.Popen(
+                    [sys.executable, "-m", "collnet_daemon.worker", *args],
+                    stdout=out,
+                    stderr=err,
+                    stdin=subprocess.DEVNULL,
+                )
             )
-        results.append(json.loads(out.decode().strip().splitlines()[-1]))
-    return results
+    deadline = time.monotonic() + timeout_s
+    failed = None
+    while failed is None and any(p.poll() is None for p in procs):
+        failed = next((i for i, p in enumerate(procs) if p.poll() not in (None, 0)), None)
+        if time.monotonic() > deadline:
+            failed = -1
+        time.sleep(0.05)
+    failed = (
+        failed
+        if failed is not None
+        else next((i for i, p in enumerate(procs) if p.returncode != 0), None)
+    )
+    if failed is not None:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+        report = "\n".join(
+            f"--- worker {i} (exit {p.returncode}):\n{errs[i].read_text(errors='replace')[-2000:]}"
+            for i, p in enumerate(procs)
+        )
+        what = "timed out" if failed == -1 else f"worker {failed} failed"
+        raise RuntimeError(f"{what}\n{report}\n{cluster.logs()}")
+    return [json.loads(o.read_text().strip().splitlines()[-1]) for o in outs]
 
 
 def summarize(results: list[dict[str, Any]], codecs: list[str], nbytes: int) -> dict[str, Any]:
