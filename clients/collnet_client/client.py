@@ -124,16 +124,21 @@ class Comm:
             self.close()
             raise DaemonUnavailable(f"no daemon answers at {address}") from None
         self.peer_id: str = hello["peer"]
+        # The epoch this trainer agreed to: set by update_topology (and at
+        # connect), never by a mere look at the world. Collectives run in it, so
+        # a world that shrank under the trainer fails them instead of silently
+        # moving some peers to a new epoch and not others.
         self._world = World.from_wire(hello["world"])
+        self.epoch = self._world.epoch
 
     # -- membership --------------------------------------------------------
     @property
     def world(self) -> World:
-        self._world = World.from_wire(self._call("world")["world"])
-        return self._world
+        return World.from_wire(self._call("world")["world"])
 
     def update_topology(self, timeout_s: float | None = None) -> World:
         self._world = World.from_wire(self._call("update_topology", timeout_s=timeout_s)["world"])
+        self.epoch = self._world.epoch
         return self._world
 
     # -- memory ------------------------------------------------------------
@@ -215,6 +220,7 @@ class Comm:
             codec=codec,
             algo=algo,
             tag=next(self._tags) if tag is None else tag,
+            epoch=self.epoch,
             timeout_s=timeout_s,
         )
         return Handle(self, rid, tensor, staging)

@@ -15,7 +15,9 @@ import logging
 from typing import Any, Protocol
 
 from collnet.errors import CollnetError, PeerLost, ProtocolError
+from collnet.membership.liveness import Liveness
 from collnet.transport.connection import FrameConnection
+from collnet.transport.heartbeat import Heartbeat
 from collnet.wire import Frame, FrameKind, Header
 
 log = logging.getLogger(__name__)
@@ -39,7 +41,13 @@ class LinkRouter(Protocol):
 class PeerLink:
     """K connections to ``peer``; see the module docstring."""
 
-    def __init__(self, peer: str, connections: int, router: LinkRouter) -> None:
+    def __init__(
+        self,
+        peer: str,
+        connections: int,
+        router: LinkRouter,
+        liveness: Liveness | None = None,
+    ) -> None:
         self.peer = peer
         self.k = connections
         self.router = router
@@ -47,6 +55,18 @@ class PeerLink:
         self.ready = asyncio.Event()
         self.error: CollnetError | None = None
         self._next = 0
+        self.heartbeat = Heartbeat(
+            lambda meta: self.send_control(FrameKind.HEARTBEAT, meta),
+            self.bytes_received,
+            self._silent,
+            liveness or Liveness(),
+        )
+
+    def bytes_received(self) -> int:
+        return sum(c.bytes_received for c in self.conns if c is not None)
+
+    def _silent(self, silent_s: float) -> None:
+        self.fail(PeerLost(f"no sign of life from {self.peer} for {silent_s:.1f}s", peer=self.peer))
 
     @property
     def failed(self) -> bool:
@@ -62,6 +82,7 @@ class PeerLink:
         self.conns[index] = conn
         if all(c is not None for c in self.conns):
             self.ready.set()
+            self.heartbeat.start()
 
     async def wait_ready(self, timeout_s: float) -> None:
         try:
@@ -118,6 +139,8 @@ class PeerLink:
     def on_frame(self, conn: FrameConnection, frame: Frame) -> None:
         if frame.kind == FrameKind.DATA:
             self.router.on_data(self.peer, frame.meta, frame.payload)
+        elif frame.kind == FrameKind.HEARTBEAT:
+            self.heartbeat.on_frame(frame.meta)
         else:
             self.router.on_control(self.peer, frame)
 
@@ -132,12 +155,14 @@ class PeerLink:
             return
         self.error = exc
         self.ready.set()
+        self.heartbeat.stop()
         for c in self.conns:
             if c is not None:
                 c.abort()
         self.router.on_link_lost(self.peer, exc)
 
     def close(self) -> None:
+        self.heartbeat.stop()
         if self.error is None:
             self.error = PeerLost(f"link to {self.peer} closed", peer=self.peer)
             self.ready.set()

@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from functools import partial
 from typing import Any
 
 from collnet.errors import CollnetError, PeerLost, ProtocolError
+from collnet.membership.liveness import Liveness
 from collnet.transport.connection import FrameConnection
 from collnet.transport.link import LinkRouter, PeerLink
 from collnet.wire import Frame, FrameKind, Header, Limits
@@ -69,12 +71,14 @@ class Mesh:
         router: LinkRouter,
         limits: Limits | None = None,
         connect_timeout_s: float = 10.0,
+        liveness: Callable[[], Liveness] = Liveness,
     ) -> None:
         self.self_id = self_id
         self.k = connections
         self.router = router
         self.limits = limits or Limits()
         self.connect_timeout_s = connect_timeout_s
+        self.liveness = liveness
         self.links: dict[str, PeerLink] = {}
         self._dialling: dict[str, asyncio.Task[PeerLink]] = {}
         self._server: asyncio.Server | None = None
@@ -122,7 +126,7 @@ class Mesh:
             return await asyncio.shield(task)
         link = self.links.get(peer)
         if link is None or link.failed:
-            link = self.links[peer] = PeerLink(peer, self.k, self.router)
+            link = self.links[peer] = PeerLink(peer, self.k, self.router, self.liveness())
         await link.wait_ready(self.connect_timeout_s)
         return link
 
@@ -133,7 +137,7 @@ class Mesh:
 
     async def _dial(self, peer: str, addr: tuple[str, int]) -> PeerLink:
         loop = asyncio.get_running_loop()
-        link = self.links[peer] = PeerLink(peer, self.k, self.router)
+        link = self.links[peer] = PeerLink(peer, self.k, self.router, self.liveness())
         try:
             async with asyncio.timeout(self.connect_timeout_s):
                 answers = []
@@ -161,7 +165,7 @@ class Mesh:
             raise ProtocolError(f"{peer} uses {k} connections per link, this daemon {self.k}")
         link = self.links.get(peer)
         if link is None or link.failed:
-            link = self.links[peer] = PeerLink(peer, self.k, self.router)
+            link = self.links[peer] = PeerLink(peer, self.k, self.router, self.liveness())
         conn.send(FrameKind.HELLO, {"peer": self.self_id})
         link.attach(index, conn)
 

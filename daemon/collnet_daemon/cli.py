@@ -50,16 +50,36 @@ def main(ctx: click.Context, log_level: str, log_json: bool) -> None:
 
 @main.command()
 @click.option("--listen", default="127.0.0.1:29400", show_default=True, help="HOST:PORT")
+@click.option("--heartbeat-interval-s", default=0.5, show_default=True, type=click.FloatRange(0.01))
+@click.option(
+    "--heartbeat-floor-s",
+    default=2.0,
+    show_default=True,
+    type=click.FloatRange(0.05),
+    help="Smallest silence that declares a peer dead (the timeout adapts to RTT).",
+)
+@click.option("--heartbeat-ceiling-s", default=10.0, show_default=True, type=click.FloatRange(0.05))
 @click.option("--ready-file", hidden=True, help="Write the bound address here once listening.")
 @click.pass_context
-def coordinator(ctx: click.Context, listen: str, ready_file: str | None) -> None:
+def coordinator(
+    ctx: click.Context,
+    listen: str,
+    heartbeat_interval_s: float,
+    heartbeat_floor_s: float,
+    heartbeat_ceiling_s: float,
+    ready_file: str | None,
+) -> None:
     """Run the membership coordinator (sees no tensor data)."""
+    from collnet.membership.liveness import Liveness
     from collnet_daemon.coordinator import CoordinatorService
 
     setup_logging(ctx.obj["log_level"], ctx.obj["log_json"], "coordinator")
 
+    def liveness() -> Liveness:
+        return Liveness(heartbeat_interval_s, heartbeat_floor_s, heartbeat_ceiling_s)
+
     async def run() -> None:
-        service = CoordinatorService()
+        service = CoordinatorService(liveness)
         host, port = await service.start(*parse_hostport(listen))
         _write_ready(ready_file, address=f"{host}:{port}")
         await _until_signalled()
@@ -100,6 +120,15 @@ def coordinator(ctx: click.Context, listen: str, ready_file: str | None) -> None
     type=click.FloatRange(0.1),
     help="Deadline for dialling a peer and for an accepted connection's HELLO.",
 )
+@click.option("--heartbeat-interval-s", default=0.5, show_default=True, type=click.FloatRange(0.01))
+@click.option(
+    "--heartbeat-floor-s",
+    default=2.0,
+    show_default=True,
+    type=click.FloatRange(0.05),
+    help="Smallest silence that declares a peer dead (the timeout adapts to RTT).",
+)
+@click.option("--heartbeat-ceiling-s", default=10.0, show_default=True, type=click.FloatRange(0.05))
 @click.option("--peer-id", default=None, help="Stable id of this peer (default: random).")
 @click.option("--ready-file", hidden=True)
 @click.pass_context
@@ -112,6 +141,9 @@ def daemon(
     connections: int,
     chunk_bytes: int,
     connect_timeout_s: float,
+    heartbeat_interval_s: float,
+    heartbeat_floor_s: float,
+    heartbeat_ceiling_s: float,
     peer_id: str | None,
     ready_file: str | None,
 ) -> None:
@@ -126,6 +158,9 @@ def daemon(
         connections=connections,
         chunk_bytes=chunk_bytes,
         connect_timeout_s=connect_timeout_s,
+        heartbeat_interval_s=heartbeat_interval_s,
+        heartbeat_floor_s=heartbeat_floor_s,
+        heartbeat_ceiling_s=heartbeat_ceiling_s,
     )
     if peer_id:
         config.peer_id = peer_id

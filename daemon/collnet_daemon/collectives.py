@@ -104,10 +104,6 @@ class CollectiveRun:
             del self.inbound[(src, step, chunk)]
             self._perform(self.schedule.on_receive(src, step, chunk))
 
-    def peer_lost(self, rank: int) -> None:
-        if not self.done:
-            self._perform(self.schedule.on_peer_lost(rank))
-
     def fail(self, exc: CollnetError) -> None:
         if not self.done:
             self.future.set_exception(exc)
@@ -300,17 +296,28 @@ class Router:
             raise ProtocolError(f"unexpected {frame.kind.name} frame on a data link")
 
     def on_link_lost(self, peer: str, exc: CollnetError) -> None:
-        for run in list(self.runs.values()):
-            rank = run.world.rank_of(peer)
-            if rank is not None:
-                log.warning("collective %s: peer %s lost: %s", run.key, peer, exc.message)
-                run.peer_lost(rank)
-                if not run.done:
-                    run.fail(PeerLost(f"peer {peer} lost: {exc.message}", peer=peer))
+        self.members_gone({peer}, exc.message)
         for key in [k for k, items in self.early.items() if any(i.peer == peer for i in items)]:
             self.early_bytes -= sum(len(i.payload) for i in self.early.pop(key))
         if self.on_peer_lost is not None:
             self.on_peer_lost(peer, exc)
+
+    def members_gone(self, peers: set[str], reason: str) -> None:
+        """Fail every running collective that one of ``peers`` takes part in."""
+        for run in list(self.runs.values()):
+            for peer in sorted(peers):
+                rank = run.world.rank_of(peer)
+                if rank is not None and not run.done:
+                    log.warning("collective %s: peer %s lost: %s", run.key, peer, reason)
+                    run.fail(
+                        PeerLost(
+                            f"peer {peer} (rank {rank}) lost during collective {run.key}: {reason}",
+                            peer=peer,
+                            rank=rank,
+                            epoch=run.key[0],
+                            tag=run.key[1],
+                        )
+                    )
 
     def fail_all(self, exc: CollnetError) -> None:
         for run in list(self.runs.values()):

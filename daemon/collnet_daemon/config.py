@@ -6,6 +6,8 @@ import secrets
 import socket
 from dataclasses import dataclass, field
 
+from collnet.membership.liveness import Liveness
+
 
 def parse_hostport(text: str, default_host: str = "127.0.0.1") -> tuple[str, int]:
     host, sep, port = text.rpartition(":")
@@ -32,4 +34,12 @@ class DaemonConfig:
     collective_timeout_s: float = 300.0
     connect_timeout_s: float = 10.0
     max_early_bytes: int = 1 << 30
+    drain_timeout_s: float = 30.0
+    heartbeat_interval_s: float = 0.5
+    heartbeat_floor_s: float = 2.0
+    heartbeat_ceiling_s: float = 10.0
     peer_id: str = field(default_factory=default_peer_id)
+
+    def liveness(self) -> Liveness:
+        """A fresh failure detector with this daemon's heartbeat settings."""
+        return Liveness(self.heartbeat_interval_s, self.heartbeat_floor_s, self.heartbeat_ceiling_s)

@@ -16,24 +16,27 @@ from typing import Any
 
 from collnet.errors import CollnetError, DaemonUnavailable, ProtocolError
 from collnet.membership import WorldView
+from collnet.membership.liveness import Liveness
 from collnet.transport.connection import FrameConnection
+from collnet.transport.heartbeat import Heartbeat
 from collnet.wire import Frame, FrameKind, Header, Limits
 
 log = logging.getLogger(__name__)
-
-HEARTBEAT_INTERVAL_S = 1.0
 
 
 class CoordinatorClient:
     """RPC over one control connection; see the module docstring."""
 
-    def __init__(self, on_world: Callable[[WorldView], None]) -> None:
+    def __init__(
+        self, on_world: Callable[[WorldView], None], liveness: Callable[[], Liveness] = Liveness
+    ) -> None:
         self.on_world = on_world
+        self.liveness = liveness
         self.conn: FrameConnection | None = None
         self.lost: asyncio.Future[CollnetError] | None = None
         self._pending: dict[int, asyncio.Future[dict[str, Any]]] = {}
         self._next_id = 1
-        self._heartbeat: asyncio.Task[None] | None = None
+        self._heartbeat: Heartbeat | None = None
 
     async def connect(self, host: str, port: int, timeout_s: float = 10.0) -> None:
         loop = asyncio.get_running_loop()
@@ -49,7 +52,14 @@ class CoordinatorClient:
             )
         except (OSError, TimeoutError) as exc:
             raise DaemonUnavailable(f"cannot reach coordinator {host}:{port}: {exc}") from None
-        self._heartbeat = asyncio.ensure_future(self._beat())
+        conn = self.conn
+        self._heartbeat = Heartbeat(
+            lambda meta: conn.send(FrameKind.HEARTBEAT, meta),
+            lambda: conn.bytes_received,
+            self._silent,
+            self.liveness(),
+        )
+        self._heartbeat.start()
 
     async def call(self, t: str, timeout_s: float | None = None, **fields: Any) -> dict[str, Any]:
         if self.conn is None or self.conn.closed:
@@ -67,17 +77,14 @@ class CoordinatorClient:
             raise CollnetError.from_wire(reply.get("error") or {})
         return reply
 
-    async def _beat(self) -> None:
-        while self.conn is not None and not self.conn.closed:
-            try:
-                self.conn.send(FrameKind.HEARTBEAT, {})
-            except CollnetError:
-                return
-            await asyncio.sleep(HEARTBEAT_INTERVAL_S)
+    def _silent(self, silent_s: float) -> None:
+        log.error("coordinator silent for %.1fs: treating it as lost", silent_s)
+        if self.conn is not None:
+            self.conn.abort()
 
     def close(self) -> None:
         if self._heartbeat is not None:
-            self._heartbeat.cancel()
+            self._heartbeat.stop()
         if self.conn is not None:
             self.conn.close()
 
@@ -87,6 +94,8 @@ class CoordinatorClient:
 
     def on_frame(self, conn: FrameConnection, frame: Frame) -> None:
         if frame.kind == FrameKind.HEARTBEAT:
+            if self._heartbeat is not None:
+                self._heartbeat.on_frame(frame.meta)
             return
         meta = frame.meta
         if frame.kind != FrameKind.CONTROL or not isinstance(meta, dict):
@@ -102,6 +111,8 @@ class CoordinatorClient:
             raise ProtocolError(f"unknown control message {t!r}")
 
     def on_lost(self, conn: FrameConnection, exc: CollnetError) -> None:
+        if self._heartbeat is not None:
+            self._heartbeat.stop()
         err = DaemonUnavailable(f"lost the coordinator: {exc.message}")
         for fut in self._pending.values():
             if not fut.done():

@@ -11,19 +11,23 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from collnet.errors import CollnetError, ProtocolError
 from collnet.membership import CoordinatorState, PeerInfo, Push, Reply
 from collnet.membership.coordinator import Effect
+from collnet.membership.liveness import Liveness
 from collnet.transport.connection import FrameConnection
+from collnet.transport.heartbeat import Heartbeat
 from collnet.wire import Frame, FrameKind, Header, Limits
 
 log = logging.getLogger(__name__)
 
 
 class CoordinatorService:
-    def __init__(self) -> None:
+    def __init__(self, liveness: Callable[[], Liveness] = Liveness) -> None:
+        self.liveness = liveness
         self.state = CoordinatorState()
         self.conns: dict[str, FrameConnection] = {}
         self._server: asyncio.Server | None = None
@@ -66,13 +70,17 @@ class _PeerSession:
     def __init__(self, service: CoordinatorService) -> None:
         self.service = service
         self.peer_id: str | None = None
+        self.heartbeat: Heartbeat | None = None
 
     def payload_sink(self, conn: FrameConnection, header: Header, meta: Any) -> memoryview | None:
         raise ProtocolError("control frames carry no payload")
 
     def on_frame(self, conn: FrameConnection, frame: Frame) -> None:
         if frame.kind == FrameKind.HEARTBEAT:
-            conn.send(FrameKind.HEARTBEAT, {})
+            if self.heartbeat is not None:
+                self.heartbeat.on_frame(frame.meta)
+            elif isinstance(frame.meta, dict) and isinstance(frame.meta.get("ping"), int):
+                conn.send(FrameKind.HEARTBEAT, {"pong": frame.meta["ping"]})
             return
         meta = frame.meta
         if frame.kind != FrameKind.CONTROL or not isinstance(meta, dict):
@@ -105,6 +113,13 @@ class _PeerSession:
             self.peer_id = peer.id
             self.service.conns[peer.id] = conn
             conn.label = peer.id
+            self.heartbeat = Heartbeat(
+                lambda meta: conn.send(FrameKind.HEARTBEAT, meta),
+                lambda: conn.bytes_received,
+                lambda silent_s: self._silent(conn, silent_s),
+                self.service.liveness(),
+            )
+            self.heartbeat.start()
             log.info("peer %s registered (data %s:%d), pending", peer.id, peer.host, peer.port)
             return {"world": state.world().to_wire()}
         if self.peer_id is None:
@@ -125,7 +140,14 @@ class _PeerSession:
             return {}
         raise ProtocolError(f"unknown control message {t!r}")
 
+    def _silent(self, conn: FrameConnection, silent_s: float) -> None:
+        # A frozen or cut-off peer: no socket error will ever come, so end it here.
+        self._drop(f"silent for {silent_s:.1f}s (heartbeat timeout)")
+        conn.abort()
+
     def _drop(self, why: str) -> None:
+        if self.heartbeat is not None:
+            self.heartbeat.stop()
         if self.peer_id is None:
             return
         peer, self.peer_id = self.peer_id, None

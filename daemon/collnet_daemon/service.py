@@ -68,11 +68,16 @@ class Daemon:
         self.router = Router(config.max_early_bytes)
         self.router.on_peer_lost = self._on_link_lost
         self.mesh = Mesh(
-            self.id, config.connections, self.router, connect_timeout_s=config.connect_timeout_s
+            self.id,
+            config.connections,
+            self.router,
+            connect_timeout_s=config.connect_timeout_s,
+            liveness=config.liveness,
         )
-        self.coord = CoordinatorClient(self._on_world_push)
+        self.coord = CoordinatorClient(self._on_world_push, config.liveness)
         self.ipc = IpcServer(config.ipc, self.handle)
         self.world = WorldView(0, ())
+        self.worlds: dict[int, WorldView] = {}
         self.data_addr: tuple[str, int] = ("", 0)
         self.buffers: dict[str, SharedBuffer] = {}
         self.stopped = asyncio.Event()
@@ -88,7 +93,7 @@ class Daemon:
         self.data_addr = (self.config.advertise_host or host, port)
         await self.coord.connect(*self.config.coordinator)
         reply = await self.coord.call("register", peer=PeerInfo(self.id, *self.data_addr).to_wire())
-        self.world = WorldView.from_wire(reply["world"])
+        self._set_world(WorldView.from_wire(reply["world"]))
         self.ipc.start()
         assert self.coord.lost is not None
         self.coord.lost.add_done_callback(lambda f: self._coordinator_lost(f.result()))
@@ -108,6 +113,14 @@ class Daemon:
         await asyncio.shield(self._stopping)
 
     async def _stop(self, leave: bool) -> None:
+        if leave and self.router.runs:
+            # A graceful leave lets the collectives this peer is part of finish
+            # (new ones are refused from now on), so none fails because of it.
+            log.info(
+                "daemon %s: draining %d collectives before leaving", self.id, len(self.router.runs)
+            )
+            futures = [run.future for run in self.router.runs.values()]
+            await asyncio.wait(futures, timeout=self.config.drain_timeout_s)
         if leave:
             try:
                 await self.coord.call("leave", timeout_s=2.0)
@@ -147,6 +160,13 @@ class Daemon:
             return
         gone = set(self.world.ids) - set(world.ids)
         self.world = world
+        self.worlds[world.epoch] = world
+        while len(self.worlds) > 64:
+            del self.worlds[min(self.worlds)]
+        if gone:
+            # A frozen peer gives no socket error: the coordinator's verdict is what
+            # ends the collectives waiting on it.
+            self.router.members_gone(gone, f"removed from the world at epoch {world.epoch}")
         for peer in gone:
             self.mesh.drop(peer, "left the world")
         if self.id in world.ids:
@@ -259,10 +279,24 @@ class Daemon:
                     link.send_control(FrameKind.ABORT, [key[0], key[1], exc.to_wire()])
 
     async def all_reduce(self, req: dict[str, Any]) -> None:
+        if self._stopping is not None:
+            raise DaemonUnavailable(f"daemon {self.id} is leaving")
         tag = req.get("tag")
         if not isinstance(tag, int | str) or isinstance(tag, bool):
             raise InvalidArgument("all_reduce needs an int or str 'tag'")
         world = self.world
+        epoch = req.get("epoch", world.epoch)
+        if not isinstance(epoch, int) or epoch > world.epoch:
+            raise InvalidArgument(f"bad epoch {epoch!r} (this daemon is at {world.epoch})")
+        if epoch < world.epoch:
+            then = self.worlds.get(epoch)
+            gone = sorted(set(then.ids) - set(world.ids)) if then is not None else []
+            raise PeerLost(
+                f"the world changed since epoch {epoch} (now {world.epoch}; lost {gone}): "
+                "call update_topology, then retry",
+                peer=gone[0] if gone else None,
+                epoch=epoch,
+            )
         rank = world.rank_of(self.id)
         if rank is None:
             raise InvalidArgument(

@@ -20,11 +20,12 @@ from cluster_harness import (
     Peers,
     assert_bit_identical,
     assert_matches_reference,
+    fresh_tag,
     peer_inputs,
     running_peers,
     wait_until,
 )
-from collnet_client import Comm
+from collnet_client import Comm, PeerLost
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -45,6 +46,18 @@ def _check_all_reduce(comms: list[Comm], peers: Peers) -> None:
         results = view.all_reduce(inputs, op="sum", algo=algo)
         assert_matches_reference(results, inputs, "sum")
         assert_bit_identical(results)
+
+
+def _survivors_move_to_the_new_epoch(survivors: list[Comm], peers: Peers, gone: str) -> None:
+    """Collectives run in the epoch a trainer agreed to at update_topology: one
+    issued in the old epoch fails at once with PeerLost naming who left, and after
+    update_topology (every outer step of a training loop) the survivors carry on."""
+    with pytest.raises(PeerLost, match="update_topology") as info:
+        survivors[0].all_reduce(np.ones(4, np.float32), tag=fresh_tag(), timeout_s=5.0)
+    assert info.value.peer == gone
+    view = Peers(peers.cluster, list(survivors))
+    assert {w.size for w in view.sync_world()} == {len(survivors)}
+    _check_all_reduce(survivors, peers)
 
 
 def _add_joiner(peers: Peers, peer_id: str | None = None) -> tuple[str, Comm]:
@@ -132,8 +145,7 @@ def test_sigterm_makes_a_daemon_leave_gracefully_and_exit_zero(tmp_path: Path) -
         log = (peers.cluster.workdir / f"daemon{leaver.index}.log").read_text()
         assert "could not announce leave" not in log
 
-        # A graceful leave costs no failed collective: the survivors carry on.
-        _check_all_reduce(survivors, peers)
+        _survivors_move_to_the_new_epoch(survivors, peers, leaver.peer_id)
 
 
 def test_client_leave_removes_the_peer_from_the_world(tmp_path: Path) -> None:
@@ -148,7 +160,7 @@ def test_client_leave_removes_the_peer_from_the_world(tmp_path: Path) -> None:
         survivors = peers.comms[:2]
         for comm in survivors:
             wait_until(lambda c=comm: leaver.peer_id not in c.world.peers, 5.0, "the leave to show")
-        _check_all_reduce(survivors, peers)
+        _survivors_move_to_the_new_epoch(survivors, peers, leaver.peer_id)
 
 
 def update_topology_in_background(comm: Comm) -> Future[collnet_client.World]:
