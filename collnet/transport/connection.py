@@ -19,7 +19,7 @@ import logging
 import socket
 from typing import Any, Protocol
 
-from collnet.errors import CollnetError, PeerLost, ProtocolError
+from collnet.errors import AuthError, CollnetError, PeerLost, ProtocolError
 from collnet.wire import Frame, FrameKind, FrameReader, Header, Limits, encode_frame
 
 log = logging.getLogger(__name__)
@@ -152,7 +152,10 @@ class FrameConnection(asyncio.BufferedProtocol):
         if not self._lost_reported:
             log.warning("connection %s (%s): %s: %s", self.label, self.peername, exc.kind, exc)
         self._report_lost(exc)
-        self.abort()
+        if isinstance(exc, AuthError):
+            self.close()  # flush our last handshake frame so the far side sees the mismatch too
+        else:
+            self.abort()
 
     def _report_lost(self, exc: CollnetError) -> None:
         if self._lost_reported:

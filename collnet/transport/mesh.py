@@ -2,10 +2,13 @@
 
 Exactly one side dials each pair (the peer whose id sorts first), so two
 peers that need each other at the same moment never build two links. The
-dialler opens K connections and sends ``HELLO {peer, conn, k}`` on each; the
-acceptor answers ``HELLO {peer}`` and attaches the connection to its link for
-that peer. A connection whose first frame is not a valid HELLO is closed; it
-can send nothing else before that.
+dialler opens K connections and sends ``HELLO {peer, conn, k, nonce}`` on
+each; the acceptor answers ``HELLO {peer, nonce, proof}``; the dialler checks
+the proof and answers ``HELLO {proof}`` (see ``collnet.membership.auth``), and
+only then does the acceptor attach the connection to its link for that peer.
+With no shared secret configured, nonces and proofs are left out and only
+loopback peers are accepted. A connection whose frames are not this handshake
+is closed; it can send nothing else before it completes.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from functools import partial
 from typing import Any
 
 from collnet.errors import CollnetError, PeerLost, ProtocolError
+from collnet.membership import auth
 from collnet.membership.liveness import Liveness
 from collnet.transport.connection import FrameConnection
 from collnet.transport.link import LinkRouter, PeerLink
@@ -37,11 +41,20 @@ def _hello_fields(meta: Any) -> tuple[str, int, int]:
 
 
 class _Handshake:
-    """Handler of a connection until its HELLO has been exchanged."""
+    """Handler of a connection until its handshake is complete.
+
+    Dialling side: sends HELLO, checks the acceptor's answer (and its proof of
+    the shared secret), sends its own proof, then the link is usable. Accepting
+    side: answers the HELLO and attaches the connection once the dialler has
+    proven the secret (or at once, for loopback peers when no secret is set).
+    """
 
     def __init__(self, mesh: Mesh, dialled: asyncio.Future[None] | None = None) -> None:
         self.mesh = mesh
         self.dialled = dialled
+        self.initiator = auth.Initiator(mesh.secret) if dialled is not None else None
+        self.responder: auth.Responder | None = None
+        self.hello: tuple[str, int, int] | None = None
 
     def payload_sink(self, conn: FrameConnection, header: Header, meta: Any) -> memoryview | None:
         raise ProtocolError(f"{header.kind.name} frame with payload before handshake")
@@ -49,12 +62,27 @@ class _Handshake:
     def on_frame(self, conn: FrameConnection, frame: Frame) -> None:
         if frame.kind != FrameKind.HELLO:
             raise ProtocolError(f"expected HELLO, got {frame.kind.name}")
-        if self.dialled is not None:  # the acceptor's answer
-            if not self.dialled.done():
+        if self.initiator is not None:  # the acceptor's answer
+            final, verdict = self.initiator.on_answer(frame.meta, f"peer at {conn.peername}")
+            if final is not None:
+                conn.send(FrameKind.HELLO, final)
+            if verdict is not None:
+                raise verdict
+            if self.dialled is not None and not self.dialled.done():
                 self.dialled.set_result(None)
             return
-        peer, index, k = _hello_fields(frame.meta)
-        self.mesh._accept(peer, index, k, conn)
+        if self.hello is None:
+            self.hello = _hello_fields(frame.meta)
+            self.responder = auth.Responder(self.mesh.secret, (conn.peername or ("?",))[0])
+            who = f"peer {self.hello[0]!r} from {conn.peername}"
+            answer, done = self.responder.on_hello(frame.meta, who)
+            conn.send(FrameKind.HELLO, {"peer": self.mesh.self_id, **answer})
+        else:
+            assert self.responder is not None
+            self.responder.on_proof(frame.meta, f"peer {self.hello[0]!r} from {conn.peername}")
+            done = True
+        if done:
+            self.mesh._accept(*self.hello, conn)
 
     def on_lost(self, conn: FrameConnection, exc: CollnetError) -> None:
         if self.dialled is not None and not self.dialled.done():
@@ -72,6 +100,7 @@ class Mesh:
         limits: Limits | None = None,
         connect_timeout_s: float = 10.0,
         liveness: Callable[[], Liveness] = Liveness,
+        secret: bytes | None = None,
     ) -> None:
         self.self_id = self_id
         self.k = connections
@@ -79,6 +108,7 @@ class Mesh:
         self.limits = limits or Limits()
         self.connect_timeout_s = connect_timeout_s
         self.liveness = liveness
+        self.secret = secret
         self.links: dict[str, PeerLink] = {}
         self._dialling: dict[str, asyncio.Task[PeerLink]] = {}
         self._server: asyncio.Server | None = None
@@ -149,7 +179,9 @@ class Mesh:
                         addr[0],
                         addr[1],
                     )
-                    conn.send(FrameKind.HELLO, {"peer": self.self_id, "conn": index, "k": self.k})
+                    assert handshake.initiator is not None
+                    hello = {"peer": self.self_id, "conn": index, "k": self.k}
+                    conn.send(FrameKind.HELLO, handshake.initiator.hello(hello))
                     answers.append((index, conn, answer))
                 for index, conn, answer in answers:
                     await answer
@@ -166,7 +198,6 @@ class Mesh:
         link = self.links.get(peer)
         if link is None or link.failed:
             link = self.links[peer] = PeerLink(peer, self.k, self.router, self.liveness())
-        conn.send(FrameKind.HELLO, {"peer": self.self_id})
         link.attach(index, conn)
 
     def drop(self, peer: str, reason: str = "dropped") -> None:

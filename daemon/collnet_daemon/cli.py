@@ -34,6 +34,32 @@ async def _until_signalled() -> None:
     await stop.wait()
 
 
+def _read_secret(path: str | None, role: str) -> bytes | None:
+    """The shared secret from a file (never from the command line itself)."""
+    if not path:
+        log.warning(
+            "%s: no shared secret (--secret-file / COLLNET_SECRET_FILE): "
+            "accepting loopback peers only",
+            role,
+        )
+        return None
+    try:
+        secret = Path(path).read_bytes().strip()
+    except OSError as exc:
+        raise click.BadParameter(f"cannot read secret file {path}: {exc}") from None
+    if len(secret) < 16:
+        raise click.BadParameter(f"secret in {path} is shorter than 16 bytes")
+    return secret
+
+
+_secret_option = click.option(
+    "--secret-file",
+    envvar="COLLNET_SECRET_FILE",
+    default=None,
+    help="File holding the shared secret peers must prove (HMAC). Env: COLLNET_SECRET_FILE.",
+)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option(
     "--log-level",
@@ -59,11 +85,13 @@ def main(ctx: click.Context, log_level: str, log_json: bool) -> None:
     help="Smallest silence that declares a peer dead (the timeout adapts to RTT).",
 )
 @click.option("--heartbeat-ceiling-s", default=10.0, show_default=True, type=click.FloatRange(0.05))
+@_secret_option
 @click.option("--ready-file", hidden=True, help="Write the bound address here once listening.")
 @click.pass_context
 def coordinator(
     ctx: click.Context,
     listen: str,
+    secret_file: str | None,
     heartbeat_interval_s: float,
     heartbeat_floor_s: float,
     heartbeat_ceiling_s: float,
@@ -78,8 +106,10 @@ def coordinator(
     def liveness() -> Liveness:
         return Liveness(heartbeat_interval_s, heartbeat_floor_s, heartbeat_ceiling_s)
 
+    secret = _read_secret(secret_file, "coordinator")
+
     async def run() -> None:
-        service = CoordinatorService(liveness)
+        service = CoordinatorService(liveness, secret)
         host, port = await service.start(*parse_hostport(listen))
         _write_ready(ready_file, address=f"{host}:{port}")
         await _until_signalled()
@@ -129,6 +159,7 @@ def coordinator(
     help="Smallest silence that declares a peer dead (the timeout adapts to RTT).",
 )
 @click.option("--heartbeat-ceiling-s", default=10.0, show_default=True, type=click.FloatRange(0.05))
+@_secret_option
 @click.option("--peer-id", default=None, help="Stable id of this peer (default: random).")
 @click.option("--ready-file", hidden=True)
 @click.pass_context
@@ -144,6 +175,7 @@ def daemon(
     heartbeat_interval_s: float,
     heartbeat_floor_s: float,
     heartbeat_ceiling_s: float,
+    secret_file: str | None,
     peer_id: str | None,
     ready_file: str | None,
 ) -> None:
@@ -165,6 +197,7 @@ def daemon(
     if peer_id:
         config.peer_id = peer_id
     setup_logging(ctx.obj["log_level"], ctx.obj["log_json"], f"daemon[{config.peer_id}]")
+    config.secret = _read_secret(secret_file, f"daemon {config.peer_id}")
 
     async def run() -> int:
         d = Daemon(config)
@@ -222,3 +255,64 @@ def up(
         as_json=as_json,
     )
     sys.exit(0 if ok else 1)
+
+
+@main.command()
+@click.option("--peers", default=6, show_default=True, type=click.IntRange(2, 16))
+@click.option("--duration", default="60s", show_default=True, help="e.g. 60s, 2m, 500ms")
+@click.option("--seed", default=None, type=int, help="Seed of the chaos driver (default: random).")
+@click.option(
+    "--kill-every", default="3s", show_default=True, help="Mean interval between disturbances."
+)
+@click.option("--size", default="1MiB", show_default=True, help="Tensor size per all-reduce.")
+@click.option("--connections", default=2, show_default=True, type=click.IntRange(1, 64))
+@click.option(
+    "--call-timeout", default="20s", show_default=True, help="Deadline of every call (a hang)."
+)
+@click.option(
+    "--quantized/--no-quantized", default=True, show_default=True, help="Every 4th round in uint8."
+)
+@click.option("--keep-logs", is_flag=True, help="Keep the cluster's logs (kept anyway on failure).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.pass_context
+def chaos(
+    ctx: click.Context,
+    peers: int,
+    duration: str,
+    seed: int | None,
+    kill_every: str,
+    size: str,
+    connections: int,
+    call_timeout: str,
+    quantized: bool,
+    keep_logs: bool,
+    as_json: bool,
+) -> None:
+    """Checked all-reduces on a local cluster while peers are killed, frozen, added."""
+    from collnet_daemon import chaos as chaos_mod
+    from collnet_daemon.localcluster import parse_size
+
+    setup_logging(
+        "warning" if ctx.obj["log_level"] == "info" else ctx.obj["log_level"],
+        ctx.obj["log_json"],
+        "chaos",
+    )
+    try:
+        cfg = chaos_mod.ChaosConfig(
+            peers=peers,
+            duration_s=chaos_mod.parse_duration(duration),
+            seed=seed,
+            kill_every_s=chaos_mod.parse_duration(kill_every),
+            nbytes=parse_size(size),
+            connections=connections,
+            call_timeout_s=chaos_mod.parse_duration(call_timeout),
+            quantized=quantized,
+            keep_logs=keep_logs,
+        )
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+    if cfg.nbytes < 64 or cfg.nbytes % 4:
+        raise click.BadParameter(f"--size must be a multiple of 4 bytes, at least 64 ({size})")
+    if cfg.kill_every_s <= 0:
+        raise click.BadParameter("--kill-every must be positive")
+    sys.exit(chaos_mod.main(cfg, as_json))

@@ -39,6 +39,7 @@ class DaemonConfig:
     heartbeat_floor_s: float = 2.0
     heartbeat_ceiling_s: float = 10.0
     peer_id: str = field(default_factory=default_peer_id)
+    secret: bytes | None = field(default=None, repr=False)
 
     def liveness(self) -> Liveness:
         """A fresh failure detector with this daemon's heartbeat settings."""

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 from collnet.errors import CollnetError, DaemonUnavailable, ProtocolError
-from collnet.membership import WorldView
+from collnet.membership import WorldView, auth
 from collnet.membership.liveness import Liveness
 from collnet.transport.connection import FrameConnection
 from collnet.transport.heartbeat import Heartbeat
@@ -28,10 +28,15 @@ class CoordinatorClient:
     """RPC over one control connection; see the module docstring."""
 
     def __init__(
-        self, on_world: Callable[[WorldView], None], liveness: Callable[[], Liveness] = Liveness
+        self,
+        on_world: Callable[[WorldView], None],
+        liveness: Callable[[], Liveness] = Liveness,
+        secret: bytes | None = None,
     ) -> None:
         self.on_world = on_world
         self.liveness = liveness
+        self._initiator = auth.Initiator(secret)
+        self._answered: asyncio.Future[None] | None = None
         self.conn: FrameConnection | None = None
         self.lost: asyncio.Future[CollnetError] | None = None
         self._pending: dict[int, asyncio.Future[dict[str, Any]]] = {}
@@ -53,6 +58,19 @@ class CoordinatorClient:
         except (OSError, TimeoutError) as exc:
             raise DaemonUnavailable(f"cannot reach coordinator {host}:{port}: {exc}") from None
         conn = self.conn
+        # The handshake first: nothing else is accepted before it completes.
+        self._answered = loop.create_future()
+        conn.send(FrameKind.HELLO, self._initiator.hello({}))
+        try:
+            await asyncio.wait_for(asyncio.shield(self._answered), timeout_s)
+        except TimeoutError:
+            conn.abort()
+            raise DaemonUnavailable(f"coordinator {host}:{port} did not answer HELLO") from None
+        except CollnetError as exc:
+            conn.abort()
+            raise DaemonUnavailable(
+                f"handshake with coordinator {host}:{port} failed: {exc}"
+            ) from exc
         self._heartbeat = Heartbeat(
             lambda meta: conn.send(FrameKind.HEARTBEAT, meta),
             lambda: conn.bytes_received,
@@ -93,6 +111,18 @@ class CoordinatorClient:
         raise ProtocolError("the coordinator sent a payload")
 
     def on_frame(self, conn: FrameConnection, frame: Frame) -> None:
+        if frame.kind == FrameKind.HELLO and self._answered is not None:
+            if self._answered.done():
+                raise ProtocolError("the coordinator sent a second HELLO")
+            final, verdict = self._initiator.on_answer(frame.meta, "the coordinator")
+            if final is not None:
+                conn.send(FrameKind.HELLO, final)
+            if verdict is not None:
+                log.error("handshake with the coordinator failed: %s", verdict)
+                self._answered.set_exception(verdict)
+                raise verdict
+            self._answered.set_result(None)
+            return
         if frame.kind == FrameKind.HEARTBEAT:
             if self._heartbeat is not None:
                 self._heartbeat.on_frame(frame.meta)
@@ -113,6 +143,8 @@ class CoordinatorClient:
     def on_lost(self, conn: FrameConnection, exc: CollnetError) -> None:
         if self._heartbeat is not None:
             self._heartbeat.stop()
+        if self._answered is not None and not self._answered.done():
+            self._answered.set_exception(exc)
         err = DaemonUnavailable(f"lost the coordinator: {exc.message}")
         for fut in self._pending.values():
             if not fut.done():

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 from collnet.errors import CollnetError, ProtocolError
-from collnet.membership import CoordinatorState, PeerInfo, Push, Reply
+from collnet.membership import CoordinatorState, PeerInfo, Push, Reply, auth
 from collnet.membership.coordinator import Effect
 from collnet.membership.liveness import Liveness
 from collnet.transport.connection import FrameConnection
@@ -26,8 +26,11 @@ log = logging.getLogger(__name__)
 
 
 class CoordinatorService:
-    def __init__(self, liveness: Callable[[], Liveness] = Liveness) -> None:
+    def __init__(
+        self, liveness: Callable[[], Liveness] = Liveness, secret: bytes | None = None
+    ) -> None:
         self.liveness = liveness
+        self.secret = secret
         self.state = CoordinatorState()
         self.conns: dict[str, FrameConnection] = {}
         self._server: asyncio.Server | None = None
@@ -71,11 +74,16 @@ class _PeerSession:
         self.service = service
         self.peer_id: str | None = None
         self.heartbeat: Heartbeat | None = None
+        self.responder: auth.Responder | None = None
+        self.authenticated = False
 
     def payload_sink(self, conn: FrameConnection, header: Header, meta: Any) -> memoryview | None:
         raise ProtocolError("control frames carry no payload")
 
     def on_frame(self, conn: FrameConnection, frame: Frame) -> None:
+        if not self.authenticated:
+            self._handshake(conn, frame)
+            return
         if frame.kind == FrameKind.HEARTBEAT:
             if self.heartbeat is not None:
                 self.heartbeat.on_frame(frame.meta)
@@ -99,6 +107,19 @@ class _PeerSession:
             return
         if result is not None:
             conn.send(FrameKind.CONTROL, {"t": "reply", "id": rid, "ok": True, **result})
+
+    def _handshake(self, conn: FrameConnection, frame: Frame) -> None:
+        # An unauthenticated connection may send nothing but this handshake.
+        if frame.kind != FrameKind.HELLO or not isinstance(frame.meta, dict):
+            raise ProtocolError(f"expected HELLO, got {frame.kind.name}")
+        who = f"peer at {conn.peername}"
+        if self.responder is None:
+            self.responder = auth.Responder(self.service.secret, (conn.peername or ("?",))[0])
+            answer, self.authenticated = self.responder.on_hello(frame.meta, who)
+            conn.send(FrameKind.HELLO, answer)
+        else:
+            self.responder.on_proof(frame.meta, who)
+            self.authenticated = True
 
     def _handle(
         self, conn: FrameConnection, meta: dict[str, Any], rid: int

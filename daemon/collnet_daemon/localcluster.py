@@ -55,6 +55,8 @@ class LocalCluster:
     peers: int = 4
     connections: int = 4
     extra_args: list[str] = field(default_factory=list)
+    # Passed to the coordinator and every daemon as --secret-file.
+    secret_file: Path | None = None
     log_level: str = "warning"
     workdir: Path | None = None
     # A workdir this cluster made itself is removed by stop() unless kept.
@@ -69,11 +71,15 @@ class LocalCluster:
         if self.workdir is None:
             self.workdir = Path(tempfile.mkdtemp(prefix="collnet-"))
             self._own_workdir = True
+        self.workdir.mkdir(parents=True, exist_ok=True)
 
     @property
     def dir(self) -> Path:
         assert self.workdir is not None
         return self.workdir
+
+    def _secret(self) -> list[str]:
+        return ["--secret-file", str(self.secret_file)] if self.secret_file else []
 
     def _spawn(self, args: list[str], log_name: str) -> subprocess.Popen[bytes]:
         logf = open(self.dir / log_name, "wb")  # noqa: SIM115 - owned by the child
@@ -103,7 +109,7 @@ class LocalCluster:
     def start(self) -> LocalCluster:
         ready = self.dir / "coordinator.ready"
         self.coordinator = self._spawn(
-            ["coordinator", "--listen", "127.0.0.1:0", "--ready-file", str(ready)],
+            ["coordinator", "--listen", "127.0.0.1:0", "--ready-file", str(ready), *self._secret()],
             "coordinator.log",
         )
         self.coordinator_addr = self._await_ready(ready, self.coordinator, "coordinator")["address"]
@@ -129,6 +135,7 @@ class LocalCluster:
                 f"peer{i:02d}",
                 "--ready-file",
                 str(ready),
+                *self._secret(),
                 *self.extra_args,
             ],
             f"daemon{i}.log",

@@ -73,8 +73,9 @@ class Daemon:
             self.router,
             connect_timeout_s=config.connect_timeout_s,
             liveness=config.liveness,
+            secret=config.secret,
         )
-        self.coord = CoordinatorClient(self._on_world_push, config.liveness)
+        self.coord = CoordinatorClient(self._on_world_push, config.liveness, config.secret)
         self.ipc = IpcServer(config.ipc, self.handle)
         self.world = WorldView(0, ())
         self.worlds: dict[int, WorldView] = {}

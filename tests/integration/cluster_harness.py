@@ -138,11 +138,20 @@ class Peers:
 
 
 def start_peers(
-    n: int, workdir: Path, connections: int = 2, extra_args: Sequence[str] = (), admit: bool = True
+    n: int,
+    workdir: Path,
+    connections: int = 2,
+    extra_args: Sequence[str] = (),
+    admit: bool = True,
+    secret_file: Path | None = None,
 ) -> Peers:
     """Start a coordinator and ``n`` daemons; connect to each; admit them all if ``admit``."""
     cluster = LocalCluster(
-        peers=n, connections=connections, extra_args=list(extra_args), workdir=workdir
+        peers=n,
+        connections=connections,
+        extra_args=list(extra_args),
+        workdir=workdir,
+        secret_file=secret_file,
     )
     LIVE_CLUSTERS.append(cluster)
     peers = Peers(cluster)

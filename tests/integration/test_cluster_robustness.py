@@ -264,7 +264,7 @@ def test_bad_frames_on_the_coordinator_port_close_only_that_connection(
 def test_peer_registering_then_sending_garbage_leaves_no_pending_member(peers: Peers) -> None:
     log = _coordinator_log(peers)
     since = log_size(log)
-    register = frame_bytes(
+    register = frame_bytes(FrameKind.HELLO, {}) + frame_bytes(
         FrameKind.CONTROL, {"t": "register", "id": 1, "peer": ["ghost", "127.0.0.1", 1]}
     )
     received, port = _send_raw(peers.cluster.coordinator_addr, register + GARBAGE)
@@ -272,6 +272,19 @@ def test_peer_registering_then_sending_garbage_leaves_no_pending_member(peers: P
     assert replies and replies[0]["ok"] is True and "ghost" in replies[0]["world"]["pending"]
     wait_for_log(log, ["ProtocolError", str(port)], since=since)
     assert "ghost" not in peers.comms[0].world.pending
+    _world_still_works(peers)
+
+
+def test_coordinator_refuses_requests_before_the_handshake(peers: Peers) -> None:
+    log = _coordinator_log(peers)
+    since = log_size(log)
+    register = frame_bytes(
+        FrameKind.CONTROL, {"t": "register", "id": 1, "peer": ["sneaky", "127.0.0.1", 1]}
+    )
+    received, port = _send_raw(peers.cluster.coordinator_addr, register)
+    assert not [f for f in _frames(received) if f.kind == FrameKind.CONTROL]
+    wait_for_log(log, ["ProtocolError", "expected HELLO", str(port)], since=since)
+    assert "sneaky" not in peers.comms[0].world.pending
     _world_still_works(peers)
 
 
