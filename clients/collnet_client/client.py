@@ -83,7 +83,14 @@ class Handle:
     def wait(self, timeout_s: float | None = None) -> npt.NDArray[Any]:
         staging, self._staging = self._staging, None
         try:
-            self._comm._wait_reply(self._rid, timeout_s)
+            try:
+                self._comm._wait_reply(self._rid, timeout_s)
+            except CollnetError as exc:
+                # A staged tensor is only written back on success: it still holds
+                # the caller's input, so a retry is correct as it stands.
+                if staging is not None:
+                    exc.fields["buffer_modified"] = False
+                raise
             if staging is not None:
                 view = staging[1][: self._result.nbytes].view(self._result.dtype)
                 np.copyto(self._result, view.reshape(self._result.shape))

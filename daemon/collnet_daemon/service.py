@@ -320,8 +320,15 @@ class Daemon:
         except TimeoutError:
             self.router.expire(run, timeout_s)
             raise Timeout(
-                f"all_reduce {key} timed out after {timeout_s:.1f}s", epoch=key[0], tag=tag
+                f"all_reduce {key} timed out after {timeout_s:.1f}s",
+                epoch=key[0],
+                tag=tag,
+                buffer_modified=True,
             ) from None
+        except CollnetError as exc:
+            # The schedule reduces in place: the tensor may hold partial sums now.
+            exc.fields["buffer_modified"] = True
+            raise
         # Sent payloads may be views of the caller's tensor: they must reach the
         # kernel before the caller may touch the tensor again.
         await asyncio.gather(*(link.drain() for link in links.values()), return_exceptions=True)

@@ -56,10 +56,12 @@ def _run_and_disturb(
         victim = p.cluster.daemons[2]
         comms = p.comms if victim_joins else [c for i, c in enumerate(p.comms) if i != 2]
         finished: list[float] = [0.0] * len(comms)
+        inputs: list[np.ndarray | None] = [None] * len(comms)
         started = threading.Event()
 
         def one(rank: int, comm: Comm) -> np.ndarray:
             buf = np.ones(n, np.float32)
+            inputs[rank] = buf
             started.set()
             try:
                 return comm.all_reduce(buf, algo="ring", tag="crash", timeout_s=60.0)
@@ -82,6 +84,14 @@ def _run_and_disturb(
         victim.proc.wait(10)
         _survivors_carry_on(survivors, epoch)
         kept = [o for i, o in enumerate(outcomes) if not (victim_joins and i == 2)]
+        # Plain arrays are staged and written back only on success: after a
+        # failure they still hold the input, so a retry is correct as it stands.
+        for i, o in enumerate(outcomes):
+            if victim_joins and i == 2:
+                continue
+            assert isinstance(o, PeerLost) and o.fields.get("buffer_modified") is False, o
+            buf = inputs[i]
+            assert buf is not None and np.all(buf == 1.0)
         delays = [f - t0 for i, f in enumerate(finished) if not (victim_joins and i == 2)]
         return delays, kept, victim.peer_id
 
