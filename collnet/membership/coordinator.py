@@ -55,6 +55,9 @@ class CoordinatorState:
     # peers admitted while not inside update_topology: they were pushed the
     # world, and their next update_topology returns it at once
     unannounced: set[str] = field(default_factory=set)
+    # members of a world adopted from a rejoining peer (after a coordinator
+    # restart) that have not reconnected yet
+    unconfirmed: set[str] = field(default_factory=set)
 
     def world(self) -> WorldView:
         return WorldView(self.epoch, tuple(self.active), tuple(self.pending))
@@ -67,6 +70,41 @@ class CoordinatorState:
             raise InvalidArgument(f"peer id {peer.id!r} is already registered")
         self.pending[peer.id] = peer
         return []
+
+    def rejoin(self, peer: PeerInfo, world: WorldView) -> tuple[bool, list[Effect]]:
+        """A daemon reconnects and reports the world it is a member of.
+
+        The coordinator keeps only soft state: after a restart, the first
+        member to reconnect hands it back the world (epoch and ring order), and
+        the others confirm it as they reconnect; ``expire_unconfirmed`` later
+        removes those that never do. A report that does not match the world
+        held here makes the daemon a plain (pending) registration. Returns
+        whether the peer is an active member again, and the effects.
+        """
+        if peer.id in self.pending or (self.is_known(peer.id) and peer.id not in self.unconfirmed):
+            raise InvalidArgument(f"peer id {peer.id!r} is already registered")
+        effects: list[Effect] = []
+        if peer.id in world.ids:
+            if not self.active and world.epoch >= self.epoch:
+                self.epoch = world.epoch
+                self.active = list(world.peers)
+                self.unconfirmed = set(world.ids) - {peer.id}
+                return True, []
+            if peer.id in self.unconfirmed and world.epoch == self.epoch:
+                self.unconfirmed.discard(peer.id)
+                return True, []
+        if peer.id in self.unconfirmed:
+            # It holds another world than the one recovered here: out of it first.
+            effects = self.lost(peer.id)
+        self.register(peer)
+        return False, effects
+
+    def expire_unconfirmed(self) -> list[Effect]:
+        """Members that never reconnected after a restart are lost."""
+        effects: list[Effect] = []
+        for peer_id in sorted(self.unconfirmed):
+            effects += self.lost(peer_id)
+        return effects
 
     def request_update(self, peer_id: str, request_id: int, known_epoch: int) -> list[Effect]:
         if not self.is_known(peer_id):
@@ -84,6 +122,7 @@ class CoordinatorState:
         """A peer died or left: remove it and tell the survivors."""
         self.waiting.pop(peer_id, None)
         self.unannounced.discard(peer_id)
+        self.unconfirmed.discard(peer_id)
         if self.pending.pop(peer_id, None) is not None:
             return []
         before = len(self.active)
@@ -103,7 +142,8 @@ class CoordinatorState:
     leave = lost
 
     def _maybe_advance(self) -> list[Effect]:
-        active_ids = [p.id for p in self.active]
+        # Members yet to reconnect after a restart cannot call: don't wait for them.
+        active_ids = [p.id for p in self.active if p.id not in self.unconfirmed]
         if active_ids and not all(pid in self.waiting for pid in active_ids):
             return []
         if not active_ids and not any(pid in self.waiting for pid in self.pending):

@@ -86,6 +86,13 @@ def main(ctx: click.Context, log_level: str, log_json: bool) -> None:
 )
 @click.option("--heartbeat-ceiling-s", default=10.0, show_default=True, type=click.FloatRange(0.05))
 @_secret_option
+@click.option(
+    "--rejoin-grace-s",
+    default=10.0,
+    show_default=True,
+    type=click.FloatRange(0.1),
+    help="After a restart, how long members of the recovered world have to reconnect.",
+)
 @click.option("--ready-file", hidden=True, help="Write the bound address here once listening.")
 @click.pass_context
 def coordinator(
@@ -95,9 +102,13 @@ def coordinator(
     heartbeat_interval_s: float,
     heartbeat_floor_s: float,
     heartbeat_ceiling_s: float,
+    rejoin_grace_s: float,
     ready_file: str | None,
 ) -> None:
-    """Run the membership coordinator (sees no tensor data)."""
+    """Run the membership coordinator (sees no tensor data).
+
+    Its state is soft: restarted (e.g. by a supervisor), it gets the world back
+    from the daemons as they reconnect."""
     from collnet.membership.liveness import Liveness
     from collnet_daemon.coordinator import CoordinatorService
 
@@ -109,7 +120,7 @@ def coordinator(
     secret = _read_secret(secret_file, "coordinator")
 
     async def run() -> None:
-        service = CoordinatorService(liveness, secret)
+        service = CoordinatorService(liveness, secret, rejoin_grace_s)
         host, port = await service.start(*parse_hostport(listen))
         _write_ready(ready_file, address=f"{host}:{port}")
         await _until_signalled()

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 from collnet.errors import CollnetError, ProtocolError
-from collnet.membership import CoordinatorState, PeerInfo, Push, Reply, auth
+from collnet.membership import CoordinatorState, PeerInfo, Push, Reply, WorldView, auth
 from collnet.membership.coordinator import Effect
 from collnet.membership.liveness import Liveness
 from collnet.transport.connection import FrameConnection
@@ -27,10 +27,14 @@ log = logging.getLogger(__name__)
 
 class CoordinatorService:
     def __init__(
-        self, liveness: Callable[[], Liveness] = Liveness, secret: bytes | None = None
+        self,
+        liveness: Callable[[], Liveness] = Liveness,
+        secret: bytes | None = None,
+        rejoin_grace_s: float = 10.0,
     ) -> None:
         self.liveness = liveness
         self.secret = secret
+        self.rejoin_grace_s = rejoin_grace_s
         self.state = CoordinatorState()
         self.conns: dict[str, FrameConnection] = {}
         self._server: asyncio.Server | None = None
@@ -53,6 +57,20 @@ class CoordinatorService:
             self._server.close()
         for conn in list(self.conns.values()):
             conn.close()
+
+    def adopted(self) -> None:
+        """A world was handed back by a rejoining member: give the others time."""
+        log.info(
+            "adopted epoch %d from a rejoining member; waiting %.1fs for the others",
+            self.state.epoch,
+            self.rejoin_grace_s,
+        )
+        asyncio.get_running_loop().call_later(self.rejoin_grace_s, self._expire_unconfirmed)
+
+    def _expire_unconfirmed(self) -> None:
+        if self.state.unconfirmed:
+            log.warning("members never reconnected: %s", sorted(self.state.unconfirmed))
+        self.perform(self.state.expire_unconfirmed())
 
     def perform(self, effects: list[Effect]) -> None:
         for eff in effects:
@@ -130,7 +148,17 @@ class _PeerSession:
             if self.peer_id is not None:
                 raise ProtocolError("register sent twice")
             peer = PeerInfo.from_wire(meta.get("peer"))
-            state.register(peer)
+            claimed = meta.get("world")
+            adopting = not state.active
+            if claimed is None:
+                state.register(peer)
+            else:
+                member, effects = state.rejoin(peer, WorldView.from_wire(claimed))
+                if member:
+                    log.info("peer %s rejoined at epoch %d", peer.id, state.epoch)
+                    if adopting:
+                        self.service.adopted()
+                self.service.perform(effects)
             self.peer_id = peer.id
             self.service.conns[peer.id] = conn
             conn.label = peer.id
@@ -141,7 +169,8 @@ class _PeerSession:
                 self.service.liveness(),
             )
             self.heartbeat.start()
-            log.info("peer %s registered (data %s:%d), pending", peer.id, peer.host, peer.port)
+            if peer.id in state.pending:
+                log.info("peer %s registered (data %s:%d), pending", peer.id, peer.host, peer.port)
             return {"world": state.world().to_wire()}
         if self.peer_id is None:
             raise ProtocolError(f"{t!r} before register")

@@ -55,6 +55,7 @@ class LocalCluster:
     peers: int = 4
     connections: int = 4
     extra_args: list[str] = field(default_factory=list)
+    coordinator_args: list[str] = field(default_factory=list)
     # Passed to the coordinator and every daemon as --secret-file.
     secret_file: Path | None = None
     log_level: str = "warning"
@@ -109,13 +110,42 @@ class LocalCluster:
     def start(self) -> LocalCluster:
         ready = self.dir / "coordinator.ready"
         self.coordinator = self._spawn(
-            ["coordinator", "--listen", "127.0.0.1:0", "--ready-file", str(ready), *self._secret()],
+            [
+                "coordinator",
+                "--listen",
+                "127.0.0.1:0",
+                "--ready-file",
+                str(ready),
+                *self._secret(),
+                *self.coordinator_args,
+            ],
             "coordinator.log",
         )
         self.coordinator_addr = self._await_ready(ready, self.coordinator, "coordinator")["address"]
         for _ in range(self.peers):
             self.add_daemon()
         return self
+
+    def restart_coordinator(self, sig: int = signal.SIGKILL) -> None:
+        """Kill the coordinator and start a new one on the same address."""
+        assert self.coordinator is not None
+        self.coordinator.send_signal(sig)
+        self.coordinator.wait(10)
+        ready = self.dir / "coordinator.ready"
+        ready.unlink(missing_ok=True)
+        self.coordinator = self._spawn(
+            [
+                "coordinator",
+                "--listen",
+                self.coordinator_addr,
+                "--ready-file",
+                str(ready),
+                *self._secret(),
+                *self.coordinator_args,
+            ],
+            "coordinator.log",
+        )
+        self._await_ready(ready, self.coordinator, "coordinator")
 
     def add_daemon(self) -> DaemonProc:
         i = self._next_index

@@ -92,12 +92,8 @@ class Daemon:
     async def start(self) -> None:
         host, port = await self.mesh.listen(*self.config.listen)
         self.data_addr = (self.config.advertise_host or host, port)
-        await self.coord.connect(*self.config.coordinator)
-        reply = await self.coord.call("register", peer=PeerInfo(self.id, *self.data_addr).to_wire())
-        self._set_world(WorldView.from_wire(reply["world"]))
+        await self._join_coordinator()
         self.ipc.start()
-        assert self.coord.lost is not None
-        self.coord.lost.add_done_callback(lambda f: self._coordinator_lost(f.result()))
         log.info(
             "daemon %s: data %s:%d, ipc %s, pending admission",
             self.id,
@@ -140,10 +136,44 @@ class Daemon:
             buf.close()
         self.buffers.clear()
 
+    async def _join_coordinator(self) -> None:
+        """Connect, authenticate and register; a member reports the world it holds,
+        which is how a restarted coordinator (soft state) gets the world back."""
+        coord = CoordinatorClient(self._on_world_push, self.config.liveness, self.config.secret)
+        await coord.connect(*self.config.coordinator)
+        fields: dict[str, Any] = {"peer": PeerInfo(self.id, *self.data_addr).to_wire()}
+        if self.id in self.world.ids:
+            fields["world"] = self.world.to_wire()
+        try:
+            reply = await coord.call("register", timeout_s=self.config.connect_timeout_s, **fields)
+        except BaseException:
+            coord.close()
+            raise
+        self.coord = coord
+        self._set_world(WorldView.from_wire(reply["world"]))
+        assert coord.lost is not None
+        coord.lost.add_done_callback(lambda f: self._coordinator_lost(f.result()))
+
     def _coordinator_lost(self, exc: CollnetError) -> None:
         if not self.stopped.is_set():
-            log.error("daemon %s: %s; shutting down", self.id, exc)
-            self._background(self.stop(leave=False))
+            # Collectives need no coordinator: keep serving them, and reconnect.
+            log.warning("daemon %s: %s; reconnecting", self.id, exc.message)
+            self._background(self._reconnect())
+
+    async def _reconnect(self) -> None:
+        delay_s = 0.2
+        while not self.stopped.is_set():
+            await asyncio.sleep(delay_s)
+            try:
+                await self._join_coordinator()
+            except (CollnetError, OSError, TimeoutError) as exc:
+                log.debug("daemon %s: coordinator still unreachable: %s", self.id, exc)
+                delay_s = min(2.0, delay_s * 2)
+                continue
+            log.info(
+                "daemon %s: reconnected to the coordinator (epoch %d)", self.id, self.world.epoch
+            )
+            return
 
     def _background(self, coro: Coroutine[Any, Any, Any]) -> None:
         task = asyncio.ensure_future(coro)

@@ -164,3 +164,39 @@ class MembershipMachine(RuleBasedStateMachine):
 
 TestMembershipMachine = MembershipMachine.TestCase
 TestMembershipMachine.settings = settings(max_examples=60, stateful_step_count=30, deadline=None)
+
+
+def test_restarted_coordinator_adopts_the_world_from_rejoining_members() -> None:
+    world = WorldView(7, (peer(0), peer(1), peer(2)))
+    s = CoordinatorState()
+    s.register(PeerInfo("newbie", "127.0.0.1", 1))  # a pending joiner does not block adoption
+    assert s.rejoin(peer(1), world) == (True, [])
+    assert s.world().epoch == 7 and s.world().ids == ("p0", "p1", "p2")
+    assert s.unconfirmed == {"p0", "p2"}
+    assert s.rejoin(peer(0), world) == (True, [])
+    # p2 never comes back: it is lost once the grace period ends
+    effects = s.expire_unconfirmed()
+    assert s.world().ids == ("p0", "p1") and s.world().epoch == 8
+    assert {e.peer for e in effects if isinstance(e, Push)} == {"p0", "p1"}
+    assert s.world().pending == ("newbie",)
+
+
+def test_rejoin_with_a_stale_or_foreign_world_is_a_plain_registration() -> None:
+    s = CoordinatorState()
+    s.rejoin(peer(0), WorldView(5, (peer(0), peer(1))))
+    # p1 reports an older epoch than the adopted one: it must rejoin as pending
+    member, effects = s.rejoin(peer(1), WorldView(4, (peer(0), peer(1))))
+    assert member is False and "p1" in s.world().pending
+    assert s.world().ids == ("p0",) and [e.peer for e in effects if isinstance(e, Push)] == ["p0"]
+    # a peer reporting a world it is not in is just a registration
+    assert s.rejoin(peer(3), WorldView(5, (peer(0),)))[0] is False
+    assert "p3" in s.world().pending
+    with pytest.raises(InvalidArgument):
+        s.rejoin(peer(0), WorldView(5, (peer(0), peer(1))))
+
+
+def test_barrier_does_not_wait_for_members_that_have_not_reconnected() -> None:
+    s = CoordinatorState()
+    s.rejoin(peer(0), WorldView(3, (peer(0), peer(1))))
+    got = replies(s.request_update("p0", 1, 3))
+    assert got["p0"].epoch == 3

@@ -1,0 +1,40 @@
+"""The coordinator keeps only soft state: killed and restarted, it loses no peer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from cluster_harness import assert_bit_identical, peer_inputs, running_peers, wait_until
+
+pytestmark = pytest.mark.timeout(90)
+
+
+def test_coordinator_killed_and_restarted_loses_no_peer_and_no_epoch(tmp_path: Path) -> None:
+    with running_peers(3, tmp_path) as p:
+        before = p.comms[0].world
+        cluster = p.cluster
+        cluster.restart_coordinator()
+        # Collectives need no coordinator: they go on while it is away and after.
+        inputs = peer_inputs(3, 5003, np.dtype(np.float32), "sum", seed=3)
+        assert_bit_identical(p.all_reduce(inputs, op="sum", algo="ring"))
+
+        def rebuilt() -> bool:
+            try:
+                w = p.comms[1].world
+            except Exception:
+                return False
+            return w.peers == before.peers
+
+        wait_until(rebuilt, 15.0, "the restarted coordinator to recover the world")
+        world = p.comms[2].world
+        assert world.epoch == before.epoch and world.peers == before.peers
+        assert all(d.proc.poll() is None for d in cluster.daemons)
+        # Membership works again: a joiner is admitted at the next update_topology.
+        joiner = cluster.add_daemon()
+        p.comms.append(p.connect(joiner.index))
+        worlds = p.sync_world()
+        assert {w.size for w in worlds} == {4} and {w.epoch for w in worlds} == {before.epoch + 1}
+        inputs = peer_inputs(4, 7919, np.dtype(np.float32), "sum", seed=5)
+        assert_bit_identical(p.all_reduce(inputs, op="sum"))
