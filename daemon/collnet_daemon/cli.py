@@ -8,7 +8,9 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import click
 import uvloop
@@ -52,6 +54,23 @@ def _read_secret(path: str | None, role: str) -> bytes | None:
     return secret
 
 
+def _heartbeat_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    """--heartbeat-interval-s / -floor-s / -ceiling-s, shared by coordinator and daemon."""
+    f = click.option(
+        "--heartbeat-ceiling-s", default=10.0, show_default=True, type=click.FloatRange(0.05)
+    )(f)
+    f = click.option(
+        "--heartbeat-floor-s",
+        default=2.0,
+        show_default=True,
+        type=click.FloatRange(0.05),
+        help="Smallest silence that declares a peer dead (the timeout adapts to RTT).",
+    )(f)
+    return click.option(
+        "--heartbeat-interval-s", default=0.5, show_default=True, type=click.FloatRange(0.01)
+    )(f)
+
+
 _secret_option = click.option(
     "--secret-file",
     envvar="COLLNET_SECRET_FILE",
@@ -76,15 +95,7 @@ def main(ctx: click.Context, log_level: str, log_json: bool) -> None:
 
 @main.command()
 @click.option("--listen", default="127.0.0.1:29400", show_default=True, help="HOST:PORT")
-@click.option("--heartbeat-interval-s", default=0.5, show_default=True, type=click.FloatRange(0.01))
-@click.option(
-    "--heartbeat-floor-s",
-    default=2.0,
-    show_default=True,
-    type=click.FloatRange(0.05),
-    help="Smallest silence that declares a peer dead (the timeout adapts to RTT).",
-)
-@click.option("--heartbeat-ceiling-s", default=10.0, show_default=True, type=click.FloatRange(0.05))
+@_heartbeat_options
 @_secret_option
 @click.option(
     "--rejoin-grace-s",
@@ -161,15 +172,7 @@ def coordinator(
     type=click.FloatRange(0.1),
     help="Deadline for dialling a peer and for an accepted connection's HELLO.",
 )
-@click.option("--heartbeat-interval-s", default=0.5, show_default=True, type=click.FloatRange(0.01))
-@click.option(
-    "--heartbeat-floor-s",
-    default=2.0,
-    show_default=True,
-    type=click.FloatRange(0.05),
-    help="Smallest silence that declares a peer dead (the timeout adapts to RTT).",
-)
-@click.option("--heartbeat-ceiling-s", default=10.0, show_default=True, type=click.FloatRange(0.05))
+@_heartbeat_options
 @_secret_option
 @click.option("--peer-id", default=None, help="Stable id of this peer (default: random).")
 @click.option("--ready-file", hidden=True)

@@ -15,7 +15,16 @@ import pytest
 import collnet
 
 PURE = ("wire", "codec", "algo", "membership", "state")
-FORBIDDEN_MODULES = {"asyncio", "socket", "zmq", "uvloop", "selectors", "subprocess", "threading"}
+FORBIDDEN_MODULES = {
+    "asyncio",
+    "socket",
+    "zmq",
+    "uvloop",
+    "selectors",
+    "subprocess",
+    "threading",
+    "os",
+}
 ROOT = Path(collnet.__file__).parent
 
 
