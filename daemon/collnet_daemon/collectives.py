@@ -68,6 +68,12 @@ class CollectiveRun:
         self.inbound: dict[tuple[int, int, int], _Inbound] = {}
         self.meta_head: list[Any] = [key[0], key[1], 0, 0, digest]
         self.started_s = time.monotonic()
+        # Pieces whose destination view was handed to a connection and that have
+        # not fully arrived, per sending peer: until they settle, the kernel may
+        # still write into the caller's tensor, even after this run has failed.
+        self.writing: dict[str, int] = {}
+        self.settled = asyncio.Event()
+        self.settled.set()
 
     @property
     def done(self) -> bool:
@@ -93,7 +99,20 @@ class CollectiveRun:
             slot = self.inbound[(src, step, chunk)] = _Inbound(view, total)
         if offset < 0 or offset + nbytes > total:
             raise ProtocolError(f"piece [{offset}, {offset + nbytes}) outside message of {total}")
+        peer = self.world.peers[src].id
+        self.writing[peer] = self.writing.get(peer, 0) + 1
+        self.settled.clear()
         return slot.view[offset : offset + nbytes]
+
+    def piece_done(self, peer: str, all_of_them: bool = False) -> None:
+        """A piece from ``peer`` fully arrived (or, ``all_of_them``, its link is gone)."""
+        left = 0 if all_of_them else self.writing.get(peer, 0) - 1
+        if left > 0:
+            self.writing[peer] = left
+        else:
+            self.writing.pop(peer, None)
+        if not self.writing:
+            self.settled.set()
 
     def received(self, src: int, step: int, chunk: int, nbytes: int) -> None:
         slot = self.inbound.get((src, step, chunk))
@@ -167,6 +186,8 @@ class Router:
         # start only if the sender is a member of that collective's world.
         self.early_aborts: OrderedDict[Key, tuple[str, CollnetError]] = OrderedDict()
         self.on_peer_lost: Callable[[str, CollnetError], None] | None = None
+        # Failed runs whose in-flight pieces have not settled yet.
+        self.settling: dict[Key, CollectiveRun] = {}
 
     # -- registry ----------------------------------------------------------
     def register(self, run: CollectiveRun) -> None:
@@ -201,6 +222,7 @@ class Router:
         try:
             view = run.sink(src, step, chunk, digest, offset, total, len(item.payload))
             view[:] = item.payload
+            run.piece_done(item.peer)
             run.received(src, step, chunk, len(item.payload))
         except CollnetError as exc:
             self.abort_everywhere(run, exc)
@@ -209,6 +231,8 @@ class Router:
         self.runs.pop(run.key, None)
         exc = run.future.exception() if run.future.done() and not run.future.cancelled() else None
         if isinstance(exc, CollnetError):
+            if not run.settled.is_set():
+                self.settling[run.key] = run
             self.failed[run.key] = exc
             while len(self.failed) > 4096:
                 self.failed.popitem(last=False)
@@ -261,10 +285,16 @@ class Router:
                 self.early.setdefault(key, []).append(item)
             return
         if run is None:
-            return  # a piece of a collective that finished or failed meanwhile
+            zombie = self.settling.get(key)
+            if zombie is not None:  # a late piece of a failed run has landed
+                zombie.piece_done(peer)
+                if zombie.settled.is_set():
+                    del self.settling[key]
+            return
         src = run.world.rank_of(peer)
         if src is None:
             return
+        run.piece_done(peer)
         try:
             run.received(src, step, chunk, len(payload))
         except CollnetError as exc:
@@ -296,6 +326,10 @@ class Router:
             raise ProtocolError(f"unexpected {frame.kind.name} frame on a data link")
 
     def on_link_lost(self, peer: str, exc: CollnetError) -> None:
+        # A closed link writes nothing more into anyone's buffers.
+        for run in [*self.runs.values(), *self.settling.values()]:
+            run.piece_done(peer, all_of_them=True)
+        self.settling = {k: r for k, r in self.settling.items() if not r.settled.is_set()}
         self.members_gone({peer}, exc.message)
         for key in [k for k, items in self.early.items() if any(i.peer == peer for i in items)]:
             self.early_bytes -= sum(len(i.payload) for i in self.early.pop(key))

@@ -309,6 +309,22 @@ class Daemon:
                 with contextlib.suppress(CollnetError):
                     link.send_control(FrameKind.ABORT, [key[0], key[1], exc.to_wire()])
 
+    async def _settle(self, run: CollectiveRun, timeout_s: float = 1.0) -> None:
+        """Before a failed collective's buffer goes back to its owner, make sure no
+        piece still being received can land in it: wait briefly, then cut the links
+        still writing."""
+        try:
+            await asyncio.wait_for(run.settled.wait(), timeout_s)
+        except TimeoutError:
+            for peer in list(run.writing):
+                log.warning(
+                    "collective %s: dropping link to %s, still writing into a "
+                    "failed collective's buffer",
+                    run.key,
+                    peer,
+                )
+                self.mesh.drop(peer, "still writing into a failed collective")
+
     async def all_reduce(self, req: dict[str, Any]) -> None:
         if self._stopping is not None:
             raise DaemonUnavailable(f"daemon {self.id} is leaving")
@@ -349,6 +365,7 @@ class Daemon:
             await asyncio.wait_for(asyncio.shield(run.future), timeout_s)
         except TimeoutError:
             self.router.expire(run, timeout_s)
+            await self._settle(run)
             raise Timeout(
                 f"all_reduce {key} timed out after {timeout_s:.1f}s",
                 epoch=key[0],
@@ -358,6 +375,7 @@ class Daemon:
         except CollnetError as exc:
             # The schedule reduces in place: the tensor may hold partial sums now.
             exc.fields["buffer_modified"] = True
+            await self._settle(run)
             raise
         # Sent payloads may be views of the caller's tensor: they must reach the
         # kernel before the caller may touch the tensor again.

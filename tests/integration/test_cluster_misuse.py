@@ -184,3 +184,21 @@ def test_connect_without_an_address_raises_daemon_unavailable(
     monkeypatch.delenv("COLLNET_DAEMON", raising=False)
     with pytest.raises(DaemonUnavailable):
         collnet_client.connect()
+
+
+def test_failed_collective_returns_promptly_without_cutting_healthy_links(peers: Peers) -> None:
+    # Peers disagree on the size, after data started flowing: the failure must come
+    # back fast (no waiting on pieces that will never settle) and leave links intact.
+    log = peers.cluster.dir / "daemon0.log"
+    tag = fresh_tag()
+
+    def call(rank: int, comm: Comm) -> Any:
+        n = (4 << 20) + (rank == 1)
+        return comm.all_reduce(np.ones(n, np.float32), tag=tag, algo="ring", timeout_s=30.0)
+
+    started = time.monotonic()
+    outcomes = run_on_all_outcomes(peers.comms, call)
+    assert all(isinstance(o, MismatchError) for o in outcomes), outcomes
+    assert time.monotonic() - started < 3.0
+    assert "still writing into a failed collective" not in log.read_text()
+    _world_still_works(peers)
