@@ -37,6 +37,7 @@ and the cluster is stopped.
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import json
 import logging
@@ -52,7 +53,7 @@ from collections import Counter, OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -71,6 +72,8 @@ from collnet_daemon.up import error_bound
 
 log = logging.getLogger("collnet.chaos")
 
+T = TypeVar("T")
+
 # The failures a disturbance may legitimately cause on a survivor.
 EXPECTED_ERRORS = (PeerLost, Timeout, DaemonUnavailable, CollectiveAborted)
 
@@ -78,6 +81,9 @@ EXPECTED_ERRORS = (PeerLost, Timeout, DaemonUnavailable, CollectiveAborted)
 # seen through socket errors; a frozen peer only through heartbeat silence.
 KILL_DETECT_BOUND_S = 3.0
 FREEZE_DETECT_BOUND_S = 6.0
+
+# How long a split barrier (see ChaosRun._monitor) may last before it is a stall.
+SPLIT_S = 2.0
 
 # A failure that names no disturbed peer is blamed on the latest disturbance
 # at most this long before it; otherwise it is "unattributed".
@@ -104,6 +110,10 @@ class ChaosConfig:
     # Per-call deadline of every update_topology and all-reduce: a call that
     # runs into it is a hang.
     call_timeout_s: float = 20.0
+    # A call of an undisturbed trainer that takes longer than this is a stall:
+    # a wait no disturbance explains (a frozen peer is declared dead within
+    # the freeze bound), which only the next membership change ended.
+    stall_s: float = 8.0
     connections: int = 2
     # Every fourth round all-reduces in uint8 (bit-identity plus an error bound).
     quantized: bool = True
@@ -114,6 +124,8 @@ class ChaosConfig:
     # Keep the cluster's logs (and this run's event log); also kept on failure.
     keep_logs: bool = False
     log_level: str = "warning"
+    # Log every round of every trainer to the event log (large).
+    trace: bool = False
 
 
 # -- inputs and references ---------------------------------------------------
@@ -224,6 +236,8 @@ class Recorder:
         self.actions: Counter[str] = Counter()
         self.joined = 0
         self.hangs: list[str] = []
+        self.stalls: list[str] = []
+        self.max_call_s: dict[str, float] = {}
         self.divergences: list[str] = []
         self.bugs: list[str] = []
         self.anomalies: list[str] = []
@@ -269,6 +283,7 @@ class Recorder:
 
     def completed(self, key: tuple[int, int], peer: str, digest: int, problem: str | None) -> None:
         with self._lock:
+            before = len(self.divergences)
             self.completed_calls += 1
             r = self.rounds[key]
             first = next(iter(r.hashes.values()), None)
@@ -281,6 +296,9 @@ class Recorder:
                 self.divergences.append(
                     f"round {key}: {peer}'s result differs from {next(iter(r.hashes))}'s"
                 )
+            new = self.divergences[before:]
+        for line in new:
+            self.event("DIVERGENT %s", line, level=logging.ERROR)
 
     def failure(
         self, key: tuple[int, int] | None, peer: str, op: str, exc: CollnetError, end: bool
@@ -305,18 +323,42 @@ class Recorder:
         self.event("%s %s %s failed: %s: %s%s", peer, op, key, exc.kind, exc, blame)
 
     def _blame(self, exc: CollnetError, t: float) -> Disturbance | None:
+        """The disturbance that caused a failure at ``t``, if one did.
+
+        A ``PeerLost`` naming a peer blames that peer's latest disturbance, unless
+        the peer was restarted (under its old id) since: the failure then names a
+        live daemon. Other failures blame the latest disturbance shortly before.
+        """
         named = exc.fields.get("peer") if isinstance(exc, PeerLost) else None
         for d in reversed(self.disturbances):
-            if d.t <= t and (named is None or d.peer == named):
-                if named is not None or t - d.t <= _BLAME_WINDOW_S:
-                    return d
-                return None
+            if d.t > t or (named is not None and d.peer != named):
+                continue
+            if d.kind == "restart":
+                if named is not None:
+                    return None
+                continue
+            if named is not None or t - d.t <= _BLAME_WINDOW_S:
+                return d
+            return None
         return None
+
+    def restarted(self, peer: str, t: float) -> None:
+        with self._lock:
+            self.disturbances.append(Disturbance("restart", peer, t))
 
     def victim(self, peer: str, what: str) -> None:
         with self._lock:
             self.victim_errors[what] += 1
-        self.event("%s (disturbed) ended: %s", peer, what)
+        self.event("%s (disturbed): %s", peer, what)
+
+    def call_took(self, op: str, seconds: float) -> None:
+        with self._lock:
+            self.max_call_s[op] = max(self.max_call_s.get(op, 0.0), seconds)
+
+    def stall(self, what: str) -> None:
+        with self._lock:
+            self.stalls.append(what)
+        self.event("STALL %s", what, level=logging.ERROR)
 
     def hang(self, what: str) -> None:
         with self._lock:
@@ -382,6 +424,7 @@ class Node:
     restarted: bool = False
     doomed: threading.Event = field(default_factory=threading.Event)
     trainer: threading.Thread | None = None
+    loop: Trainer | None = None
 
     def gone(self) -> bool:
         return self.doomed.is_set() or self.daemon.proc.poll() is not None
@@ -395,6 +438,13 @@ class Trainer:
         self.node = node
         self.peer = node.peer_id
         self.comm: _TrainerComm | None = None
+        # What it is doing, for the split-barrier monitor: "barrier" (in
+        # update_topology), "reduce" (in the all-reduce of ``key``) or "other";
+        # since when; and the last round it took part in.
+        self.phase = "other"
+        self.since = time.monotonic()
+        self.key: tuple[int, int] | None = None
+        self.last_key: tuple[int, int] = (-1, -1)
 
     def main(self) -> None:
         try:
@@ -434,15 +484,24 @@ class Trainer:
         buf = comm.empty(n, np.float32)
         epoch, k = -1, 0
         member = False
+        backoff = 0.0
         while True:
             if self.node.gone():
                 raise _OwnDaemonGone
             # 1. The barrier of the round: admits joiners, agrees on the world.
             try:
-                world = comm.update_topology(timeout_s=timeout)
+                self._enter("barrier", None)
+                world = self._timed(
+                    "update_topology", None, lambda: comm.update_topology(timeout_s=timeout)
+                )
             except CollnetError as exc:
                 self._failed(None, "update_topology", exc)
+                # A daemon reconnecting to the coordinator fails these at once.
+                backoff = min(1.0, max(0.02, 2 * backoff))
+                time.sleep(backoff)
                 continue
+            backoff = 0.0
+            self._enter("other", None)
             if self.peer not in world.peers:
                 rec.anomaly(f"{self.peer}: update_topology returned a world without it: {world}")
                 time.sleep(0.1)
@@ -463,14 +522,29 @@ class Trainer:
             if codec == "none":
                 buf[0] = 1.0 if run.ending.is_set() else 0.0
             try:
-                comm.all_reduce(buf, codec=codec, algo=algo, tag=f"r{key[1]}", timeout_s=timeout)
+                reduce = functools.partial(
+                    comm.all_reduce, buf, codec=codec, algo=algo, tag=f"r{key[1]}"
+                )
+                self._enter("reduce", key)
+                self.last_key = key
+                if cfg.trace:
+                    rec.event("%s round %s start %s %s %s", self.peer, key, codec, algo, world)
+                self._timed("all_reduce", key, functools.partial(reduce, timeout_s=timeout))
             except CollnetError as exc:
                 self._failed(key, "all_reduce", exc)
                 continue
+            finally:
+                self._enter("other", None)
             # 4. The checks.
             ref = run.refs.get(*key, world.peers, codec)
             problem = check_result(buf, ref, world.size, codec)
-            rec.completed(key, self.peer, xxhash.xxh3_64_intdigest(buf.data), problem)
+            digest = xxhash.xxh3_64_intdigest(buf.data)
+            if cfg.trace:
+                rec.event("%s round %s done %016x", self.peer, key, digest)
+            if problem is not None:
+                # The evidence, next to the logs: the result this trainer got.
+                np.save(run.logdir / f"divergent-{key[0]}-{key[1]}-{self.peer}.npy", buf)
+            rec.completed(key, self.peer, digest, problem)
             if codec == "none" and buf[0] > 0:
                 # Everyone who completed this round saw the same vote: stop together.
                 try:
@@ -480,13 +554,32 @@ class Trainer:
                 rec.event("%s leaves after round %s", self.peer, key)
                 return
 
+    def _victim_view(self) -> bool:
+        """Its own daemon is (or was just) frozen: its calls see the victim's side."""
+        n = self.node
+        return n.state == "frozen" or (
+            n.resumed_at is not None and time.monotonic() - n.resumed_at < _BLAME_WINDOW_S
+        )
+
+    def _enter(self, phase: str, key: tuple[int, int] | None) -> None:
+        self.phase, self.key, self.since = phase, key, time.monotonic()
+
+    def _timed(self, op: str, key: tuple[int, int] | None, call: Callable[[], T]) -> T:
+        t0 = time.monotonic()
+        try:
+            return call()
+        finally:
+            took = time.monotonic() - t0
+            rec = self.run.rec
+            rec.call_took(op, took)
+            if took > self.run.cfg.stall_s and not self._victim_view() and not self.node.gone():
+                rec.stall(f"{self.peer} {op} {key} took {took:.1f}s")
+
     def _failed(self, key: tuple[int, int] | None, op: str, exc: CollnetError) -> None:
         n = self.node
         if n.gone():
             raise _OwnDaemonGone from exc
-        if n.state == "frozen" or (
-            n.resumed_at is not None and time.monotonic() - n.resumed_at < _BLAME_WINDOW_S
-        ):
+        if self._victim_view():
             # Its own daemon was (just) frozen: what it reports is the victim's view.
             if isinstance(exc, DaemonUnavailable):
                 self._await_exit(exc)
@@ -501,9 +594,13 @@ class Trainer:
             self._await_exit(exc)
 
     def _await_exit(self, exc: CollnetError) -> None:
-        """A DaemonUnavailable from a daemon that is going away ends the trainer."""
+        """A DaemonUnavailable from a daemon that is going away ends the trainer.
+
+        A daemon that lost the coordinator reconnects instead (and a peer the
+        coordinator dropped comes back as a joiner): then the trainer goes on.
+        """
         with contextlib.suppress(Exception):
-            self.node.daemon.proc.wait(5.0)
+            self.node.daemon.proc.wait(0.5)
         if self.node.gone():
             raise _OwnDaemonGone from exc
 
@@ -523,13 +620,14 @@ class ChaosRun:
         self.nodes: list[Node] = []
         self.ending = threading.Event()
         self.cluster: LocalCluster | None = None
+        self.logdir = Path(".")
         self.rec: Recorder = Recorder(time.monotonic(), None)
         self._frozen: tuple[Node, float, str] | None = None  # node, resolve time, then what
         self._names = itertools.count()
 
     # -- nodes -------------------------------------------------------------
     def _start_trainer(self, node: Node) -> None:
-        trainer = Trainer(self, node)
+        trainer = node.loop = Trainer(self, node)
         node.trainer = threading.Thread(
             target=trainer.main, name=f"trainer-{node.peer_id}", daemon=True
         )
@@ -618,6 +716,8 @@ class ChaosRun:
             self._frozen = (victim, time.monotonic() + hold, then)
         else:
             old = self.rng.choice(dead) if kind == "restart" else None
+            if old is not None:
+                self.rec.restarted(old.peer_id, time.monotonic())
             try:
                 d = self._spawn(old.peer_id if old is not None else None)
             except RuntimeError as exc:
@@ -658,6 +758,7 @@ class ChaosRun:
             workdir=cfg.workdir,
             keep_workdir=True,
         )
+        self.logdir = cluster.dir
         events = cluster.dir / "chaos-events.log"
         self.rec = rec = Recorder(time.monotonic(), events)
         started = time.monotonic()
@@ -672,12 +773,17 @@ class ChaosRun:
             driver = threading.Thread(
                 target=self._drive, args=(t_chaos + cfg.duration_s,), name="chaos-driver"
             )
+            watched = threading.Event()
+            monitor = threading.Thread(target=self._monitor, args=(watched,), name="chaos-monitor")
             driver.start()
+            monitor.start()
             driver.join()
             peers_final = len(self.live())
             rec.event("chaos over; %d live peers; stopping", peers_final)
             self.ending.set()
             self._join_trainers()
+            watched.set()
+            monitor.join()
             summary = self._summary(peers_final, time.monotonic() - t_chaos)
             ok = summary["ok"]
             return summary
@@ -698,10 +804,55 @@ class ChaosRun:
             if not keep and cfg.workdir is None:
                 shutil.rmtree(cluster.dir, ignore_errors=True)
 
+    def _monitor(self, done: threading.Event) -> None:
+        """Watch for a split barrier: a member that never joins a round the others run.
+
+        Trainer A runs the all-reduce of round (E, k) while trainer C, an
+        undisturbed member of world E that has not taken part in (E, k), entered
+        update_topology after A's all-reduce began and still waits there. C's
+        barrier needs A, A's all-reduce needs C: only a timeout or the next
+        membership change ends that. In a sound protocol the state lasts no
+        longer than a reply takes to arrive.
+        """
+        seen: set[tuple[Any, ...]] = set()
+        try:
+            while not done.wait(0.25):
+                now = time.monotonic()
+                loops = [n.loop for n in self.nodes if n.loop is not None and not n.gone()]
+                by_peer = {t.peer: t for t in loops if t.node.state == "live"}
+                for a in loops:
+                    key = a.key
+                    if a.phase != "reduce" or key is None or now - a.since < SPLIT_S:
+                        continue
+                    r = self.rec.rounds.get(key)
+                    for peer in r.peers if r is not None else ():
+                        c = by_peer.get(peer)
+                        if (
+                            c is None
+                            or c is a
+                            or c._victim_view()
+                            or c.phase != "barrier"
+                            or c.last_key >= key
+                            or c.since < a.since
+                            or now - c.since < SPLIT_S
+                            or (key, peer) in seen
+                        ):
+                            continue
+                        seen.add((key, peer))
+                        self.rec.stall(
+                            f"split barrier: {a.peer} has been in the all-reduce of round {key} "
+                            f"for {now - a.since:.1f}s while {peer}, a member of that world, "
+                            f"waits in update_topology (for {now - c.since:.1f}s; its last "
+                            f"round {c.last_key})"
+                        )
+        except BaseException as exc:
+            tb = "".join(traceback.format_exception(exc))
+            self.rec.bug(f"monitor: {exc!r}\n{tb}")
+
     def _join_trainers(self) -> None:
         # Every call is bounded by call_timeout_s and a trainer that fails keeps
         # retrying, so a few rounds of deadlines is far more than stopping needs.
-        deadline = time.monotonic() + 3 * self.cfg.call_timeout_s + 10.0
+        deadline = time.monotonic() + 2 * self.cfg.call_timeout_s + 5.0
         for n in self.nodes:
             if n.trainer is not None:
                 n.trainer.join(max(0.0, deadline - time.monotonic()))
@@ -737,6 +888,8 @@ class ChaosRun:
             "freeze_detect_bound_s": FREEZE_DETECT_BOUND_S,
             "divergent": divergent,
             "hangs": len(rec.hangs),
+            "stalls": len(rec.stalls),
+            "max_call_s": {k: round(v, 3) for k, v in sorted(rec.max_call_s.items())},
             "errors_by_kind": dict(rec.errors_by_kind),
             "unattributed_failures": len(rec.unattributed),
             "failed_at_end": rec.failed_at_end,
@@ -752,13 +905,14 @@ class ChaosRun:
         }
         details = {
             "hang_details": rec.hangs,
+            "stall_details": rec.stalls,
             "divergence_details": rec.divergences,
             "bug_details": rec.bugs,
             "anomaly_details": rec.anomalies,
             "unattributed_details": rec.unattributed,
         }
         summary.update({k: v[:10] for k, v in details.items() if v})
-        summary["ok"] = not (divergent or rec.hangs or rec.bugs or rec.anomalies)
+        summary["ok"] = not (divergent or rec.hangs or rec.stalls or rec.bugs or rec.anomalies)
         if not summary["ok"] or self.cfg.keep_logs:
             summary["logs"] = str(self.cluster.dir) if self.cluster is not None else None
         return summary
@@ -767,6 +921,10 @@ class ChaosRun:
 def run_chaos(cfg: ChaosConfig) -> dict[str, Any]:
     """Run one chaos experiment; its summary (``summary["ok"]``: every invariant held)."""
     return ChaosRun(cfg).run()
+
+
+def _fmt_calls(max_call_s: dict[str, float]) -> str:
+    return ", ".join(f"{op} {t:.2f} s" for op, t in max_call_s.items()) or "-"
 
 
 def print_table(s: dict[str, Any]) -> None:
@@ -793,13 +951,20 @@ def print_table(s: dict[str, Any]) -> None:
         ),
         ("divergent", str(s["divergent"])),
         ("hangs", str(s["hangs"])),
+        ("stalls", f"{s['stalls']} (max call {_fmt_calls(s['max_call_s'])})"),
         ("bugs / anomalies", f"{s['bugs']} / {s['anomalies']}"),
         ("peers at the end", str(s["peers_final"])),
         ("state sync", s["state_sync"]),
     ]
     for name, value in rows:
         print(f"  {name:<22} {value}")
-    for key in ("hang_details", "divergence_details", "bug_details", "anomaly_details"):
+    for key in (
+        "hang_details",
+        "stall_details",
+        "divergence_details",
+        "bug_details",
+        "anomaly_details",
+    ):
         for line in s.get(key, []):
             print(f"  ! {line}")
     if s.get("logs"):

@@ -82,8 +82,8 @@ class Daemon:
         self.data_addr: tuple[str, int] = ("", 0)
         self.buffers: dict[str, SharedBuffer] = {}
         self.stopped = asyncio.Event()
-        # Why it stopped: True when on purpose, announcing its leave (a signal or a
-        # client's leave request); False when it lost the coordinator.
+        # Why it stopped: True when it announced its leave (a signal or a client's
+        # leave request), False when stopped without leaving.
         self.left = False
         self._stopping: asyncio.Future[None] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
