@@ -9,12 +9,15 @@ request, ``Push`` of a new world to members). Invariants:
   (with no active peers, the first request admits everyone pending, so a
   world can start from one peer);
 - every change of the active set bumps the epoch, exactly once;
-- a request made at an epoch older than the current one is answered at once
-  with the current world (the caller missed a change and must catch up);
+- every active member's ``update_topology`` is a real barrier call, whatever
+  epoch it names: answering some members early (say, because a peer was lost
+  meanwhile) would send them into the next collective while a slower survivor
+  waits for them at the barrier;
 - a peer admitted while not inside ``update_topology`` is pushed the new
   world at once, and its next ``update_topology`` returns that world;
 - a lost or leaving peer is removed at once and the survivors are pushed the
-  new world; waiting update requests are re-evaluated against the survivors.
+  new world; waiting update requests stay waiting and the barrier is
+  re-evaluated against the survivors.
 """
 
 from __future__ import annotations
@@ -111,8 +114,7 @@ class CoordinatorState:
             raise ProtocolError(f"update_topology from unregistered peer {peer_id!r}")
         if peer_id in self.waiting:
             raise ProtocolError(f"{peer_id} already has an update_topology in flight")
-        is_active = any(p.id == peer_id for p in self.active)
-        if peer_id in self.unannounced or (is_active and known_epoch < self.epoch):
+        if peer_id in self.unannounced:
             self.unannounced.discard(peer_id)
             return [Reply(peer_id, request_id, self.world())]
         self.waiting[peer_id] = request_id
@@ -132,11 +134,6 @@ class CoordinatorState:
         self.epoch += 1
         world = self.world()
         effects: list[Effect] = [Push(p.id, world) for p in self.active]
-        # Waiting requests made at the old epoch are now stale: answer them.
-        for p in self.active:
-            rid = self.waiting.pop(p.id, None)
-            if rid is not None:
-                effects.append(Reply(p.id, rid, world))
         return effects + self._maybe_advance()
 
     leave = lost

@@ -28,7 +28,11 @@ untouched.
 Bookkeeping: collectives completed; typed failures with the time from the
 disturbance that caused them (``max_detect_s``: kill -9; ``max_detect_freeze_s``:
 SIGSTOP); divergent results (must be 0); hangs (a call that ran into its
-timeout; must be 0); any other exception is a bug. At the end the trainers
+timeout; must be 0); stalls (must be 0): a call of an undisturbed trainer that
+took longer than ``stall_s``, or a split barrier (a member waits in
+``update_topology`` for peers that already run the round's all-reduce and wait
+for it), which the next membership change would otherwise end before any
+timeout; any other exception is a bug. At the end the trainers
 agree to stop through the all-reduce itself (element 0 carries a stop vote,
 so everyone who completes a round sees the same decision), leave gracefully,
 and the cluster is stopped.
@@ -38,7 +42,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import itertools
 import json
 import logging
 import random
@@ -571,9 +574,11 @@ class Trainer:
         finally:
             took = time.monotonic() - t0
             rec = self.run.rec
-            rec.call_took(op, took)
-            if took > self.run.cfg.stall_s and not self._victim_view() and not self.node.gone():
-                rec.stall(f"{self.peer} {op} {key} took {took:.1f}s")
+            # A frozen or killed daemon's own trainer waits for its daemon: no stall.
+            if not self._victim_view() and not self.node.gone():
+                rec.call_took(op, took)
+                if took > self.run.cfg.stall_s:
+                    rec.stall(f"{self.peer} {op} {key} took {took:.1f}s")
 
     def _failed(self, key: tuple[int, int] | None, op: str, exc: CollnetError) -> None:
         n = self.node
@@ -623,7 +628,6 @@ class ChaosRun:
         self.logdir = Path(".")
         self.rec: Recorder = Recorder(time.monotonic(), None)
         self._frozen: tuple[Node, float, str] | None = None  # node, resolve time, then what
-        self._names = itertools.count()
 
     # -- nodes -------------------------------------------------------------
     def _start_trainer(self, node: Node) -> None:

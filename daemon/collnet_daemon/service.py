@@ -87,6 +87,7 @@ class Daemon:
         self.left = False
         self._stopping: asyncio.Future[None] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._topology_call: asyncio.Future[dict[str, Any]] | None = None
 
     # -- lifecycle ---------------------------------------------------------
     async def start(self) -> None:
@@ -239,11 +240,19 @@ class Daemon:
             self._set_world(world)
             return {"world": world.to_wire()}
         if op == "update_topology":
-            reply = await self.coord.call("update_topology", epoch=self.world.epoch)
-            self._set_world(WorldView.from_wire(reply["world"]))
-            if self.id in self.world.ids:
-                await self._connect_all(self.world)
-            return {"world": self.world.to_wire()}
+            if self._topology_call is None or self._topology_call.done():
+                self._topology_call = asyncio.ensure_future(
+                    self.coord.call("update_topology", epoch=self.world.epoch)
+                )
+            reply = await asyncio.shield(self._topology_call)
+            # The world the barrier agreed on, not a newer one a push brought meanwhile:
+            # the other members run this round in that world.
+            world = WorldView.from_wire(reply["world"])
+            self._set_world(world)
+            if self.id in world.ids and world.epoch == self.world.epoch:
+                # (An older world's first collective fails at once: no links needed.)
+                await self._connect_all(world)
+            return {"world": world.to_wire()}
         if op == "all_reduce":
             await self.all_reduce(req)
             return {}

@@ -71,10 +71,27 @@ def test_lost_peer_bumps_epoch_pushes_survivors_and_unblocks_barrier() -> None:
     assert s.request_update("p1", 4, 1) == []
     effects = s.lost("p2")
     pushes = {e.peer for e in effects if isinstance(e, Push)}
-    assert pushes == {"p0", "p1"}
+    assert pushes == {"p0", "p1", "p3"}  # the survivors, and p3 admitted while not asking
     assert s.epoch >= 2 and "p2" not in s.world().ids
-    # the waiting calls were answered (stale epoch) and p3 was not silently admitted
-    assert set(replies(effects)) == {"p0", "p1"}
+    # every survivor was already waiting, so the barrier completes among them and
+    # admits p3 in the same answer
+    got = replies(effects)
+    assert set(got) == {"p0", "p1"}
+    assert got["p0"].ids == ("p0", "p1", "p3")
+
+
+def test_a_survivor_answered_early_cannot_split_the_barrier() -> None:
+    s = CoordinatorState()
+    for i in range(3):
+        s.register(peer(i))
+    s.request_update("p0", 1, 0)
+    s.request_update("p1", 2, 0)
+    s.request_update("p2", 3, 0)
+    assert s.request_update("p0", 4, 1) == []  # p0 waits; p1 is busy elsewhere
+    effects = s.lost("p2")
+    assert replies(effects) == {}, "p0 must keep waiting for p1"
+    got = replies(s.request_update("p1", 5, 2))
+    assert set(got) == {"p0", "p1"} and got["p0"].epoch == got["p1"].epoch == 2
 
 
 def test_duplicate_and_unknown_peers_are_typed_errors() -> None:
