@@ -49,9 +49,15 @@ class _Handshake:
     proven the secret (or at once, for loopback peers when no secret is set).
     """
 
-    def __init__(self, mesh: Mesh, dialled: asyncio.Future[None] | None = None) -> None:
+    def __init__(
+        self,
+        mesh: Mesh,
+        dialled: asyncio.Future[None] | None = None,
+        slot: tuple[PeerLink, int] | None = None,
+    ) -> None:
         self.mesh = mesh
         self.dialled = dialled
+        self.slot = slot
         self.initiator = auth.Initiator(mesh.secret) if dialled is not None else None
         self.responder: auth.Responder | None = None
         self.hello: tuple[str, int, int] | None = None
@@ -68,6 +74,11 @@ class _Handshake:
                 conn.send(FrameKind.HELLO, final)
             if verdict is not None:
                 raise verdict
+            if self.slot is not None:
+                # Attach now, in this callback: the acceptor may already have sent
+                # DATA behind its answer, and it must reach the link, not this
+                # handshake handler.
+                self.slot[0].attach(self.slot[1], conn)
             if self.dialled is not None and not self.dialled.done():
                 self.dialled.set_result(None)
             return
@@ -173,7 +184,7 @@ class Mesh:
                 answers = []
                 for index in range(self.k):
                     answer: asyncio.Future[None] = loop.create_future()
-                    handshake = _Handshake(self, answer)
+                    handshake = _Handshake(self, answer, (link, index))
                     _, conn = await loop.create_connection(
                         lambda h=handshake: FrameConnection(h, self.limits, peer),  # type: ignore[misc]
                         addr[0],
@@ -182,10 +193,9 @@ class Mesh:
                     assert handshake.initiator is not None
                     hello = {"peer": self.self_id, "conn": index, "k": self.k}
                     conn.send(FrameKind.HELLO, handshake.initiator.hello(hello))
-                    answers.append((index, conn, answer))
-                for index, conn, answer in answers:
+                    answers.append(answer)
+                for answer in answers:
                     await answer
-                    link.attach(index, conn)
         except (OSError, TimeoutError, CollnetError) as exc:
             err = PeerLost(f"cannot connect to {peer} at {addr[0]}:{addr[1]}: {exc}", peer=peer)
             link.fail(err)
