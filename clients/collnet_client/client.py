@@ -18,24 +18,16 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 
-import ml_dtypes
 import msgpack
 import numpy as np
 import numpy.typing as npt
 import zmq
 
+from collnet.algo.ops import DTYPE_BY_NAME
 from collnet.errors import CollnetError, DaemonUnavailable, InvalidArgument, Timeout
 from collnet.transport.shm import SharedBuffer
 
 DEFAULT_TIMEOUT_S = 600.0
-
-_DTYPE_NAMES = {
-    np.dtype(np.float32): "float32",
-    np.dtype(np.float16): "float16",
-    np.dtype(ml_dtypes.bfloat16): "bfloat16",
-    np.dtype(np.int32): "int32",
-    np.dtype(np.int64): "int64",
-}
 
 
 @dataclass(frozen=True)
@@ -207,9 +199,11 @@ class Comm:
         tag: int | str | None = None,
         timeout_s: float | None = None,
     ) -> Handle:
-        dtype_name = _DTYPE_NAMES.get(tensor.dtype)
-        if dtype_name is None:
-            raise InvalidArgument(f"unsupported dtype {tensor.dtype}")
+        dtype_name = tensor.dtype.name
+        if DTYPE_BY_NAME.get(dtype_name) != tensor.dtype:
+            raise InvalidArgument(
+                f"unsupported dtype {tensor.dtype}; use one of {list(DTYPE_BY_NAME)}"
+            )
         where = self._locate(tensor)
         staging = None
         if where is None:

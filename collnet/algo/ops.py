@@ -38,6 +38,8 @@ DTYPES: Final[tuple[np.dtype[Any], ...]] = (
     np.dtype(np.int64),
 )
 
+# The names used on the wire (the SDK's requests, digests): numpy's own names.
+DTYPE_BY_NAME: Final[dict[str, np.dtype[Any]]] = {dt.name: dt for dt in DTYPES}
 _FLOAT_DTYPES: Final = frozenset(DTYPES[:3])
 
 _UFUNCS: Final[dict[str, np.ufunc]] = {

@@ -16,12 +16,11 @@ import time
 from collections.abc import Coroutine
 from typing import Any
 
-import ml_dtypes
-import numpy as np
 import xxhash
 
 from collnet.algo import ALGORITHMS, make_all_reduce
 from collnet.algo.actions import Schedule
+from collnet.algo.ops import DTYPE_BY_NAME, OPS
 from collnet.codec.registry import get_codec
 from collnet.errors import (
     CollnetError,
@@ -41,15 +40,6 @@ from collnet_daemon.control import CoordinatorClient
 from collnet_daemon.ipc import IpcServer
 
 log = logging.getLogger(__name__)
-
-DTYPES: dict[str, np.dtype[Any]] = {
-    "float32": np.dtype(np.float32),
-    "float16": np.dtype(np.float16),
-    "bfloat16": np.dtype(ml_dtypes.bfloat16),
-    "int32": np.dtype(np.int32),
-    "int64": np.dtype(np.int64),
-}
-OPS = ("sum", "avg", "min", "max", "prod")
 
 
 def _field(req: dict[str, Any], name: str, kind: type, default: Any = None) -> Any:
@@ -277,9 +267,11 @@ class Daemon:
     ) -> tuple[Schedule, int]:
         """Validate an all_reduce request; its schedule and digest."""
         dtype_name = _field(req, "dtype", str)
-        dtype = DTYPES.get(dtype_name)
+        dtype = DTYPE_BY_NAME.get(dtype_name)
         if dtype is None:
-            raise InvalidArgument(f"unsupported dtype {dtype_name!r}; use one of {list(DTYPES)}")
+            raise InvalidArgument(
+                f"unsupported dtype {dtype_name!r}; use one of {list(DTYPE_BY_NAME)}"
+            )
         op = _field(req, "reduce", str, "sum")
         if op not in OPS:
             raise InvalidArgument(f"unknown reduce op {op!r}; use one of {list(OPS)}")
