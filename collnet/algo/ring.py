@@ -44,16 +44,16 @@ from typing import Any
 
 import numpy.typing as npt
 
-from collnet.algo.actions import Abort, Action, Complete, Schedule, Send
-from collnet.algo.partition import Partition, check_group
-from collnet.algo.reducer import ChunkReducer, Token
+from collnet.algo.actions import Action, Complete, Send
+from collnet.algo.chunked import ChunkedSchedule
+from collnet.algo.partition import Partition
 from collnet.codec.base import Codec
-from collnet.errors import CodecError, CollnetError, PeerLost, ProtocolError
+from collnet.errors import CodecError, PeerLost, ProtocolError
 
 _IDLE, _POSTED, _DONE = 0, 1, 2
 
 
-class RingAllReduce(Schedule):
+class RingAllReduce(ChunkedSchedule):
     """Ring all-reduce of ``buf`` in place, seen from ``rank``.
 
     ``buf``: 1-D contiguous writable array of float32, float16, bfloat16,
@@ -76,10 +76,7 @@ class RingAllReduce(Schedule):
         codec: Codec | None = None,
         chunk_bytes: int = 1 << 20,
     ) -> None:
-        check_group(rank, world)
-        self.rank = rank
-        self.world = world
-        self._red = ChunkReducer(buf, op, codec, world, chunk_bytes)
+        super().__init__(rank, world, buf, op, codec, chunk_bytes)
         self._part = Partition(self._red.n, world, self._red.chunk_elems)
         self._left = (rank - 1) % world
         self._right = (rank + 1) % world
@@ -87,19 +84,11 @@ class RingAllReduce(Schedule):
         self._maxc = self._part.max_chunks()
         # Per (step, chunk) receive state, indexed step * maxc + chunk.
         self._state = bytearray(self._nsteps * self._maxc)
-        self._pending: dict[int, Token | None] = {}
         self._step_done = [0] * self._nsteps
         self._expected = sum(
             self._part.num_chunks((rank - s - 1) % world) for s in range(self._nsteps)
         )
         self._received = 0
-        self._started = False
-        self._finished = False
-        self._aborted = False
-
-    @property
-    def finished(self) -> bool:
-        return self._finished
 
     def start(self) -> list[Action]:
         if self._started:
@@ -215,26 +204,12 @@ class RingAllReduce(Schedule):
 
     # -- helpers ------------------------------------------------------------------
 
-    def _abort(self, error: CollnetError) -> list[Action]:
-        self._finished = True
-        self._aborted = True
-        for token in self._pending.values():
-            self._red.discard(token)
-        self._pending.clear()
-        return [Abort(error)]
-
     def _chunks_at(self, step: int) -> int:
         return self._part.num_chunks((self.rank - step - 1) % self.world)
 
     def _locate(self, src: int, step: int, chunk: int) -> tuple[int, int, int]:
         """Validate a message name; return its state index and element range."""
-        if self._finished:
-            raise ProtocolError(
-                f"ring message (step {step}, chunk {chunk}) from rank {src} after completion",
-                rank=src,
-            )
-        if not self._started:
-            raise ProtocolError("ring message received before start()", rank=src)
+        self._check_live(src, step, chunk)
         if src != self._left:
             raise ProtocolError(
                 f"ring rank {self.rank} receives only from rank {self._left}, got a message "

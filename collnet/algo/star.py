@@ -31,11 +31,11 @@ from typing import Any
 
 import numpy.typing as npt
 
-from collnet.algo.actions import Abort, Action, Complete, Schedule, Send
+from collnet.algo.actions import Action, Complete, Send
+from collnet.algo.chunked import ChunkedSchedule
 from collnet.algo.partition import Partition, check_group
-from collnet.algo.reducer import ChunkReducer, Token
 from collnet.codec.base import Codec
-from collnet.errors import CodecError, CollnetError, InvalidArgument, PeerLost, ProtocolError
+from collnet.errors import CodecError, InvalidArgument, PeerLost, ProtocolError
 
 _IDLE, _POSTED, _DONE = 0, 1, 2
 
@@ -43,7 +43,7 @@ STEP_CONTRIBUTE = 0
 STEP_RESULT = 1
 
 
-class StarAllReduce(Schedule):
+class StarAllReduce(ChunkedSchedule):
     """Star all-reduce of ``buf`` in place through ``root``, seen from ``rank``.
 
     Arguments as for ``RingAllReduce``, plus ``root``: the rank that combines
@@ -65,25 +65,15 @@ class StarAllReduce(Schedule):
         check_group(rank, world)
         if not 0 <= root < world:
             raise InvalidArgument(f"root {root} outside world of {world}", root=root, world=world)
-        self.rank = rank
-        self.world = world
+        super().__init__(rank, world, buf, op, codec, chunk_bytes)
         self.root = root
         self._is_root = rank == root
-        self._red = ChunkReducer(buf, op, codec, world, chunk_bytes)
         self._part = Partition(self._red.n, 1, self._red.chunk_elems)
         self._nchunks = self._part.num_chunks(0)
         # Root: state per (src, chunk) at src * nchunks + chunk; others: per chunk.
         self._state = bytearray((world if self._is_root else 1) * self._nchunks)
         self._arrived = [0] * self._nchunks if self._is_root else []
-        self._pending: dict[int, Token | None] = {}
         self._chunks_done = 0
-        self._started = False
-        self._finished = False
-        self._aborted = False
-
-    @property
-    def finished(self) -> bool:
-        return self._finished
 
     def start(self) -> list[Action]:
         if self._started:
@@ -184,23 +174,9 @@ class StarAllReduce(Schedule):
             )
         )
 
-    def _abort(self, error: CollnetError) -> list[Action]:
-        self._finished = True
-        self._aborted = True
-        for token in self._pending.values():
-            self._red.discard(token)
-        self._pending.clear()
-        return [Abort(error)]
-
     def _locate(self, src: int, step: int, chunk: int) -> int:
         """Validate a message name; return its state index."""
-        if self._finished:
-            raise ProtocolError(
-                f"star message (step {step}, chunk {chunk}) from rank {src} after completion",
-                rank=src,
-            )
-        if not self._started:
-            raise ProtocolError("star message received before start()", rank=src)
+        self._check_live(src, step, chunk)
         if self._is_root:
             if not (0 <= src < self.world and src != self.rank and step == STEP_CONTRIBUTE):
                 raise ProtocolError(

@@ -1,0 +1,64 @@
+"""What the ring and star schedules share: the reducer and the
+lifecycle (started, finished, aborted).
+
+After ``Complete`` or ``Abort`` a schedule is finished: a later message is a
+``ProtocolError``, and an abort releases the scratch of every message that was
+still pending so nothing keeps the tensor's memory busy.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy.typing as npt
+
+from collnet.algo.actions import Abort, Action, Schedule
+from collnet.algo.partition import check_group
+from collnet.algo.reducer import ChunkReducer, Token
+from collnet.codec.base import Codec
+from collnet.errors import CollnetError, ProtocolError
+
+
+class ChunkedSchedule(Schedule):
+    algorithm: str
+
+    def __init__(
+        self,
+        rank: int,
+        world: int,
+        buf: npt.NDArray[Any],
+        op: str,
+        codec: Codec | None,
+        chunk_bytes: int,
+    ) -> None:
+        check_group(rank, world)
+        self.rank = rank
+        self.world = world
+        self._red = ChunkReducer(buf, op, codec, world, chunk_bytes)
+        self._pending: dict[int, Token | None] = {}
+        self._started = False
+        self._finished = False
+        self._aborted = False
+
+    @property
+    def finished(self) -> bool:
+        return self._finished
+
+    def _abort(self, error: CollnetError) -> list[Action]:
+        self._finished = True
+        self._aborted = True
+        for token in self._pending.values():
+            self._red.discard(token)
+        self._pending.clear()
+        return [Abort(error)]
+
+    def _check_live(self, src: int, step: int, chunk: int) -> None:
+        """Refuse a message before ``start()`` or after the schedule finished."""
+        if self._finished:
+            raise ProtocolError(
+                f"{self.algorithm} message (step {step}, chunk {chunk}) from rank {src} "
+                "after completion",
+                rank=src,
+            )
+        if not self._started:
+            raise ProtocolError(f"{self.algorithm} message received before start()", rank=src)
