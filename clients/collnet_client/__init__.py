@@ -15,7 +15,7 @@ from collnet.errors import (
     ProtocolError,
     Timeout,
 )
-from collnet_client.client import Comm, Handle, World, connect
+from collnet_client.client import Comm, Handle, SyncResult, World, connect
 
 __all__ = [
     "CodecError",
@@ -28,6 +28,7 @@ __all__ = [
     "MismatchError",
     "PeerLost",
     "ProtocolError",
+    "SyncResult",
     "Timeout",
     "World",
     "connect",

@@ -14,6 +14,7 @@ import itertools
 import os
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
@@ -48,6 +49,31 @@ class World:
             int(obj["epoch"]),
             tuple(str(p[0]) for p in obj.get("peers", [])),
             tuple(str(p) for p in obj.get("pending", [])),
+        )
+
+
+@dataclass(frozen=True)
+class SyncResult:
+    """What ``Comm.sync_state`` did, and whether every peer now holds the same state."""
+
+    revision: int  # the revision this peer holds now
+    fetched: tuple[str, ...]  # tensors overwritten with the reference's bytes
+    sources: tuple[str, ...]  # peers they were fetched from
+    bytes_fetched: int
+    in_parity: bool  # every member reported the same revision and state digest
+    state_digest: str  # digest of the whole state (names and tensor digests)
+    peers: int  # members that took part
+
+    @staticmethod
+    def from_wire(obj: dict[str, Any]) -> SyncResult:
+        return SyncResult(
+            int(obj["revision"]),
+            tuple(obj["fetched"]),
+            tuple(obj["sources"]),
+            int(obj["bytes_fetched"]),
+            bool(obj["in_parity"]),
+            str(obj["state_digest"]),
+            int(obj["peers"]),
         )
 
 
@@ -225,6 +251,68 @@ class Comm:
             timeout_s=timeout_s,
         )
         return Handle(self, rid, tensor, staging)
+
+    # -- shared state ------------------------------------------------------
+    def sync_state(
+        self,
+        named_tensors: Mapping[str, npt.NDArray[Any]],
+        revision: int,
+        timeout_s: float | None = None,
+    ) -> SyncResult:
+        """Bring ``named_tensors`` to the world's shared state, in place (a barrier).
+
+        Every member calls it with the same names, dtypes and shapes. Per
+        tensor, the reference is what most peers at the newest revision hold;
+        a peer whose tensor differs (a joiner, a diverged peer) has it
+        overwritten with bytes fetched from the holders and verified by hash.
+        Arrays from ``empty``/``zeros`` are synced in place with no copy; others
+        are staged through one shared segment and the fetched ones copied back.
+        """
+        if not isinstance(revision, int) or isinstance(revision, bool) or revision < 0:
+            raise InvalidArgument(f"revision must be a non-negative int, got {revision!r}")
+        entries: list[list[Any]] = []
+        staged: list[tuple[str, npt.NDArray[Any], int]] = []
+        for name, arr in named_tensors.items():
+            if not isinstance(name, str) or not isinstance(arr, np.ndarray):
+                raise InvalidArgument(f"sync_state takes str -> numpy array, got {name!r:.40}")
+            where = self._locate(arr)
+            if where is None:
+                staged.append((name, arr, 0))
+            else:
+                entries.append([name, where[0].name, where[1], arr.dtype.name, list(arr.shape)])
+        staging = None
+        if staged:
+            # 64-byte aligned slots in one segment: one mapping however many tensors.
+            offsets, end = [], 0
+            for _, arr, _ in staged:
+                offsets.append(end)
+                end += -(-arr.nbytes // 64) * 64
+            staging = self._stage(max(end, 1))
+            for (name, arr, _), off in zip(staged, offsets, strict=True):
+                dest = staging[1][off : off + arr.nbytes].view(arr.dtype).reshape(arr.shape)
+                np.copyto(dest, arr)
+                entries.append([name, staging[0].name, off, arr.dtype.name, list(arr.shape)])
+            staged = [(n, a, off) for (n, a, _), off in zip(staged, offsets, strict=True)]
+        try:
+            rid = self._send(
+                "sync_state",
+                tensors=entries,
+                revision=revision,
+                epoch=self.epoch,
+                timeout_s=timeout_s,
+            )
+            reply = self._wait_reply(rid, timeout_s)
+            result = SyncResult.from_wire(reply)
+            if staging is not None:
+                fetched = set(result.fetched)
+                for name, arr, off in staged:
+                    if name in fetched:
+                        src = staging[1][off : off + arr.nbytes].view(arr.dtype)
+                        np.copyto(arr, src.reshape(arr.shape))
+        finally:
+            if staging is not None:
+                self._staging.append(staging)
+        return result
 
     def leave(self) -> None:
         self._call("leave", timeout_s=10.0)

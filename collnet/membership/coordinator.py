@@ -17,14 +17,20 @@ request, ``Push`` of a new world to members). Invariants:
   world at once, and its next ``update_topology`` returns that world;
 - a lost or leaving peer is removed at once and the survivors are pushed the
   new world; waiting update requests stay waiting and the barrier is
-  re-evaluated against the survivors.
+  re-evaluated against the survivors;
+- a named barrier (``request_barrier``, what shared-state sync is built on)
+  completes when every active member of its epoch has arrived, and answers
+  each with every member's payload; it belongs to one epoch, so any change of
+  the world fails its waiting calls with ``PeerLost`` (the caller updates its
+  topology and retries), never answering a partial set.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
-from collnet.errors import InvalidArgument, ProtocolError
+from collnet.errors import CollnetError, InvalidArgument, PeerLost, ProtocolError
 from collnet.membership.world import PeerInfo, WorldView
 
 
@@ -45,7 +51,26 @@ class Push:
     world: WorldView
 
 
-Effect = Reply | Push
+@dataclass(frozen=True, slots=True)
+class BarrierReply:
+    """Answer barrier request ``request_id`` of ``peer`` with every member's payload."""
+
+    peer: str
+    request_id: int
+    name: str
+    payloads: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Fail:
+    """Answer request ``request_id`` of ``peer`` with a typed error."""
+
+    peer: str
+    request_id: int
+    error: CollnetError
+
+
+Effect = Reply | Push | BarrierReply | Fail
 
 
 @dataclass
@@ -61,6 +86,10 @@ class CoordinatorState:
     # members of a world adopted from a rejoining peer (after a coordinator
     # restart) that have not reconnected yet
     unconfirmed: set[str] = field(default_factory=set)
+    # barrier name -> peer id -> (request id, payload) of members waiting in it
+    barriers: dict[str, dict[str, tuple[int, Any]]] = field(default_factory=dict)
+    # peer id -> what it last reported at a "synced" barrier (soft state, for status)
+    reported: dict[str, Any] = field(default_factory=dict)
 
     def world(self) -> WorldView:
         return WorldView(self.epoch, tuple(self.active), tuple(self.pending))
@@ -120,11 +149,55 @@ class CoordinatorState:
         self.waiting[peer_id] = request_id
         return self._maybe_advance()
 
+    def request_barrier(
+        self, peer_id: str, request_id: int, name: str, epoch: int, payload: Any
+    ) -> list[Effect]:
+        """``peer_id`` arrives at barrier ``name`` of ``epoch`` carrying ``payload``."""
+        if not any(p.id == peer_id for p in self.active):
+            return [
+                Fail(
+                    peer_id,
+                    request_id,
+                    InvalidArgument(
+                        f"{peer_id} is not an active member: call update_topology first"
+                    ),
+                )
+            ]
+        if epoch != self.epoch:
+            return [Fail(peer_id, request_id, self._world_changed(epoch))]
+        waiting = self.barriers.setdefault(name, {})
+        if peer_id in waiting:
+            raise ProtocolError(f"{peer_id} is already waiting in barrier {name!r}")
+        waiting[peer_id] = (request_id, payload)
+        if any(p.id not in waiting for p in self.active):
+            return []
+        del self.barriers[name]
+        payloads = {pid: entry[1] for pid, entry in waiting.items()}
+        return [BarrierReply(pid, entry[0], name, payloads) for pid, entry in waiting.items()]
+
+    def _world_changed(self, epoch: int) -> PeerLost:
+        return PeerLost(
+            f"the world changed during a barrier of epoch {epoch} (now epoch {self.epoch}): "
+            "call update_topology, then retry",
+            epoch=epoch,
+        )
+
+    def _fail_barriers(self, epoch: int) -> list[Effect]:
+        effects: list[Effect] = []
+        for waiting in self.barriers.values():
+            for pid, (rid, _) in waiting.items():
+                effects.append(Fail(pid, rid, self._world_changed(epoch)))
+        self.barriers.clear()
+        return effects
+
     def lost(self, peer_id: str) -> list[Effect]:
         """A peer died or left: remove it and tell the survivors."""
         self.waiting.pop(peer_id, None)
         self.unannounced.discard(peer_id)
         self.unconfirmed.discard(peer_id)
+        self.reported.pop(peer_id, None)
+        for waiting in self.barriers.values():
+            waiting.pop(peer_id, None)
         if self.pending.pop(peer_id, None) is not None:
             return []
         before = len(self.active)
@@ -133,7 +206,8 @@ class CoordinatorState:
             return []
         self.epoch += 1
         world = self.world()
-        effects: list[Effect] = [Push(p.id, world) for p in self.active]
+        effects: list[Effect] = self._fail_barriers(self.epoch - 1)
+        effects += [Push(p.id, world) for p in self.active]
         return effects + self._maybe_advance()
 
     leave = lost
@@ -146,12 +220,13 @@ class CoordinatorState:
         if not active_ids and not any(pid in self.waiting for pid in self.pending):
             return []
         admitted = list(self.pending.values())
+        effects: list[Effect] = []
         if admitted:
             self.active.extend(admitted)
             self.pending.clear()
             self.epoch += 1
+            effects += self._fail_barriers(self.epoch - 1)
         world = self.world()
-        effects: list[Effect] = []
         for p in self.active:
             rid = self.waiting.pop(p.id, None)
             if rid is not None:

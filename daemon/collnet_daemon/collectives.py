@@ -32,6 +32,7 @@ from collnet.errors import (
 from collnet.membership import WorldView
 from collnet.transport.link import PeerLink
 from collnet.wire import Frame, FrameKind
+from collnet_daemon.statesync import STATE_DATA, StateSync
 
 log = logging.getLogger(__name__)
 
@@ -188,6 +189,15 @@ class Router:
         self.on_peer_lost: Callable[[str, CollnetError], None] | None = None
         # Failed runs whose in-flight pieces have not settled yet.
         self.settling: dict[Key, CollectiveRun] = {}
+        # Shared-state transfers share the links; their frames go there.
+        self.state: StateSync | None = None
+
+    def _state_frame(self, meta: Any) -> StateSync | None:
+        if type(meta) is list and meta and meta[0] == STATE_DATA:
+            if self.state is None:
+                raise ProtocolError("state sync data, but this daemon syncs no state")
+            return self.state
+        return None
 
     # -- registry ----------------------------------------------------------
     def register(self, run: CollectiveRun) -> None:
@@ -248,6 +258,9 @@ class Router:
 
     # -- LinkRouter --------------------------------------------------------
     def data_sink(self, peer: str, meta: Any, nbytes: int) -> memoryview | None:
+        state = self._state_frame(meta)
+        if state is not None:
+            return state.data_sink(peer, meta, nbytes)
         key, step, chunk, digest, offset, total = _parse_data_meta(meta)
         run = self.runs.get(key)
         if run is None:
@@ -270,6 +283,10 @@ class Router:
             return None
 
     def on_data(self, peer: str, meta: Any, payload: memoryview) -> None:
+        state = self._state_frame(meta)
+        if state is not None:
+            state.on_data(peer, meta, payload)
+            return
         key, step, chunk, _digest, _offset, _total = _parse_data_meta(meta)
         run = self.runs.get(key)
         if isinstance(payload.obj, _EarlyBuffer):
@@ -322,6 +339,8 @@ class Router:
                     self.early_aborts.popitem(last=False)
         elif frame.kind == FrameKind.HEARTBEAT:
             pass
+        elif frame.kind == FrameKind.CONTROL and isinstance(frame.meta, dict) and self.state:
+            self.state.on_control(peer, frame.meta)
         else:
             raise ProtocolError(f"unexpected {frame.kind.name} frame on a data link")
 
@@ -333,6 +352,8 @@ class Router:
         self.members_gone({peer}, exc.message)
         for key in [k for k, items in self.early.items() if any(i.peer == peer for i in items)]:
             self.early_bytes -= sum(len(i.payload) for i in self.early.pop(key))
+        if self.state is not None:
+            self.state.on_link_lost(peer, exc)
         if self.on_peer_lost is not None:
             self.on_peer_lost(peer, exc)
 

@@ -29,6 +29,9 @@ class DaemonConfig:
     advertise_host: str | None = None
     connections: int = 4
     chunk_bytes: int = 1 << 20
+    # Shared-state fetch ranges: big enough to stripe over K connections, small
+    # enough that a tensor's ranges spread over several holders.
+    state_chunk_bytes: int = 8 << 20
     star_max_bytes: int = 256 * 1024
     codec_block_size: int = 256
     collective_timeout_s: float = 300.0

@@ -23,6 +23,11 @@ from collnet.wire import Frame, FrameKind, Header, Limits
 
 log = logging.getLogger(__name__)
 
+# Control frames may carry a payload (state manifests, and the coordinator's
+# answer holding every member's): bounded, far below anything a data link takes.
+MAX_CONTROL_PAYLOAD = 64 << 20
+CONTROL_LIMITS = Limits(max_payload_bytes=MAX_CONTROL_PAYLOAD)
+
 
 class CoordinatorClient:
     """RPC over one control connection; see the module docstring."""
@@ -49,7 +54,7 @@ class CoordinatorClient:
         try:
             _, self.conn = await asyncio.wait_for(
                 loop.create_connection(
-                    lambda: FrameConnection(self, Limits(max_payload_bytes=0), "coordinator"),
+                    lambda: FrameConnection(self, CONTROL_LIMITS, "coordinator"),
                     host,
                     port,
                 ),
@@ -79,14 +84,17 @@ class CoordinatorClient:
         )
         self._heartbeat.start()
 
-    async def call(self, t: str, timeout_s: float | None = None, **fields: Any) -> dict[str, Any]:
+    async def call(
+        self, t: str, timeout_s: float | None = None, payload: bytes = b"", **fields: Any
+    ) -> dict[str, Any]:
+        """One request; a reply frame's payload, if any, is in the reply under ``payload``."""
         if self.conn is None or self.conn.closed:
             raise DaemonUnavailable("not connected to the coordinator")
         rid = self._next_id
         self._next_id += 1
         fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self._pending[rid] = fut
-        self.conn.send(FrameKind.CONTROL, {"t": t, "id": rid, **fields})
+        self.conn.send(FrameKind.CONTROL, {"t": t, "id": rid, **fields}, payload)
         try:
             reply = await asyncio.wait_for(fut, timeout_s)
         finally:
@@ -108,7 +116,9 @@ class CoordinatorClient:
 
     # -- ConnectionHandler -------------------------------------------------
     def payload_sink(self, conn: FrameConnection, header: Header, meta: Any) -> memoryview | None:
-        raise ProtocolError("the coordinator sent a payload")
+        if header.kind != FrameKind.CONTROL or self._answered is None or not self._answered.done():
+            raise ProtocolError(f"the coordinator sent a payload on a {header.kind.name} frame")
+        return None
 
     def on_frame(self, conn: FrameConnection, frame: Frame) -> None:
         if frame.kind == FrameKind.HELLO and self._answered is not None:
@@ -134,6 +144,8 @@ class CoordinatorClient:
         if t == "reply":
             fut = self._pending.get(meta.get("id", -1))
             if fut is not None and not fut.done():
+                if frame.payload:
+                    meta["payload"] = bytes(frame.payload)
                 fut.set_result(meta)
         elif t == "world":
             self.on_world(WorldView.from_wire(meta.get("world")))

@@ -14,15 +14,31 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
+import msgpack
+
 from collnet.errors import CollnetError, ProtocolError
-from collnet.membership import CoordinatorState, PeerInfo, Push, Reply, WorldView, auth
+from collnet.membership import (
+    BarrierReply,
+    CoordinatorState,
+    Fail,
+    PeerInfo,
+    Push,
+    Reply,
+    WorldView,
+    auth,
+)
 from collnet.membership.coordinator import Effect
 from collnet.membership.liveness import Liveness
 from collnet.transport.connection import FrameConnection
 from collnet.transport.heartbeat import Heartbeat
-from collnet.wire import Frame, FrameKind, Header, Limits
+from collnet.wire import Frame, FrameKind, Header
+from collnet_daemon.control import CONTROL_LIMITS
 
 log = logging.getLogger(__name__)
+
+# Barriers peers may call: "state" carries a state manifest (as the frame's
+# payload), "synced" a small report of the state reached (in the metadata).
+BARRIERS = ("state", "synced")
 
 
 class CoordinatorService:
@@ -43,7 +59,7 @@ class CoordinatorService:
     async def start(self, host: str, port: int) -> tuple[str, int]:
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
-            lambda: FrameConnection(_PeerSession(self), Limits(max_payload_bytes=0), "peer"),
+            lambda: FrameConnection(_PeerSession(self), CONTROL_LIMITS, "peer"),
             host,
             port,
         )
@@ -77,12 +93,23 @@ class CoordinatorService:
             conn = self.conns.get(eff.peer)
             if conn is None or conn.closed:
                 continue
+            payload = b""
             if isinstance(eff, Reply):
                 msg = {"t": "reply", "id": eff.request_id, "ok": True, "world": eff.world.to_wire()}
             elif isinstance(eff, Push):
                 msg = {"t": "world", "world": eff.world.to_wire()}
+            elif isinstance(eff, Fail):
+                error = eff.error.to_wire()
+                msg = {"t": "reply", "id": eff.request_id, "ok": False, "error": error}
+            elif isinstance(eff, BarrierReply):
+                msg = {"t": "reply", "id": eff.request_id, "ok": True, "epoch": self.state.epoch}
+                # The members' payloads are opaque here (the coordinator never
+                # interprets state): forwarded as one msgpack map of bytes.
+                payload = msgpack.packb(eff.payloads, use_bin_type=True)
+                if eff.name == "synced":
+                    self.state.reported[eff.peer] = eff.payloads.get(eff.peer)
             with contextlib.suppress(CollnetError):
-                conn.send(FrameKind.CONTROL, msg)
+                conn.send(FrameKind.CONTROL, msg, payload)
 
 
 class _PeerSession:
@@ -96,7 +123,11 @@ class _PeerSession:
         self.authenticated = False
 
     def payload_sink(self, conn: FrameConnection, header: Header, meta: Any) -> memoryview | None:
-        raise ProtocolError("control frames carry no payload")
+        # Only a registered peer's barrier request carries a payload; anything
+        # else (a stranger before the handshake above all) may not make us buffer.
+        if not self.authenticated or self.peer_id is None or header.kind != FrameKind.CONTROL:
+            raise ProtocolError(f"unexpected payload on a {header.kind.name} control frame")
+        return None
 
     def on_frame(self, conn: FrameConnection, frame: Frame) -> None:
         if not self.authenticated:
@@ -115,7 +146,7 @@ class _PeerSession:
         if not isinstance(rid, int):
             raise ProtocolError("control request without an integer id")
         try:
-            result = self._handle(conn, meta, rid)
+            result = self._handle(conn, meta, rid, frame.payload)
         except ProtocolError:
             raise
         except CollnetError as exc:
@@ -140,7 +171,7 @@ class _PeerSession:
             self.authenticated = True
 
     def _handle(
-        self, conn: FrameConnection, meta: dict[str, Any], rid: int
+        self, conn: FrameConnection, meta: dict[str, Any], rid: int, payload: memoryview
     ) -> dict[str, Any] | None:
         state = self.service.state
         t = meta.get("t")
@@ -182,6 +213,13 @@ class _PeerSession:
             self.service.perform(state.request_update(self.peer_id, rid, epoch))
             if state.epoch != before:
                 log.info("epoch %d: world %s", state.epoch, list(state.world().ids))
+            return None
+        if t == "barrier":
+            name, epoch = meta.get("name"), meta.get("epoch")
+            if name not in BARRIERS or not isinstance(epoch, int):
+                raise ProtocolError(f"bad barrier request {name!r} at epoch {epoch!r:.20}")
+            arrived = bytes(payload) if name == "state" else meta.get("report")
+            self.service.perform(state.request_barrier(self.peer_id, rid, name, epoch, arrived))
             return None
         if t == "world":
             return {"world": state.world().to_wire()}

@@ -23,7 +23,8 @@ from collnet.errors import CollnetError, ProtocolError
 
 log = logging.getLogger(__name__)
 
-MAX_REQUEST_BYTES = 64 * 1024
+# A sync_state request lists every tensor of the state (up to 65536 of them).
+MAX_REQUEST_BYTES = 16 << 20
 
 Handler = Callable[[bytes, dict[str, Any]], Awaitable[dict[str, Any]]]
 

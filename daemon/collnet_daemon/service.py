@@ -16,6 +16,7 @@ import time
 from collections.abc import Coroutine
 from typing import Any
 
+import msgpack
 import xxhash
 
 from collnet.algo import ALGORITHMS, make_all_reduce
@@ -27,9 +28,11 @@ from collnet.errors import (
     DaemonUnavailable,
     InvalidArgument,
     PeerLost,
+    ProtocolError,
     Timeout,
 )
 from collnet.membership import PeerInfo, WorldView
+from collnet.state import numpy_dtype
 from collnet.transport.link import PeerLink
 from collnet.transport.mesh import Mesh
 from collnet.transport.shm import SharedBuffer
@@ -38,6 +41,7 @@ from collnet_daemon.collectives import CollectiveRun, Router
 from collnet_daemon.config import DaemonConfig
 from collnet_daemon.control import CoordinatorClient
 from collnet_daemon.ipc import IpcServer
+from collnet_daemon.statesync import StateSync
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +69,8 @@ class Daemon:
             liveness=config.liveness,
             secret=config.secret,
         )
+        self.state = StateSync(self.id, config.state_chunk_bytes, self.mesh.link_if_ready)
+        self.router.state = self.state
         self.coord = CoordinatorClient(self._on_world_push, config.liveness, config.secret)
         self.ipc = IpcServer(config.ipc, self.handle)
         self.world = WorldView(0, ())
@@ -116,6 +122,7 @@ class Daemon:
             except (CollnetError, TimeoutError) as exc:
                 log.warning("daemon %s: could not announce leave: %s", self.id, exc)
         self.router.fail_all(DaemonUnavailable(f"daemon {self.id} is shutting down"))
+        self.state.close()
         current = asyncio.current_task()
         for task in list(self._tasks):
             if task is not current:
@@ -223,7 +230,12 @@ class Daemon:
     async def handle(self, ident: bytes, req: dict[str, Any]) -> dict[str, Any]:
         op = req["op"]
         if op == "hello":
-            return {"peer": self.id, "world": self.world.to_wire()}
+            # The block size lets the SDK's error feedback quantize as the wire does.
+            return {
+                "peer": self.id,
+                "world": self.world.to_wire(),
+                "codec_block_size": self.config.codec_block_size,
+            }
         if op == "world":
             reply = await self.coord.call("world", timeout_s=10.0)
             world = WorldView.from_wire(reply["world"])
@@ -246,6 +258,8 @@ class Daemon:
         if op == "all_reduce":
             await self.all_reduce(req)
             return {}
+        if op == "sync_state":
+            return await self.sync_state(req)
         if op == "release":
             buf = self.buffers.pop(_field(req, "shm", str), None)
             if buf is not None:
@@ -301,6 +315,73 @@ class Daemon:
         )
         return schedule, digest
 
+    def _state_arrays(self, req: dict[str, Any]) -> dict[str, Any]:
+        """The named tensors of a sync_state request, mapped from the client's segments."""
+        tensors = req.get("tensors")
+        if not isinstance(tensors, list):
+            raise InvalidArgument("sync_state needs a list 'tensors' of [name, shm, offset, ...]")
+        arrays: dict[str, Any] = {}
+        for item in tensors:
+            if not isinstance(item, list) or len(item) != 5:
+                raise InvalidArgument("each tensor is [name, shm, offset, dtype, shape]")
+            name, shm, offset, dtype, shape = item
+            if not isinstance(name, str) or name in arrays:
+                raise InvalidArgument(f"tensor names must be distinct strings, got {name!r:.40}")
+            if not isinstance(shm, str) or not isinstance(offset, int) or isinstance(offset, bool):
+                raise InvalidArgument(f"tensor {name!r}: bad shared-memory location")
+            if not isinstance(shape, list) or not all(
+                isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
+            ):
+                raise InvalidArgument(f"tensor {name!r}: bad shape {shape!r:.40}")
+            count = 1
+            for d in shape:
+                count *= d
+            dt = numpy_dtype(dtype) if isinstance(dtype, str) else None
+            if dt is None:
+                raise InvalidArgument(f"tensor {name!r}: bad dtype {dtype!r:.40}")
+            arrays[name] = self._buffer(shm).array(dt, count, offset).reshape(shape)
+        return arrays
+
+    async def sync_state(self, req: dict[str, Any]) -> dict[str, Any]:
+        """Bring the client's named tensors to the world's reference state (a barrier)."""
+        if self._stopping is not None:
+            raise DaemonUnavailable(f"daemon {self.id} is leaving")
+        world, _ = self._agreed_world(req)
+        revision = _field(req, "revision", int)
+        arrays = self._state_arrays(req)
+        timeout_s = float(req.get("timeout_s") or self.config.collective_timeout_s)
+
+        async def links() -> dict[str, PeerLink]:
+            by_rank = await self._connect_all(world) if world.size > 1 else {}
+            return {world.peers[r].id: link for r, link in by_rank.items()}
+
+        async def barrier(name: str, arrived: Any) -> dict[str, Any]:
+            fields: dict[str, Any] = {"name": name, "epoch": world.epoch}
+            payload = b""
+            if isinstance(arrived, bytes):
+                payload = arrived
+            else:
+                fields["report"] = arrived
+            reply = await self.coord.call("barrier", payload=payload, **fields)
+            try:
+                blobs = msgpack.unpackb(reply.get("payload", b""), raw=False)
+            except (ValueError, msgpack.UnpackException) as exc:
+                raise ProtocolError(f"bad {name} barrier answer: {exc}") from None
+            if not isinstance(blobs, dict):
+                raise ProtocolError(f"bad {name} barrier answer from the coordinator")
+            return blobs
+
+        try:
+            return await asyncio.wait_for(
+                self.state.sync(revision, arrays, links, barrier), timeout_s
+            )
+        except TimeoutError:
+            raise Timeout(
+                f"sync_state at epoch {world.epoch} did not finish within {timeout_s:.1f}s",
+                epoch=world.epoch,
+                buffer_modified=True,
+            ) from None
+
     def _abort_remote(
         self, key: tuple[int, int | str], world: WorldView, exc: CollnetError
     ) -> None:
@@ -326,12 +407,13 @@ class Daemon:
                 )
                 self.mesh.drop(peer, "still writing into a failed collective")
 
-    async def all_reduce(self, req: dict[str, Any]) -> None:
-        if self._stopping is not None:
-            raise DaemonUnavailable(f"daemon {self.id} is leaving")
-        tag = req.get("tag")
-        if not isinstance(tag, int | str) or isinstance(tag, bool):
-            raise InvalidArgument("all_reduce needs an int or str 'tag'")
+    def _agreed_world(self, req: dict[str, Any]) -> tuple[WorldView, int]:
+        """The world a collective request runs in, and this peer's rank there.
+
+        That is the epoch the trainer agreed to at ``update_topology``: if the
+        world changed since, the request fails at once (every survivor's does),
+        so no two peers ever run one collective in different worlds.
+        """
         world = self.world
         epoch = req.get("epoch", world.epoch)
         if not isinstance(epoch, int) or epoch > world.epoch:
@@ -350,6 +432,15 @@ class Daemon:
             raise InvalidArgument(
                 f"daemon {self.id} is not an active member yet: call update_topology first"
             )
+        return world, rank
+
+    async def all_reduce(self, req: dict[str, Any]) -> None:
+        if self._stopping is not None:
+            raise DaemonUnavailable(f"daemon {self.id} is leaving")
+        tag = req.get("tag")
+        if not isinstance(tag, int | str) or isinstance(tag, bool):
+            raise InvalidArgument("all_reduce needs an int or str 'tag'")
+        world, rank = self._agreed_world(req)
         key = (world.epoch, tag)
         try:
             schedule, digest = self._plan_all_reduce(req, world, rank)

@@ -7,8 +7,16 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
-from collnet.errors import InvalidArgument, ProtocolError
-from collnet.membership import CoordinatorState, PeerInfo, Push, Reply, WorldView
+from collnet.errors import InvalidArgument, PeerLost, ProtocolError
+from collnet.membership import (
+    BarrierReply,
+    CoordinatorState,
+    Fail,
+    PeerInfo,
+    Push,
+    Reply,
+    WorldView,
+)
 
 
 def peer(i: int) -> PeerInfo:
@@ -155,10 +163,34 @@ class MembershipMachine(RuleBasedStateMachine):
         del self.known_epoch[pid]
         self._apply(self.s.lost(pid))
 
+    @rule(data=st.data())
+    def barrier(self, data: st.DataObject) -> None:
+        waiting = self.s.barriers.get("b", {})
+        candidates = [p for p in self.known_epoch if p not in waiting]
+        if not candidates:
+            return
+        pid = data.draw(st.sampled_from(sorted(candidates)))
+        self.rid += 1
+        before = self.s.world()
+        effects = self.s.request_barrier(pid, self.rid, "b", self.known_epoch[pid], pid.upper())
+        answered = [e for e in effects if isinstance(e, BarrierReply)]
+        if answered:
+            # All or nothing: every member of the epoch, each with everyone's payload.
+            assert {e.peer for e in answered} == set(before.ids)
+            for e in answered:
+                assert e.payloads == {p: p.upper() for p in before.ids}
+        for e in effects:
+            if isinstance(e, Fail):
+                assert e.peer == pid and e.request_id == self.rid
+                assert pid not in before.ids or self.known_epoch[pid] != before.epoch
+        self._apply(effects)
+
     def _apply(self, effects: list[object]) -> None:
         for e in effects:
+            assert e.peer in self.known_epoch  # type: ignore[attr-defined]
+            if isinstance(e, BarrierReply | Fail):
+                continue
             assert isinstance(e, Reply | Push)
-            assert e.peer in self.known_epoch
             self.known_epoch[e.peer] = e.world.epoch
             if isinstance(e, Reply):
                 assert e.peer in e.world.ids, "a reply always goes to an active member"
@@ -177,6 +209,8 @@ class MembershipMachine(RuleBasedStateMachine):
         ids = self.s.world().ids
         if ids:
             assert not all(p in self.s.waiting for p in ids)
+            for waiting in self.s.barriers.values():
+                assert set(waiting) < set(ids), "a barrier waits only for missing members"
 
 
 TestMembershipMachine = MembershipMachine.TestCase
@@ -217,3 +251,40 @@ def test_barrier_does_not_wait_for_members_that_have_not_reconnected() -> None:
     s.rejoin(peer(0), WorldView(3, (peer(0), peer(1))))
     got = replies(s.request_update("p0", 1, 3))
     assert got["p0"].epoch == 3
+
+
+def test_state_barrier_answers_all_members_with_every_payload() -> None:
+    s = CoordinatorState()
+    for i in range(3):
+        s.register(peer(i))
+    s.request_update("p0", 1, 0)
+    assert s.request_barrier("p0", 2, "state", 1, b"m0") == []
+    assert s.request_barrier("p1", 3, "state", 1, b"m1") == []
+    effects = s.request_barrier("p2", 4, "state", 1, b"m2")
+    got = {e.peer: (e.request_id, e.payloads) for e in effects if isinstance(e, BarrierReply)}
+    everyone = {"p0": b"m0", "p1": b"m1", "p2": b"m2"}
+    assert got == {"p0": (2, everyone), "p1": (3, everyone), "p2": (4, everyone)}
+    assert s.barriers == {}
+
+
+def test_state_barrier_fails_on_a_loss_and_refuses_old_epochs_and_non_members() -> None:
+    s = CoordinatorState()
+    for i in range(3):
+        s.register(peer(i))
+    s.request_update("p0", 1, 0)
+    s.request_barrier("p0", 2, "state", 1, b"m0")
+    s.request_barrier("p1", 3, "state", 1, b"m1")
+    effects = s.lost("p2")
+    failed = {e.peer: e for e in effects if isinstance(e, Fail)}
+    assert set(failed) == {"p0", "p1"}
+    assert all(isinstance(e.error, PeerLost) for e in failed.values())
+    assert not any(isinstance(e, BarrierReply) for e in effects), "never a partial answer"
+    # A straggler still naming the old epoch fails at once instead of waiting.
+    (late,) = s.request_barrier("p0", 5, "state", 1, b"m0")
+    assert isinstance(late, Fail) and isinstance(late.error, PeerLost)
+    s.register(peer(9))
+    (joiner,) = s.request_barrier("p9", 6, "state", 2, b"x")
+    assert isinstance(joiner, Fail) and isinstance(joiner.error, InvalidArgument)
+    with pytest.raises(ProtocolError):
+        s.request_barrier("p1", 7, "state", 2, b"m1")
+        s.request_barrier("p1", 8, "state", 2, b"m1")

@@ -1,0 +1,328 @@
+"""Shared-state sync on one daemon: serving byte ranges, and fetching them.
+
+A sync is two coordinator barriers around a transfer (the plan itself is
+``collnet.state``, sans I/O):
+
+1. every member hashes its state and sends the manifest to the ``state``
+   barrier, which answers everyone with every member's manifest; each peer
+   computes the same reference (``majority``) and its own ``transfer_plan``;
+2. each peer fetches the byte ranges it lacks straight into its tensors over
+   the data links, striped over the holders, and verifies every fetched
+   tensor against the reference digest;
+3. every member reports what it reached (or its error) to the ``synced``
+   barrier. Sources keep serving until then, so no fetcher is ever left
+   without its holders; everyone learns whether all peers are in bit parity,
+   or fails with the same typed error.
+
+On the data links a fetch is a CONTROL frame ``{"t": "fetch", "ranges":
+[[fid, fetch], ...]}``; the source answers each range with DATA frames whose
+metadata is ``["S", fid, offset, total]`` (striped like any message) or with
+``{"t": "fetch_error", "id": fid, "error"}``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+import msgpack
+import numpy.typing as npt
+
+from collnet.errors import CollnetError, MismatchError, PeerLost, ProtocolError
+from collnet.state import (
+    Fetch,
+    StateManifest,
+    byte_view,
+    check_fetch,
+    majority,
+    manifest_of,
+    transfer_plan,
+    verify,
+)
+from collnet.transport.link import PeerLink
+from collnet.wire import FrameKind
+
+log = logging.getLogger(__name__)
+
+STATE_DATA: Final = "S"
+# Ranges per fetch message: keeps each request's metadata far below the frame limit.
+RANGES_PER_MESSAGE: Final = 128
+
+
+@dataclass
+class Serving:
+    """The state this daemon declared for the sync in progress (the source side)."""
+
+    manifest: StateManifest
+    arrays: Mapping[str, npt.NDArray[Any]]
+
+
+# (barrier name, this peer's payload) -> every member's payload, by peer id.
+Barrier = Callable[[str, Any], Awaitable[dict[str, Any]]]
+
+
+@dataclass
+class _Pending:
+    fetch: Fetch
+    dest: memoryview
+    remaining: int
+    future: asyncio.Future[None] = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future()
+    )
+
+
+def check_declarations(manifests: Mapping[str, StateManifest], reference: StateManifest) -> None:
+    """Every member must declare the same tensors (names, dtypes, shapes).
+
+    A pure function of what the barrier returned, so every peer reaches the
+    same verdict and they all fail together instead of some waiting for a
+    transfer that never comes.
+    """
+    want = {n: (i.dtype, i.shape) for n, i in reference.entries.items()}
+    for peer in sorted(manifests):
+        have = {n: (i.dtype, i.shape) for n, i in manifests[peer].entries.items()}
+        if have == want:
+            continue
+        missing = sorted(set(want) - set(have))
+        extra = sorted(set(have) - set(want))
+        differ = sorted(n for n in set(want) & set(have) if want[n] != have[n])
+        detail = (
+            f"missing {missing[:5]}"
+            if missing
+            else f"extra {extra[:5]}"
+            if extra
+            else ", ".join(
+                f"{n!r} is {have[n][0]}{list(have[n][1])}, expected {want[n][0]}{list(want[n][1])}"
+                for n in differ[:3]
+            )
+        )
+        raise MismatchError(
+            f"peers declare different shared state: peer {peer}: {detail}", peer=peer
+        )
+
+
+class StateSync:
+    """Both sides of the transfer on one daemon; see the module docstring."""
+
+    def __init__(
+        self, me: str, chunk_bytes: int, link_of: Callable[[str], PeerLink | None]
+    ) -> None:
+        self.me = me
+        self.chunk_bytes = chunk_bytes
+        self.link_of = link_of
+        self.serving: Serving | None = None
+        self.pending: dict[int, _Pending] = {}
+        self._fids = itertools.count(1)
+        self._touched = False
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    # -- one sync ----------------------------------------------------------
+    async def sync(
+        self,
+        revision: int,
+        arrays: Mapping[str, npt.NDArray[Any]],
+        links: Callable[[], Awaitable[Mapping[str, PeerLink]]],
+        barrier: Barrier,
+    ) -> dict[str, Any]:
+        """Bring ``arrays`` to the world's reference state; the result for the client."""
+        if self.serving is not None:
+            raise ProtocolError("a state sync is already in progress on this daemon")
+        started = time.perf_counter()
+        mine = await asyncio.to_thread(manifest_of, arrays, revision)
+        self.serving = Serving(mine, arrays)
+        self._touched = False
+        fetched: list[str] = []
+        sources: list[str] = []
+        nbytes = 0
+        try:
+            raw = await barrier("state", msgpack.packb(mine.to_wire(), use_bin_type=True))
+            manifests = {
+                peer: StateManifest.from_wire(msgpack.unpackb(blob, raw=False))
+                for peer, blob in raw.items()
+            }
+            reference = majority(manifests)
+            assert reference is not None  # this peer's own manifest is among them
+            report: dict[str, Any]
+            try:
+                check_declarations(manifests, reference)
+                fetched, sources, nbytes = await self.fetch(
+                    manifests, reference, arrays, await links()
+                )
+                report = {"revision": reference.revision, "digest": reference.state_digest()}
+            except CollnetError as exc:
+                # Tell the others: they would otherwise wait for this peer at the
+                # next barrier until their deadline.
+                report = {"error": exc.to_wire()}
+            reports = await barrier("synced", report)
+        finally:
+            self.serving = None
+        failures = sorted((p, r["error"]) for p, r in reports.items() if "error" in r)
+        if failures:
+            peer, wire = failures[0]
+            err = CollnetError.from_wire(wire)
+            err.fields.setdefault("peer", peer)
+            # Fetched ranges overwrote the tensors they were for; nothing else did.
+            err.fields["buffer_modified"] = self._touched
+            if peer != self.me:
+                err.message = f"state sync failed on peer {peer}: {err.message}"
+                err.args = (err.message,)
+            raise err
+        reached = {(r.get("revision"), r.get("digest")) for r in reports.values()}
+        elapsed = time.perf_counter() - started
+        if nbytes:
+            log.info(
+                "state sync: %.1f MiB from %s in %.2fs (%.2f GB/s), revision %d",
+                nbytes / 2**20,
+                sources,
+                elapsed,
+                nbytes / elapsed / 1e9,
+                reference.revision,
+            )
+        return {
+            "revision": reference.revision,
+            "fetched": fetched,
+            "sources": sources,
+            "bytes_fetched": nbytes,
+            "in_parity": len(reached) == 1,
+            "state_digest": reference.state_digest(),
+            "peers": len(reports),
+        }
+
+    # -- fetching ----------------------------------------------------------
+    async def fetch(
+        self,
+        manifests: Mapping[str, StateManifest],
+        reference: StateManifest,
+        arrays: Mapping[str, npt.NDArray[Any]],
+        links: Mapping[str, PeerLink],
+    ) -> tuple[list[str], list[str], int]:
+        """Fetch and verify what this peer lacks; (names fetched, sources, bytes)."""
+        plan = transfer_plan(manifests, reference, self.me, self.chunk_bytes)
+        names = sorted({f.name for f in plan})
+        sources = sorted({f.source_peer for f in plan})
+        total = sum(f.nbytes for f in plan)
+        if not plan:
+            return [], [], 0
+        self._touched = True
+        log.info(
+            "state sync: fetching %d tensors (%.1f MiB) from %d holders %s",
+            len(names),
+            total / 2**20,
+            len(sources),
+            sources,
+        )
+        mine: list[_Pending] = []
+        by_source: dict[str, list[list[Any]]] = {}
+        for f in plan:
+            dest = byte_view(arrays[f.name])[f.offset : f.offset + f.nbytes]
+            fid = next(self._fids)
+            p = self.pending[fid] = _Pending(f, dest.data, f.nbytes)
+            mine.append(p)
+            by_source.setdefault(f.source_peer, []).append([fid, f.to_wire()])
+        try:
+            for source, ranges in by_source.items():
+                link = links[source]
+                for i in range(0, len(ranges), RANGES_PER_MESSAGE):
+                    chunk = ranges[i : i + RANGES_PER_MESSAGE]
+                    link.send_control(FrameKind.CONTROL, {"t": "fetch", "ranges": chunk})
+            await asyncio.gather(*(p.future for p in mine))
+        finally:
+            for fid in [fid for fid, p in self.pending.items() if p in mine]:
+                del self.pending[fid]
+        for name in names:
+            # Hashing hundreds of MiB must not stall heartbeats on this loop.
+            await asyncio.to_thread(verify, name, arrays[name], reference)
+        return names, sources, total
+
+    def _pending_from(self, peer: str, fid: Any) -> _Pending | None:
+        p = self.pending.get(fid) if isinstance(fid, int) else None
+        if p is not None and p.fetch.source_peer != peer:
+            raise ProtocolError(f"{peer} answered state fetch {fid} addressed to another peer")
+        return p
+
+    def data_sink(self, peer: str, meta: list[Any], nbytes: int) -> memoryview | None:
+        if len(meta) != 4 or not all(isinstance(v, int) for v in meta[1:]):
+            raise ProtocolError(f"bad state DATA metadata {meta!r:.80}")
+        _, fid, offset, total = meta
+        p = self._pending_from(peer, fid)
+        if p is None:
+            return None  # a fetch that already failed here: read and drop
+        if total != p.fetch.nbytes or offset < 0 or offset + nbytes > total:
+            raise ProtocolError(
+                f"{peer} sent bytes [{offset}, {offset + nbytes}) of {total} for state fetch "
+                f"{fid} of {p.fetch.nbytes} bytes"
+            )
+        return p.dest[offset : offset + nbytes]
+
+    def on_data(self, peer: str, meta: list[Any], payload: memoryview) -> None:
+        p = self._pending_from(peer, meta[1])
+        if p is None or p.future.done():
+            return
+        p.remaining -= len(payload)
+        if p.remaining <= 0:
+            p.future.set_result(None)
+
+    def on_link_lost(self, peer: str, exc: CollnetError) -> None:
+        for p in self.pending.values():
+            if p.fetch.source_peer == peer and not p.future.done():
+                p.future.set_exception(
+                    PeerLost(f"state holder {peer} lost during sync: {exc.message}", peer=peer)
+                )
+
+    # -- serving -----------------------------------------------------------
+    def on_control(self, peer: str, meta: dict[str, Any]) -> None:
+        t = meta.get("t")
+        if t == "fetch":
+            link = self.link_of(peer)
+            if link is None:
+                return  # the link is going away: the fetcher learns it from the loss
+            ranges = meta.get("ranges")
+            if not isinstance(ranges, list) or not 0 < len(ranges) <= RANGES_PER_MESSAGE:
+                raise ProtocolError(f"bad state fetch request from {peer}")
+            parsed: list[tuple[int, Fetch]] = []
+            for item in ranges:
+                if not isinstance(item, list) or len(item) != 2 or not isinstance(item[0], int):
+                    raise ProtocolError(f"bad state fetch range from {peer}")
+                parsed.append((item[0], Fetch.from_wire(item[1])))
+            task = asyncio.ensure_future(self._serve(peer, link, parsed))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        elif t == "fetch_error":
+            p = self._pending_from(peer, meta.get("id"))
+            error = meta.get("error")
+            if p is not None and not p.future.done():
+                remote = CollnetError.from_wire(error if isinstance(error, dict) else {})
+                p.future.set_exception(remote)
+        else:
+            raise ProtocolError(f"unknown control message {t!r:.40} on a data link")
+
+    async def _serve(self, peer: str, link: PeerLink, ranges: list[tuple[int, Fetch]]) -> None:
+        for fid, fetch in ranges:
+            try:
+                serving = self.serving
+                if serving is None:
+                    raise MismatchError(f"{self.me} has no state sync in progress")
+                check_fetch(fetch, serving.manifest, self.me)
+                data = byte_view(serving.arrays[fetch.name])
+                link.send_data([STATE_DATA, fid], data[fetch.offset :][: fetch.nbytes].data)
+                # One range at a time: the views stay in the owner's tensor and
+                # are never buffered wholesale in user space.
+                await link.drain()
+            except CollnetError as exc:
+                if link.failed:
+                    return
+                log.warning("state fetch of %r by %s refused: %s", fetch.name, peer, exc)
+                with contextlib.suppress(CollnetError):
+                    link.send_control(
+                        FrameKind.CONTROL, {"t": "fetch_error", "id": fid, "error": exc.to_wire()}
+                    )
+
+    def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
