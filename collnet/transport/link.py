@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import Any, Protocol
 
 from collnet.errors import CollnetError, PeerLost, ProtocolError
 from collnet.membership.liveness import Liveness
+from collnet.topology.throughput import ThroughputMeter
 from collnet.transport.connection import FrameConnection
 from collnet.transport.heartbeat import Heartbeat
 from collnet.wire import Frame, FrameKind, Header
@@ -24,6 +26,8 @@ log = logging.getLogger(__name__)
 
 # Below this a piece costs more in per-frame overhead than striping gains.
 MIN_PIECE_BYTES = 2 << 20
+# Pieces at least this large feed the bandwidth meter; smaller ones measure latency.
+METERED_PIECE_BYTES = 64 << 10
 
 
 class LinkRouter(Protocol):
@@ -61,9 +65,13 @@ class PeerLink:
             self._silent,
             liveness or Liveness(),
         )
+        self.rx_meter = ThroughputMeter()
 
     def bytes_received(self) -> int:
         return sum(c.bytes_received for c in self.conns if c is not None)
+
+    def bytes_sent(self) -> int:
+        return sum(c.bytes_sent for c in self.conns if c is not None)
 
     def _silent(self, silent_s: float) -> None:
         self.fail(PeerLost(f"no sign of life from {self.peer} for {silent_s:.1f}s", peer=self.peer))
@@ -133,11 +141,15 @@ class PeerLink:
     # -- ConnectionHandler -------------------------------------------------
     def payload_sink(self, conn: FrameConnection, header: Header, meta: Any) -> memoryview | None:
         if header.kind == FrameKind.DATA:
+            if header.payload_len >= METERED_PIECE_BYTES:
+                self.rx_meter.begin(time.monotonic(), self.bytes_received())
             return self.router.data_sink(self.peer, meta, header.payload_len)
         return None
 
     def on_frame(self, conn: FrameConnection, frame: Frame) -> None:
         if frame.kind == FrameKind.DATA:
+            if len(frame.payload) >= METERED_PIECE_BYTES:
+                self.rx_meter.end(time.monotonic(), self.bytes_received())
             self.router.on_data(self.peer, frame.meta, frame.payload)
         elif frame.kind == FrameKind.HEARTBEAT:
             self.heartbeat.on_frame(frame.meta)

@@ -121,6 +121,8 @@ class Mesh:
         self.liveness = liveness
         self.secret = secret
         self.links: dict[str, PeerLink] = {}
+        # Told of every link as it is made (metrics count its bytes after it is gone).
+        self.on_new_link: Callable[[PeerLink], None] | None = None
         self._dialling: dict[str, asyncio.Task[PeerLink]] = {}
         self._server: asyncio.Server | None = None
 
@@ -147,6 +149,12 @@ class Mesh:
             )
             conn.abort()
 
+    def _new_link(self, peer: str) -> PeerLink:
+        link = self.links[peer] = PeerLink(peer, self.k, self.router, self.liveness())
+        if self.on_new_link is not None:
+            self.on_new_link(link)
+        return link
+
     def link_if_ready(self, peer: str) -> PeerLink | None:
         link = self.links.get(peer)
         if link is not None and link.ready.is_set() and not link.failed:
@@ -167,7 +175,7 @@ class Mesh:
             return await asyncio.shield(task)
         link = self.links.get(peer)
         if link is None or link.failed:
-            link = self.links[peer] = PeerLink(peer, self.k, self.router, self.liveness())
+            link = self._new_link(peer)
         await link.wait_ready(self.connect_timeout_s)
         return link
 
@@ -178,7 +186,7 @@ class Mesh:
 
     async def _dial(self, peer: str, addr: tuple[str, int]) -> PeerLink:
         loop = asyncio.get_running_loop()
-        link = self.links[peer] = PeerLink(peer, self.k, self.router, self.liveness())
+        link = self._new_link(peer)
         try:
             async with asyncio.timeout(self.connect_timeout_s):
                 answers = []
@@ -207,7 +215,7 @@ class Mesh:
             raise ProtocolError(f"{peer} uses {k} connections per link, this daemon {self.k}")
         link = self.links.get(peer)
         if link is None or link.failed:
-            link = self.links[peer] = PeerLink(peer, self.k, self.router, self.liveness())
+            link = self._new_link(peer)
         link.attach(index, conn)
 
     def drop(self, peer: str, reason: str = "dropped") -> None:

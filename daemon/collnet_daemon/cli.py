@@ -79,6 +79,29 @@ _secret_option = click.option(
 )
 
 
+def _metrics_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    """--metrics-port / --metrics-host, shared by coordinator and daemon."""
+    f = click.option(
+        "--metrics-host",
+        envvar="COLLNET_METRICS_HOST",
+        default="127.0.0.1",
+        show_default=True,
+        help="Address of the metrics endpoint (0.0.0.0: every interface).",
+    )(f)
+    return click.option(
+        "--metrics-port",
+        envvar="COLLNET_METRICS_PORT",
+        default=None,
+        type=click.IntRange(0, 65535),
+        help="Serve Prometheus metrics on http://HOST:PORT/metrics (0: any free port). "
+        "Default: no metrics endpoint.",
+    )(f)
+
+
+def _metrics_address(addr: tuple[str, int] | None) -> dict[str, str]:
+    return {} if addr is None else {"metrics": f"{addr[0]}:{addr[1]}"}
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option(
     "--log-level",
@@ -104,11 +127,14 @@ def main(ctx: click.Context, log_level: str, log_json: bool) -> None:
     type=click.FloatRange(0.1),
     help="After a restart, how long members of the recovered world have to reconnect.",
 )
+@_metrics_options
 @click.option("--ready-file", hidden=True, help="Write the bound address here once listening.")
 @click.pass_context
 def coordinator(
     ctx: click.Context,
     listen: str,
+    metrics_host: str,
+    metrics_port: int | None,
     secret_file: str | None,
     heartbeat_interval_s: float,
     heartbeat_floor_s: float,
@@ -122,6 +148,7 @@ def coordinator(
     from the daemons as they reconnect."""
     from collnet.membership.liveness import Liveness
     from collnet_daemon.coordinator import CoordinatorService
+    from collnet_daemon.metrics import CoordinatorMetrics
 
     setup_logging(ctx.obj["log_level"], ctx.obj["log_json"], "coordinator")
 
@@ -133,9 +160,12 @@ def coordinator(
     async def run() -> None:
         service = CoordinatorService(liveness, secret, rejoin_grace_s)
         host, port = await service.start(*parse_hostport(listen))
-        _write_ready(ready_file, address=f"{host}:{port}")
+        metrics = CoordinatorMetrics(service)
+        served = None if metrics_port is None else await metrics.serve(metrics_host, metrics_port)
+        _write_ready(ready_file, address=f"{host}:{port}", **_metrics_address(served))
         await _until_signalled()
         await service.close()
+        await metrics.close()
         log.info("coordinator stopped")
 
     uvloop.run(run())
@@ -175,6 +205,7 @@ def coordinator(
 @_heartbeat_options
 @_secret_option
 @click.option("--peer-id", default=None, help="Stable id of this peer (default: random).")
+@_metrics_options
 @click.option("--ready-file", hidden=True)
 @click.pass_context
 def daemon(
@@ -191,6 +222,8 @@ def daemon(
     heartbeat_ceiling_s: float,
     secret_file: str | None,
     peer_id: str | None,
+    metrics_host: str,
+    metrics_port: int | None,
     ready_file: str | None,
 ) -> None:
     """Run the peer daemon of this node."""
@@ -216,12 +249,22 @@ def daemon(
     async def run() -> int:
         d = Daemon(config)
         await d.start()
-        _write_ready(ready_file, peer=d.id, data=f"{d.data_addr[0]}:{d.data_addr[1]}", ipc=ipc)
+        served = None
+        if metrics_port is not None:
+            served = await d.metrics.serve(metrics_host, metrics_port)
+        _write_ready(
+            ready_file,
+            peer=d.id,
+            data=f"{d.data_addr[0]}:{d.data_addr[1]}",
+            ipc=ipc,
+            **_metrics_address(served),
+        )
         signalled = asyncio.ensure_future(_until_signalled())
         stopped = asyncio.ensure_future(d.stopped.wait())
         await asyncio.wait([signalled, stopped], return_when=asyncio.FIRST_COMPLETED)
         signalled.cancel()
         await d.stop(leave=True)  # or wait for the stop a client's leave began
+        await d.metrics.close()
         graceful = d.left
         log.info("daemon %s stopped", d.id)
         return 0 if graceful else 1
@@ -330,3 +373,39 @@ def chaos(
     if cfg.kill_every_s <= 0:
         raise click.BadParameter("--kill-every must be positive")
     sys.exit(chaos_mod.main(cfg, as_json))
+
+
+@main.command()
+@click.option("--coordinator", "coordinator_addr", required=True, help="HOST:PORT")
+@_secret_option
+@click.option("--timeout-s", default=10.0, show_default=True, type=click.FloatRange(0.1))
+@click.option("--json", "as_json", is_flag=True, help="Print the coordinator's answer as JSON.")
+@click.pass_context
+def status(
+    ctx: click.Context,
+    coordinator_addr: str,
+    secret_file: str | None,
+    timeout_s: float,
+    as_json: bool,
+) -> None:
+    """Show the world: peers, epoch, state revisions and control-link RTTs.
+
+    Asks the coordinator without joining (it authenticates like a daemon, so it
+    needs the same --secret-file)."""
+    from collnet.errors import CollnetError
+    from collnet_daemon.status import fetch_status, render_table
+
+    setup_logging(
+        "warning" if ctx.obj["log_level"] == "info" else ctx.obj["log_level"],
+        ctx.obj["log_json"],
+        "status",
+    )
+    # Without a secret, a coordinator accepts loopback connections only.
+    secret = _read_secret(secret_file, "status") if secret_file else None
+    host, port = parse_hostport(coordinator_addr)
+    try:
+        answer = uvloop.run(fetch_status(host, port, secret, timeout_s))
+    except (CollnetError, OSError, TimeoutError, ValueError) as exc:
+        click.echo(f"collnet status: {coordinator_addr}: {exc}", err=True)
+        sys.exit(1)
+    click.echo(json.dumps(answer, indent=2) if as_json else render_table(answer))

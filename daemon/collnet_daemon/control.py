@@ -103,6 +103,15 @@ class CoordinatorClient:
             raise CollnetError.from_wire(reply.get("error") or {})
         return reply
 
+    @property
+    def connected(self) -> bool:
+        return self.conn is not None and not self.conn.closed
+
+    @property
+    def rtt_s(self) -> float | None:
+        """Smoothed heartbeat RTT to the coordinator (None before the first pong)."""
+        return None if self._heartbeat is None else self._heartbeat.liveness.srtt_s
+
     def _silent(self, silent_s: float) -> None:
         log.error("coordinator silent for %.1fs: treating it as lost", silent_s)
         if self.conn is not None:

@@ -33,6 +33,7 @@ from collnet.transport.connection import FrameConnection
 from collnet.transport.heartbeat import Heartbeat
 from collnet.wire import Frame, FrameKind, Header
 from collnet_daemon.control import CONTROL_LIMITS
+from collnet_daemon.status import coordinator_status
 
 log = logging.getLogger(__name__)
 
@@ -203,6 +204,8 @@ class _PeerSession:
             if peer.id in state.pending:
                 log.info("peer %s registered (data %s:%d), pending", peer.id, peer.host, peer.port)
             return {"world": state.world().to_wire()}
+        if t == "status":  # for operators (`collnet status`): needs no registration
+            return {"status": coordinator_status(self.service)}
         if self.peer_id is None:
             raise ProtocolError(f"{t!r} before register")
         if t == "update_topology":

@@ -48,6 +48,8 @@ class DaemonProc:
     ipc: str
     peer_id: str = ""
     data: str = ""
+    # HOST:PORT of its metrics endpoint, when started with --metrics-port.
+    metrics: str = ""
 
 
 @dataclass
@@ -65,6 +67,7 @@ class LocalCluster:
     _own_workdir: bool = False
     coordinator: subprocess.Popen[bytes] | None = None
     coordinator_addr: str = ""
+    coordinator_metrics: str = ""
     daemons: list[DaemonProc] = field(default_factory=list)
     _next_index: int = 0
 
@@ -121,7 +124,9 @@ class LocalCluster:
             ],
             "coordinator.log",
         )
-        self.coordinator_addr = self._await_ready(ready, self.coordinator, "coordinator")["address"]
+        info = self._await_ready(ready, self.coordinator, "coordinator")
+        self.coordinator_addr = info["address"]
+        self.coordinator_metrics = info.get("metrics", "")
         for _ in range(self.peers):
             self.add_daemon()
         return self
@@ -174,6 +179,7 @@ class LocalCluster:
         self.daemons.append(d)
         info = self._await_ready(ready, proc, f"daemon {i}")
         d.peer_id, d.data = info["peer"], info["data"]
+        d.metrics = info.get("metrics", "")
         return d
 
     def kill(self, d: DaemonProc, sig: int = signal.SIGKILL) -> None:

@@ -41,6 +41,7 @@ from collnet_daemon.collectives import CollectiveRun, Router
 from collnet_daemon.config import DaemonConfig
 from collnet_daemon.control import CoordinatorClient
 from collnet_daemon.ipc import IpcServer
+from collnet_daemon.metrics import DaemonMetrics
 from collnet_daemon.statesync import StateSync
 
 log = logging.getLogger(__name__)
@@ -72,7 +73,8 @@ class Daemon:
         self.state = StateSync(self.id, config.state_chunk_bytes, self.mesh.link_if_ready)
         self.router.state = self.state
         self.coord = CoordinatorClient(self._on_world_push, config.liveness, config.secret)
-        self.ipc = IpcServer(config.ipc, self.handle)
+        self.metrics = DaemonMetrics(self)  # served only if the CLI asks (--metrics-port)
+        self.ipc = IpcServer(config.ipc, self.metrics.observed(self.handle))
         self.world = WorldView(0, ())
         self.worlds: dict[int, WorldView] = {}
         self.data_addr: tuple[str, int] = ("", 0)

@@ -144,12 +144,14 @@ def start_peers(
     extra_args: Sequence[str] = (),
     admit: bool = True,
     secret_file: Path | None = None,
+    coordinator_args: Sequence[str] = (),
 ) -> Peers:
     """Start a coordinator and ``n`` daemons; connect to each; admit them all if ``admit``."""
     cluster = LocalCluster(
         peers=n,
         connections=connections,
         extra_args=list(extra_args),
+        coordinator_args=list(coordinator_args),
         workdir=workdir,
         secret_file=secret_file,
     )

@@ -1,7 +1,7 @@
 """The pure core stays pure: no I/O modules, no environment reads.
 
-``wire``, ``codec``, ``algo``, ``membership`` and ``state`` are sans-I/O state
-machines and functions; this test walks their source so a stray import of
+``wire``, ``codec``, ``algo``, ``membership``, ``state`` and ``topology`` are
+sans-I/O state machines and functions; this test walks their source so a stray import of
 asyncio, socket or zmq (or a read of os.environ) fails CI, not a review.
 """
 
@@ -14,7 +14,7 @@ import pytest
 
 import collnet
 
-PURE = ("wire", "codec", "algo", "membership", "state")
+PURE = ("wire", "codec", "algo", "membership", "state", "topology")
 FORBIDDEN_MODULES = {
     "asyncio",
     "socket",

@@ -1,0 +1,67 @@
+"""Measured bandwidth of a link, from the large messages it carries anyway.
+
+No probe traffic: the meter watches pieces of collectives arrive. A *busy
+window* opens when a large piece starts arriving while none is in flight and
+closes when the last one in flight completes; long windows are cut every
+``sample_period_s`` so a transfer of many gigabytes still yields samples while
+it runs. One sample is the bytes that arrived in a window over its duration:
+what the link achieved while it was busy (idle time between collectives does
+not dilute it). Bytes are read from the link's received-byte counter rather
+than summed from piece sizes, so a piece straddling a cut counts in each
+window with what arrived there. Samples smaller than ``min_sample_bytes`` say
+more about latency than bandwidth and are dropped. The estimate is an
+exponentially weighted mean of the samples.
+
+Pieces striped over K connections overlap in time, which is why the window
+spans all of them rather than timing each piece: one piece alone gets only
+its connection's share of the link.
+
+Pure: callers pass the clock in.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class ThroughputMeter:
+    min_sample_bytes: int = 1 << 20
+    sample_period_s: float = 1.0
+    # Weight of a new sample: a few windows follow a changed link.
+    alpha: float = 0.3
+    bytes_per_s: float | None = None
+    samples: int = 0
+    _in_flight: int = 0
+    _window_start_s: float = 0.0
+    _window_start_bytes: int = 0
+
+    def begin(self, now_s: float, received_bytes: int) -> None:
+        """A large piece started arriving; ``received_bytes`` is the link's byte counter."""
+        if self._in_flight == 0:
+            self._window_start_s = now_s
+            self._window_start_bytes = received_bytes
+        self._in_flight += 1
+
+    def end(self, now_s: float, received_bytes: int) -> None:
+        """One of the pieces in flight finished arriving."""
+        if self._in_flight == 0:
+            return  # an end without a begin (the meter was attached mid-piece)
+        self._in_flight -= 1
+        elapsed_s = now_s - self._window_start_s
+        if self._in_flight == 0 or elapsed_s >= self.sample_period_s:
+            # The byte counter, not the pieces' sizes: pieces straddling a cut
+            # count only the bytes that arrived inside the window.
+            self._sample(received_bytes - self._window_start_bytes, elapsed_s)
+            self._window_start_s = now_s
+            self._window_start_bytes = received_bytes
+
+    def _sample(self, nbytes: int, elapsed_s: float) -> None:
+        if nbytes < self.min_sample_bytes or elapsed_s <= 0:
+            return
+        rate = nbytes / elapsed_s
+        if self.bytes_per_s is None:
+            self.bytes_per_s = rate
+        else:
+            self.bytes_per_s += self.alpha * (rate - self.bytes_per_s)
+        self.samples += 1

@@ -1,0 +1,79 @@
+"""The link bandwidth meter, driven with a fake clock and byte counter."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from collnet.topology.throughput import ThroughputMeter
+
+MIB = 1 << 20
+
+
+def test_striped_pieces_in_flight_together_measure_the_whole_link() -> None:
+    meter = ThroughputMeter()
+    # Four 4 MiB pieces on four connections, all arriving over the same second.
+    for _ in range(4):
+        meter.begin(10.0, 0)
+    for _ in range(4):
+        meter.end(11.0, 16 * MIB)
+    assert meter.bytes_per_s == pytest.approx(16 * MIB)
+    assert meter.samples == 1
+
+
+def test_idle_time_between_transfers_does_not_dilute_the_estimate() -> None:
+    meter = ThroughputMeter(alpha=1.0)
+    meter.begin(0.0, 0)
+    meter.end(0.5, 8 * MIB)
+    meter.begin(100.0, 8 * MIB)  # a long pause, then the same rate again
+    meter.end(100.5, 16 * MIB)
+    assert meter.bytes_per_s == pytest.approx(16 * MIB)
+    assert meter.samples == 2
+
+
+def test_small_windows_are_not_samples() -> None:
+    meter = ThroughputMeter(min_sample_bytes=MIB)
+    meter.begin(0.0, 0)
+    meter.end(0.001, 64 * 1024)
+    assert meter.bytes_per_s is None and meter.samples == 0
+
+
+def test_a_long_busy_stretch_yields_samples_while_it_runs() -> None:
+    meter = ThroughputMeter(sample_period_s=1.0)
+    t, received = 0.0, 0
+    meter.begin(t, received)
+    for _ in range(10):  # pieces overlap: the window never empties
+        meter.begin(t, received)
+        t += 0.5
+        received += 50 * MIB
+        meter.end(t, received)
+    assert meter.samples >= 4
+    assert meter.bytes_per_s == pytest.approx(100 * MIB)
+
+
+def test_an_end_without_a_begin_is_ignored() -> None:
+    meter = ThroughputMeter()
+    meter.end(1.0, 100 * MIB)
+    assert meter.bytes_per_s is None
+
+
+@given(
+    st.lists(
+        st.tuples(st.floats(0.001, 5.0), st.integers(1, 1 << 30)),
+        min_size=1,
+        max_size=30,
+    )
+)
+def test_estimate_stays_within_the_range_of_the_samples(pieces: list[tuple[float, int]]) -> None:
+    meter = ThroughputMeter(min_sample_bytes=1)
+    t, received = 0.0, 0
+    rates = []
+    for duration_s, nbytes in pieces:
+        meter.begin(t, received)
+        t += duration_s
+        received += nbytes
+        meter.end(t, received)
+        rates.append(nbytes / duration_s)
+    assert meter.bytes_per_s is not None
+    assert min(rates) * (1 - 1e-9) <= meter.bytes_per_s <= max(rates) * (1 + 1e-9)
