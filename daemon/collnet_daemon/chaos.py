@@ -6,14 +6,20 @@ trainer loops over rounds:
 
 1. ``update_topology()``: the barrier among the active members that also
    admits pending joiners; it returns the world of the round.
-2. (shared-state sync goes here once the daemon offers it: the daemon has no
-   ``sync_state`` yet, so this step is absent rather than faked.)
+2. ``sync_state()`` of the trainer's shared state (a few tensors in shared
+   memory at a revision): a joiner or a restarted peer starts from zeros at
+   revision 0, a member whose last round failed is one revision behind, and
+   both must fetch the newest state from the holders. Checked: the sync says
+   every member is in parity, the bytes the trainer now holds hash to the
+   digest it reported, and every member of the round reports the same digest;
 3. an all-reduce of a tensor that depends only on (the trainer's peer id, the
    epoch, the round number in that epoch), so the numpy reference over exactly
    the peers of that world can be computed anywhere;
 4. checks: the result equals the reference (exactly for the integer-valued
    half, within a float32 bound for the rest, within the quantization bound in
-   uint8 rounds), and every participant of the round got the same bytes.
+   uint8 rounds), and every participant of the round got the same bytes; then
+   the state moves to the next revision by a deterministic function of the
+   (bit-identical) result, as an outer optimizer step would.
 
 A round is named by ``(epoch, k)``: ``k`` counts the rounds a trainer started
 in that epoch and restarts at 0 in a new one. Every member of an epoch runs
@@ -70,6 +76,7 @@ from collnet.errors import (
     PeerLost,
     Timeout,
 )
+from collnet.state import manifest_of
 from collnet_daemon.localcluster import DaemonProc, LocalCluster
 from collnet_daemon.up import error_bound
 
@@ -110,6 +117,8 @@ class ChaosConfig:
     seed: int | None = None
     kill_every_s: float = 3.0
     nbytes: int = 1 << 20
+    # Size of each trainer's shared state (synced every round).
+    state_bytes: int = 4 << 20
     # Per-call deadline of every update_topology and all-reduce: a call that
     # runs into it is a hang.
     call_timeout_s: float = 20.0
@@ -245,6 +254,11 @@ class Recorder:
         self.bugs: list[str] = []
         self.anomalies: list[str] = []
         self.victim_errors: Counter[str] = Counter()
+        # (epoch, k) -> peer -> the state digest it holds after that round's sync
+        self.syncs: dict[tuple[int, int], dict[str, str]] = {}
+        self.synced_calls = 0
+        self.fetched_bytes = 0
+        self.state_divergences: list[str] = []
 
     def event(self, msg: str, *args: Any, level: int = logging.INFO) -> None:
         text = msg % args if args else msg
@@ -302,6 +316,22 @@ class Recorder:
             new = self.divergences[before:]
         for line in new:
             self.event("DIVERGENT %s", line, level=logging.ERROR)
+
+    def synced(
+        self, key: tuple[int, int], peer: str, digest: str, fetched: int, problem: str | None
+    ) -> None:
+        with self._lock:
+            self.synced_calls += 1
+            self.fetched_bytes += fetched
+            held = self.syncs.setdefault(key, {})
+            other = next(iter(held.items()), None)
+            held[peer] = digest
+            if problem is None and other is not None and other[1] != digest:
+                problem = f"its state digest {digest[:12]} differs from {other[0]}'s"
+            if problem is not None:
+                self.state_divergences.append(f"sync {key} on {peer}: {problem}")
+        if problem is not None:
+            self.event("DIVERGENT STATE sync %s on %s: %s", key, peer, problem, level=logging.ERROR)
 
     def failure(
         self, key: tuple[int, int] | None, peer: str, op: str, exc: CollnetError, end: bool
@@ -485,6 +515,10 @@ class Trainer:
             raise
         n = cfg.nbytes // 4
         buf = comm.empty(n, np.float32)
+        m = max(1, cfg.state_bytes // 4)
+        # Fresh (a joiner's, or a restarted peer's) state: zeros at revision 0.
+        state = {"w": comm.zeros(m, np.float32), "steps": comm.zeros(1, np.int64)}
+        revision = 0
         epoch, k = -1, 0
         member = False
         backoff = 0.0
@@ -518,7 +552,27 @@ class Trainer:
             key = (epoch, k)
             k += 1
             rec.world_of(key, world.peers, self.peer)
-            # 2. Shared-state sync belongs here (comm.sync_state, not in the daemon yet).
+            # 2. Shared-state sync: everyone leaves with the newest state, bit-identical.
+            try:
+                self._enter("sync", key)
+                synced = self._timed(
+                    "sync_state",
+                    key,
+                    functools.partial(comm.sync_state, state, revision, timeout_s=timeout),
+                )
+            except CollnetError as exc:
+                self._failed(key, "sync_state", exc)
+                continue
+            finally:
+                self._enter("other", None)
+            revision = synced.revision
+            held = manifest_of(state, revision).state_digest()
+            problem = None
+            if not synced.in_parity:
+                problem = "sync_state reported members out of parity"
+            elif held != synced.state_digest:
+                problem = f"holds {held[:12]}, the sync reported {synced.state_digest[:12]}"
+            rec.synced(key, self.peer, held, synced.bytes_fetched, problem)
             # 3. The all-reduce of the round.
             codec, algo = _round_plan(key[1], cfg.quantized)
             np.copyto(buf, peer_input(run.seed, self.peer, *key, n, codec))
@@ -548,6 +602,14 @@ class Trainer:
                 # The evidence, next to the logs: the result this trainer got.
                 np.save(run.logdir / f"divergent-{key[0]}-{key[1]}-{self.peer}.npy", buf)
             rec.completed(key, self.peer, digest, problem)
+            # The outer step: a deterministic function of the state and the
+            # bit-identical result, so the members that completed the round hold
+            # equal states at the next revision (and the others fetch it).
+            w = state["w"]
+            w *= np.float32(0.5)
+            w[: min(m, n)] += buf[: min(m, n)]
+            state["steps"] += 1
+            revision += 1
             if codec == "none" and buf[0] > 0:
                 # Everyone who completed this round saw the same vote: stop together.
                 try:
@@ -873,7 +935,8 @@ class ChaosRun:
         freeze = rec.detect["freeze"]
         max_detect = max(kill, default=0.0)
         max_freeze = max(freeze, default=0.0)
-        divergent = sum(1 for r in rounds if r.divergent)
+        divergent_states = len(rec.state_divergences)
+        divergent = sum(1 for r in rounds if r.divergent) + divergent_states
         summary: dict[str, Any] = {
             "completed": completed,
             "completed_calls": rec.completed_calls,
@@ -891,6 +954,10 @@ class ChaosRun:
             "detect_bound_s": KILL_DETECT_BOUND_S,
             "freeze_detect_bound_s": FREEZE_DETECT_BOUND_S,
             "divergent": divergent,
+            "divergent_states": divergent_states,
+            "syncs": len(rec.syncs),
+            "sync_calls": rec.synced_calls,
+            "sync_fetched_bytes": rec.fetched_bytes,
             "hangs": len(rec.hangs),
             "stalls": len(rec.stalls),
             "max_call_s": {k: round(v, 3) for k, v in sorted(rec.max_call_s.items())},
@@ -905,12 +972,12 @@ class ChaosRun:
             "duration_s": round(duration_s, 2),
             "seed": self.seed,
             "bytes": self.cfg.nbytes,
-            "state_sync": "not in the daemon yet",
+            "state_bytes": self.cfg.state_bytes,
         }
         details = {
             "hang_details": rec.hangs,
             "stall_details": rec.stalls,
-            "divergence_details": rec.divergences,
+            "divergence_details": rec.divergences + rec.state_divergences,
             "bug_details": rec.bugs,
             "anomaly_details": rec.anomalies,
             "unattributed_details": rec.unattributed,
@@ -958,7 +1025,11 @@ def print_table(s: dict[str, Any]) -> None:
         ("stalls", f"{s['stalls']} (max call {_fmt_calls(s['max_call_s'])})"),
         ("bugs / anomalies", f"{s['bugs']} / {s['anomalies']}"),
         ("peers at the end", str(s["peers_final"])),
-        ("state sync", s["state_sync"]),
+        (
+            "state syncs",
+            f"{s['syncs']} ({s['sync_calls']} calls, {s['sync_fetched_bytes'] / 2**20:.1f} MiB "
+            f"fetched, {s['divergent_states']} divergent)",
+        ),
     ]
     for name, value in rows:
         print(f"  {name:<22} {value}")

@@ -322,6 +322,9 @@ def up(
     "--kill-every", default="3s", show_default=True, help="Mean interval between disturbances."
 )
 @click.option("--size", default="1MiB", show_default=True, help="Tensor size per all-reduce.")
+@click.option(
+    "--state-size", default="4MiB", show_default=True, help="Shared state synced every round."
+)
 @click.option("--connections", default=2, show_default=True, type=click.IntRange(1, 64))
 @click.option(
     "--call-timeout", default="20s", show_default=True, help="Deadline of every call (a hang)."
@@ -339,6 +342,7 @@ def chaos(
     seed: int | None,
     kill_every: str,
     size: str,
+    state_size: str,
     connections: int,
     call_timeout: str,
     quantized: bool,
@@ -361,6 +365,7 @@ def chaos(
             seed=seed,
             kill_every_s=chaos_mod.parse_duration(kill_every),
             nbytes=parse_size(size),
+            state_bytes=parse_size(state_size),
             connections=connections,
             call_timeout_s=chaos_mod.parse_duration(call_timeout),
             quantized=quantized,

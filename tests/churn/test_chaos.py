@@ -50,6 +50,7 @@ def _explain(summary: dict[str, Any]) -> str:
 def _assert_invariants(s: dict[str, Any]) -> None:
     why = _explain(s)
     assert s["divergent"] == 0, why
+    assert s["divergent_states"] == 0, why
     assert s["hangs"] == 0, why
     assert s["stalls"] == 0, why
     assert s["bugs"] == 0, why
@@ -128,6 +129,9 @@ def test_short_churn_run_has_no_divergence_no_hang_and_bounded_detection(
     assert s["completed"] >= 50, why
     assert s["killed"] >= 1, why
     assert s["joined"] >= 1, why
+    # Every completed round began with a sync, and joiners fetched real bytes.
+    assert s["syncs"] >= s["completed"], why
+    assert s["sync_fetched_bytes"] >= cfg.state_bytes, why
 
 
 @pytest.mark.timeout(120)
@@ -159,3 +163,4 @@ def test_sixty_second_churn_run_of_six_peers_meets_the_bar(tmp_path: Path) -> No
     assert s["completed"] >= 200, why
     assert s["killed"] >= 5, why
     assert s["joined"] >= 2, why
+    assert s["syncs"] >= s["completed"], why
