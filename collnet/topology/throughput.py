@@ -21,6 +21,7 @@ Pure: callers pass the clock in.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 
@@ -36,14 +37,18 @@ class ThroughputMeter:
     _window_start_s: float = 0.0
     _window_start_bytes: int = 0
 
-    def begin(self, now_s: float, received_bytes: int) -> None:
-        """A large piece started arriving; ``received_bytes`` is the link's byte counter."""
+    def begin(self, now_s: float, received_bytes: Callable[[], int]) -> None:
+        """A large piece started arriving; ``received_bytes()`` reads the link's byte counter.
+
+        The counter is read only where a window opens or closes: summing it over
+        K connections for every piece would cost more than everything else here.
+        """
         if self._in_flight == 0:
             self._window_start_s = now_s
-            self._window_start_bytes = received_bytes
+            self._window_start_bytes = received_bytes()
         self._in_flight += 1
 
-    def end(self, now_s: float, received_bytes: int) -> None:
+    def end(self, now_s: float, received_bytes: Callable[[], int]) -> None:
         """One of the pieces in flight finished arriving."""
         if self._in_flight == 0:
             return  # an end without a begin (the meter was attached mid-piece)
@@ -52,9 +57,10 @@ class ThroughputMeter:
         if self._in_flight == 0 or elapsed_s >= self.sample_period_s:
             # The byte counter, not the pieces' sizes: pieces straddling a cut
             # count only the bytes that arrived inside the window.
-            self._sample(received_bytes - self._window_start_bytes, elapsed_s)
+            received = received_bytes()
+            self._sample(received - self._window_start_bytes, elapsed_s)
             self._window_start_s = now_s
-            self._window_start_bytes = received_bytes
+            self._window_start_bytes = received
 
     def _sample(self, nbytes: int, elapsed_s: float) -> None:
         if nbytes < self.min_sample_bytes or elapsed_s <= 0:

@@ -142,14 +142,14 @@ class PeerLink:
     def payload_sink(self, conn: FrameConnection, header: Header, meta: Any) -> memoryview | None:
         if header.kind == FrameKind.DATA:
             if header.payload_len >= METERED_PIECE_BYTES:
-                self.rx_meter.begin(time.monotonic(), self.bytes_received())
+                self.rx_meter.begin(time.monotonic(), self.bytes_received)
             return self.router.data_sink(self.peer, meta, header.payload_len)
         return None
 
     def on_frame(self, conn: FrameConnection, frame: Frame) -> None:
         if frame.kind == FrameKind.DATA:
             if len(frame.payload) >= METERED_PIECE_BYTES:
-                self.rx_meter.end(time.monotonic(), self.bytes_received())
+                self.rx_meter.end(time.monotonic(), self.bytes_received)
             self.router.on_data(self.peer, frame.meta, frame.payload)
         elif frame.kind == FrameKind.HEARTBEAT:
             self.heartbeat.on_frame(frame.meta)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -11,50 +13,55 @@ from collnet.topology.throughput import ThroughputMeter
 MIB = 1 << 20
 
 
+def counter(value: int) -> Callable[[], int]:
+    """A byte counter that reads ``value``."""
+    return lambda: value
+
+
 def test_striped_pieces_in_flight_together_measure_the_whole_link() -> None:
     meter = ThroughputMeter()
     # Four 4 MiB pieces on four connections, all arriving over the same second.
     for _ in range(4):
-        meter.begin(10.0, 0)
+        meter.begin(10.0, counter(0))
     for _ in range(4):
-        meter.end(11.0, 16 * MIB)
+        meter.end(11.0, counter(16 * MIB))
     assert meter.bytes_per_s == pytest.approx(16 * MIB)
     assert meter.samples == 1
 
 
 def test_idle_time_between_transfers_does_not_dilute_the_estimate() -> None:
     meter = ThroughputMeter(alpha=1.0)
-    meter.begin(0.0, 0)
-    meter.end(0.5, 8 * MIB)
-    meter.begin(100.0, 8 * MIB)  # a long pause, then the same rate again
-    meter.end(100.5, 16 * MIB)
+    meter.begin(0.0, counter(0))
+    meter.end(0.5, counter(8 * MIB))
+    meter.begin(100.0, counter(8 * MIB))  # a long pause, then the same rate again
+    meter.end(100.5, counter(16 * MIB))
     assert meter.bytes_per_s == pytest.approx(16 * MIB)
     assert meter.samples == 2
 
 
 def test_small_windows_are_not_samples() -> None:
     meter = ThroughputMeter(min_sample_bytes=MIB)
-    meter.begin(0.0, 0)
-    meter.end(0.001, 64 * 1024)
+    meter.begin(0.0, counter(0))
+    meter.end(0.001, counter(64 * 1024))
     assert meter.bytes_per_s is None and meter.samples == 0
 
 
 def test_a_long_busy_stretch_yields_samples_while_it_runs() -> None:
     meter = ThroughputMeter(sample_period_s=1.0)
     t, received = 0.0, 0
-    meter.begin(t, received)
+    meter.begin(t, counter(received))
     for _ in range(10):  # pieces overlap: the window never empties
-        meter.begin(t, received)
+        meter.begin(t, counter(received))
         t += 0.5
         received += 50 * MIB
-        meter.end(t, received)
+        meter.end(t, counter(received))
     assert meter.samples >= 4
     assert meter.bytes_per_s == pytest.approx(100 * MIB)
 
 
 def test_an_end_without_a_begin_is_ignored() -> None:
     meter = ThroughputMeter()
-    meter.end(1.0, 100 * MIB)
+    meter.end(1.0, counter(100 * MIB))
     assert meter.bytes_per_s is None
 
 
@@ -70,10 +77,10 @@ def test_estimate_stays_within_the_range_of_the_samples(pieces: list[tuple[float
     t, received = 0.0, 0
     rates = []
     for duration_s, nbytes in pieces:
-        meter.begin(t, received)
+        meter.begin(t, counter(received))
         t += duration_s
         received += nbytes
-        meter.end(t, received)
+        meter.end(t, counter(received))
         rates.append(nbytes / duration_s)
     assert meter.bytes_per_s is not None
     assert min(rates) * (1 - 1e-9) <= meter.bytes_per_s <= max(rates) * (1 + 1e-9)
