@@ -2,13 +2,19 @@
 
 Control messages are msgpack over a pyzmq DEALER socket; tensor bytes stay in
 shared memory that both processes map. Arrays allocated with
-``Comm.empty``/``Comm.zeros`` live in shared memory already and are reduced in
-place with no copy; any other numpy array is copied into a staging segment
-and back (one copy each way).
+``Comm.empty``/``Comm.zeros`` (and CPU torch tensors over them) live in shared
+memory already and are reduced in place with no copy; any other numpy array
+or CPU tensor is copied into a staging segment and back (one copy each way);
+a CUDA tensor is copied device-to-host into staging and back on success.
+
+A daemon that exits or is killed closes the IPC connection; a zmq socket
+monitor sees that, and every call waiting on it fails at once with
+``DaemonUnavailable`` instead of waiting out its timeout.
 """
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import itertools
 import os
@@ -23,10 +29,14 @@ import msgpack
 import numpy as np
 import numpy.typing as npt
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from collnet.algo.ops import DTYPE_BY_NAME
-from collnet.errors import CollnetError, DaemonUnavailable, InvalidArgument, Timeout
+from collnet.codec.minmax import DEFAULT_BLOCK_SIZE
+from collnet.errors import CollnetError, DaemonUnavailable, InvalidArgument, PeerLost, Timeout
 from collnet.transport.shm import SharedBuffer
+from collnet_client.feedback import ErrorFeedback
+from collnet_client.tensors import HostTensor, host_tensor, is_torch_tensor
 
 DEFAULT_TIMEOUT_S = 600.0
 
@@ -78,45 +88,80 @@ class SyncResult:
 
 
 class Handle:
-    """An all-reduce in flight; ``wait()`` returns the reduced array."""
+    """An all-reduce in flight.
 
-    def __init__(
-        self,
-        comm: Comm,
-        rid: int,
-        result: npt.NDArray[Any],
-        staging: tuple[SharedBuffer, npt.NDArray[Any]] | None,
-    ) -> None:
+    ``wait()`` returns the caller's tensor, reduced in place (or raises the
+    typed error of a failed collective); ``done()`` says whether ``wait()``
+    would return at once; ``cancel()`` aborts the collective on every peer.
+    Several handles may be in flight at once.
+    """
+
+    def __init__(self, comm: Comm, request: _AllReduce) -> None:
         self._comm = comm
-        self._rid = rid
-        self._result = result
-        self._staging = staging
-        self._done = False
+        self._req = request
+        self._finished = False
+        self._error: CollnetError | None = None
+
+    @property
+    def tag(self) -> int | str:
+        return self._req.tag
+
+    @property
+    def epoch(self) -> int:
+        return self._req.epoch
 
     def done(self) -> bool:
-        if not self._done:
-            self._done = self._comm._poll_reply(self._rid)
-        return self._done
+        if not self._finished:
+            return self._comm._poll_reply(self._req.rid)
+        return True
 
-    def wait(self, timeout_s: float | None = None) -> npt.NDArray[Any]:
-        staging, self._staging = self._staging, None
-        try:
+    def wait(self, timeout_s: float | None = None) -> Any:
+        if not self._finished:
             try:
-                self._comm._wait_reply(self._rid, timeout_s)
+                self._comm._finish_all_reduce(self._req, timeout_s)
             except CollnetError as exc:
-                # A staged tensor is only written back on success: it still holds
-                # the caller's input, so a retry is correct as it stands.
-                if staging is not None:
-                    exc.fields["buffer_modified"] = False
-                raise
-            if staging is not None:
-                view = staging[1][: self._result.nbytes].view(self._result.dtype)
-                np.copyto(self._result, view.reshape(self._result.shape))
-        finally:
-            self._done = True
-            if staging is not None:
-                self._comm._staging.append(staging)
-        return self._result
+                self._error = exc
+            finally:
+                self._finished = True
+        if self._error is not None:
+            raise self._error
+        return self._req.host.original
+
+    def cancel(self, timeout_s: float = 30.0) -> bool:
+        """Abort this collective on every peer (they get ``CollectiveAborted``).
+
+        Returns True if it was aborted, False if it had finished first. When
+        it returns, the daemon no longer touches the tensor. A cancel that
+        races with completion may leave other peers finishing it: treat a
+        cancelled step as failed everywhere (call ``update_topology``, sync).
+        """
+        if self._finished or self.done():
+            return False
+        req = self._req
+        req.retries = 0
+        self._comm._call("cancel", timeout_s=timeout_s, epoch=req.epoch, tag=req.tag)
+        try:
+            self.wait(timeout_s)
+        except CollnetError:
+            return True
+        return False
+
+
+@dataclass
+class _AllReduce:
+    """One all-reduce request as the SDK tracks it across retries."""
+
+    host: HostTensor
+    fields: dict[str, Any]
+    tag: int | str
+    epoch: int
+    rid: int
+    # The host array the daemon reduces: a view of the caller's bytes, or staging.
+    view: npt.NDArray[Any]
+    staging: tuple[SharedBuffer, npt.NDArray[Any]] | None
+    retries: int
+    # The input as sent, kept only when retries are allowed (the daemon reduces in place).
+    saved: npt.NDArray[Any] | None
 
 
 class Comm:
@@ -129,9 +174,15 @@ class Comm:
         if path != address and not path.startswith("@") and not os.path.exists(path):
             # zmq would wait for the socket to appear: fail now, not after the hello timeout.
             raise DaemonUnavailable(f"no daemon listens at {address} ({path} does not exist)")
-        self._ctx = zmq.Context.instance()
+        self._ctx: zmq.Context[Any] = zmq.Context.instance()
         self._sock = self._ctx.socket(zmq.DEALER)
         self._sock.setsockopt(zmq.LINGER, 0)
+        # Sees the daemon's side of the connection close (exit, kill -9).
+        self._monitor = self._sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        self._poller = zmq.Poller()
+        self._poller.register(self._sock, zmq.POLLIN)
+        self._poller.register(self._monitor, zmq.POLLIN)
+        self._lost: str | None = None
         self._sock.connect(address)
         self._lock = threading.Lock()
         self._ids = itertools.count(1)
@@ -141,6 +192,10 @@ class Comm:
         # its id from being reused by an unrelated array once the caller drops it;
         # a reused id would send a plain array's all-reduce to a stale segment.
         self._segments: dict[int, tuple[SharedBuffer, npt.NDArray[Any]]] = {}
+        # Start addresses of the mapped segments (sorted) and the segment at each:
+        # any array lying inside one (a slice, a torch tensor over it) needs no copy.
+        self._starts: list[int] = []
+        self._by_start: dict[int, SharedBuffer] = {}
         self._staging: list[tuple[SharedBuffer, npt.NDArray[Any]]] = []
         self.closed = False
         try:
@@ -149,6 +204,7 @@ class Comm:
             self.close()
             raise DaemonUnavailable(f"no daemon answers at {address}") from None
         self.peer_id: str = hello["peer"]
+        self.feedback = ErrorFeedback(int(hello.get("codec_block_size") or DEFAULT_BLOCK_SIZE))
         # The epoch this trainer agreed to: set by update_topology (and at
         # connect), never by a mere look at the world. Collectives run in it, so
         # a world that shrank under the trainer fails them instead of silently
@@ -162,7 +218,14 @@ class Comm:
         return World.from_wire(self._call("world")["world"])
 
     def update_topology(self, timeout_s: float | None = None) -> World:
+        """Agree on the world with every active peer (a barrier); admits pending peers.
+
+        In a new epoch the default tags count from 1 again, so the members,
+        joiners included, agree on them without passing tags.
+        """
         self._world = World.from_wire(self._call("update_topology", timeout_s=timeout_s)["world"])
+        if self._world.epoch != self.epoch:
+            self._tags = itertools.count(1)
         self.epoch = self._world.epoch
         return self._world
 
@@ -176,6 +239,7 @@ class Comm:
         seg = SharedBuffer.create(n * dt.itemsize)
         base = seg.array(dt, n)
         self._segments[id(base)] = (seg, base)
+        self._index(seg, base)
         return base.reshape(shape)
 
     def zeros(
@@ -185,16 +249,28 @@ class Comm:
         arr.fill(0)
         return arr
 
+    def _index(self, seg: SharedBuffer, base: npt.NDArray[Any]) -> None:
+        start = int(base.__array_interface__["data"][0])
+        bisect.insort(self._starts, start)
+        self._by_start[start] = seg
+
     def _locate(self, arr: npt.NDArray[Any]) -> tuple[SharedBuffer, int] | None:
-        base = arr
-        while isinstance(base.base, np.ndarray):
-            base = base.base
-        entry = self._segments.get(id(base))
-        if entry is None or entry[1] is not base or not arr.flags.c_contiguous:
+        """The segment and offset of ``arr``'s bytes, if they are contiguous in one of ours.
+
+        By address rather than by ``arr.base``: a torch tensor over an SDK array
+        (``torch.from_numpy``) gives back numpy views with unrelated bases.
+        """
+        if not arr.flags.c_contiguous:
             return None
-        seg = entry[0]
-        offset = arr.__array_interface__["data"][0] - base.__array_interface__["data"][0]
-        return seg, offset
+        addr = int(arr.__array_interface__["data"][0])
+        i = bisect.bisect_right(self._starts, addr) - 1
+        if i < 0:
+            return None
+        start = self._starts[i]
+        seg = self._by_start[start]
+        if addr + arr.nbytes > start + seg.nbytes:
+            return None
+        return seg, addr - start
 
     def _stage(self, nbytes: int) -> tuple[SharedBuffer, npt.NDArray[Any]]:
         for i, (seg, _) in enumerate(self._staging):
@@ -206,51 +282,154 @@ class Comm:
     # -- collectives -------------------------------------------------------
     def all_reduce(
         self,
-        tensor: npt.NDArray[Any],
+        tensor: Any,
         op: str = "sum",
         codec: str = "none",
         algo: str = "auto",
         tag: int | str | None = None,
         timeout_s: float | None = None,
-    ) -> npt.NDArray[Any]:
-        """Reduce ``tensor`` across the world, in place; returns it."""
-        return self.all_reduce_async(tensor, op, codec, algo, tag, timeout_s).wait()
+        *,
+        retry: int = 0,
+        error_feedback: bool = False,
+        feedback_key: Any = None,
+    ) -> Any:
+        """Reduce ``tensor`` (numpy array or torch tensor) across the world, in place.
+
+        Returns the same tensor. See ``all_reduce_async`` for the arguments.
+        """
+        return self.all_reduce_async(
+            tensor,
+            op,
+            codec,
+            algo,
+            tag,
+            timeout_s,
+            retry=retry,
+            error_feedback=error_feedback,
+            feedback_key=feedback_key,
+        ).wait()
 
     def all_reduce_async(
         self,
-        tensor: npt.NDArray[Any],
+        tensor: Any,
         op: str = "sum",
         codec: str = "none",
         algo: str = "auto",
         tag: int | str | None = None,
         timeout_s: float | None = None,
+        *,
+        retry: int = 0,
+        error_feedback: bool = False,
+        feedback_key: Any = None,
     ) -> Handle:
-        dtype_name = tensor.dtype.name
-        if DTYPE_BY_NAME.get(dtype_name) != tensor.dtype:
+        """Start an all-reduce of ``tensor``; the returned handle's ``wait()`` finishes it.
+
+        ``op``: sum, avg, min, max, prod. ``codec``: none, fp16, bf16, uint8,
+        uint4 (quantized on the wire; every peer ends bit-identical). ``tag``
+        names the collective within the epoch: every peer must pass the same
+        (default: a counter that restarts at every new epoch).
+
+        ``retry``: on ``PeerLost``, up to this many times call
+        ``update_topology`` and run the same collective again in the shrunken
+        world, from the original input (kept in a copy for tensors reduced in
+        place). Every survivor must retry the same way; a survivor that had
+        already completed the collective does not, and the retry then fails
+        with ``Timeout``: use it where every survivor fails together (see
+        docs/sdk.md), or resolve a failed step with ``sync_state``.
+
+        ``error_feedback``: for a lossy codec, add the quantization error of
+        this tensor's previous call to its input (float32 only); the residual
+        is kept per ``feedback_key`` (default: the tensor's memory address).
+        """
+        host = host_tensor(tensor)
+        if DTYPE_BY_NAME.get(host.dtype.name) != host.dtype:
             raise InvalidArgument(
-                f"unsupported dtype {tensor.dtype}; use one of {list(DTYPE_BY_NAME)}"
+                f"unsupported dtype {host.dtype}; use one of {list(DTYPE_BY_NAME)}"
             )
-        where = self._locate(tensor)
+        where = self._locate(host.array) if host.array is not None else None
         staging = None
         if where is None:
-            staging = self._stage(tensor.nbytes)
-            np.copyto(staging[1][: tensor.nbytes].view(tensor.dtype), tensor.reshape(-1))
+            staging = self._stage(host.nbytes)
+            view = staging[1][: host.nbytes].view(host.dtype).reshape(host.shape)
+            host.copy_into(view)
             where = (staging[0], 0)
-        seg, offset = where
-        rid = self._send(
-            "all_reduce",
-            shm=seg.name,
-            offset=offset,
-            count=int(tensor.size),
-            dtype=dtype_name,
-            reduce=op,
-            codec=codec,
-            algo=algo,
+        else:
+            assert host.array is not None
+            view = host.array
+        if error_feedback:
+            key = _memory_key(tensor) if feedback_key is None else feedback_key
+            try:
+                self.feedback.apply(key, codec, view)
+            except BaseException:
+                if staging is not None:
+                    self._staging.append(staging)
+                raise
+        fields = {
+            "shm": where[0].name,
+            "offset": where[1],
+            "count": int(view.size),
+            "dtype": host.dtype.name,
+            "reduce": op,
+            "codec": codec,
+            "algo": algo,
+            "timeout_s": timeout_s,
+        }
+        req = _AllReduce(
+            host=host,
+            fields=fields,
             tag=next(self._tags) if tag is None else tag,
             epoch=self.epoch,
-            timeout_s=timeout_s,
+            rid=0,
+            view=view,
+            staging=staging,
+            retries=retry,
+            saved=view.copy() if retry > 0 else None,
         )
-        return Handle(self, rid, tensor, staging)
+        self._issue(req)
+        return Handle(self, req)
+
+    def _issue(self, req: _AllReduce) -> None:
+        req.epoch = self.epoch
+        try:
+            req.rid = self._send("all_reduce", tag=req.tag, epoch=req.epoch, **req.fields)
+        except BaseException:
+            self._unstage(req)
+            raise
+
+    def _unstage(self, req: _AllReduce) -> None:
+        staging, req.staging = req.staging, None
+        if staging is None:
+            return
+        if self.closed:
+            staging[0].close()
+        else:
+            self._staging.append(staging)
+
+    def _finish_all_reduce(self, req: _AllReduce, timeout_s: float | None) -> None:
+        """Wait for ``req``'s reply, retrying on PeerLost as it allows; write back."""
+        try:
+            while True:
+                try:
+                    self._wait_reply(req.rid, timeout_s)
+                    break
+                except CollnetError as exc:
+                    if isinstance(exc, PeerLost) and req.retries > 0 and req.saved is not None:
+                        req.retries -= 1
+                        np.copyto(req.view, req.saved)
+                        # Another handle's retry may have agreed on the new world already.
+                        if self.epoch == req.epoch:
+                            self.update_topology(timeout_s)
+                        self._issue(req)
+                        continue
+                    # A staged tensor is only written back on success: it still holds
+                    # the caller's input, so a retry is correct as it stands.
+                    if req.staging is not None:
+                        exc.fields["buffer_modified"] = False
+                    raise
+            if req.staging is not None:
+                req.host.copy_from(req.view)
+        finally:
+            self._unstage(req)
 
     # -- shared state ------------------------------------------------------
     def sync_state(
@@ -331,8 +510,13 @@ class Comm:
             with contextlib.suppress(zmq.ZMQError):
                 self._sock.send(msgpack.packb(msg, use_bin_type=True), zmq.NOBLOCK)
         self.closed = True
+        with contextlib.suppress(zmq.ZMQError):
+            self._sock.disable_monitor()
+        self._monitor.close(linger=0)
         self._sock.close(linger=200)
         self._segments.clear()
+        self._starts.clear()
+        self._by_start.clear()
         self._staging.clear()
         for seg in segments:
             seg.close()
@@ -349,6 +533,8 @@ class Comm:
     def _send(self, op: str, **fields: Any) -> int:
         if self.closed:
             raise DaemonUnavailable("this Comm is closed")
+        if self._lost is not None:
+            raise DaemonUnavailable(self._lost)
         rid = next(self._ids)
         msg = {"id": rid, "op": op, **{k: v for k, v in fields.items() if v is not None}}
         with self._lock:
@@ -362,17 +548,31 @@ class Comm:
     def _poll_reply(self, rid: int) -> bool:
         with self._lock:
             self._drain(0)
-            return rid in self._replies
+            return rid in self._replies or self._lost is not None
 
     def _drain(self, timeout_ms: int) -> None:
-        if self._sock.poll(timeout_ms, zmq.POLLIN):
+        ready = dict(self._poller.poll(timeout_ms))
+        if self._sock in ready:
             while True:
                 try:
                     body = self._sock.recv(zmq.NOBLOCK)
                 except zmq.Again:
-                    return
+                    break
                 reply = msgpack.unpackb(body, raw=False)
                 self._replies[int(reply.get("id") or 0)] = reply
+        if self._monitor in ready:
+            while True:
+                try:
+                    event = recv_monitor_message(self._monitor, zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                if event["event"] == zmq.EVENT_DISCONNECTED and self._lost is None:
+                    # The daemon's state (world, collectives) died with it: a daemon
+                    # restarted at this address is another peer, so this Comm stays lost.
+                    self._lost = (
+                        f"the daemon at {self.address} ({getattr(self, 'peer_id', '?')}) "
+                        "closed the connection: it exited or was killed"
+                    )
 
     def _wait_reply(self, rid: int, timeout_s: float | None) -> dict[str, Any]:
         limit = self.timeout_s if timeout_s is None else timeout_s
@@ -388,11 +588,20 @@ class Comm:
                         )
                     self._drain(int(min(left, 0.05) * 1000) + 1)
                     reply = self._replies.pop(rid, None)
+                    if reply is None and self._lost is not None:
+                        raise DaemonUnavailable(self._lost)
             if reply is not None:
                 break
         if not reply.get("ok"):
             raise CollnetError.from_wire(reply.get("error") or {})
         return reply
+
+
+def _memory_key(tensor: Any) -> tuple[str, int, int]:
+    """Where ``tensor``'s bytes live: the default key of its error-feedback residual."""
+    if is_torch_tensor(tensor):
+        return (str(tensor.device), int(tensor.data_ptr()), int(tensor.nbytes))
+    return ("cpu", int(tensor.__array_interface__["data"][0]), int(tensor.nbytes))
 
 
 def connect(address: str | None = None, timeout_s: float = DEFAULT_TIMEOUT_S) -> Comm:

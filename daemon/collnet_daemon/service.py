@@ -37,6 +37,7 @@ from collnet.transport.link import PeerLink
 from collnet.transport.mesh import Mesh
 from collnet.transport.shm import SharedBuffer
 from collnet.wire import FrameKind
+from collnet_daemon import clientops
 from collnet_daemon.collectives import CollectiveRun, Router
 from collnet_daemon.config import DaemonConfig
 from collnet_daemon.control import CoordinatorClient
@@ -262,6 +263,10 @@ class Daemon:
             return {}
         if op == "sync_state":
             return await self.sync_state(req)
+        if op == "cancel":
+            return clientops.cancel(self, req)
+        if op == "bench_all_reduce":
+            return await clientops.bench_all_reduce(self, req)
         if op == "release":
             buf = self.buffers.pop(_field(req, "shm", str), None)
             if buf is not None:
