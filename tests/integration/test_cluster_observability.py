@@ -22,6 +22,7 @@ from cluster_harness import (
     CALL_TIMEOUT_S,
     Peers,
     fresh_tag,
+    run_on_all,
     run_on_all_outcomes,
     running_peers,
     wait_until,
@@ -190,10 +191,18 @@ def _status(coordinator: str, *extra: str) -> subprocess.CompletedProcess[str]:
 
 
 @pytest.mark.timeout(90)
-def test_collnet_status_shows_members_pending_peers_and_control_rtts(tmp_path: Path) -> None:
+def test_collnet_status_shows_members_pending_peers_revisions_and_control_rtts(
+    tmp_path: Path,
+) -> None:
     secret = tmp_path / "secret.key"
     secret.write_text(secrets.token_hex(32) + "\n")
     with running_peers(2, tmp_path / "c", secret_file=secret) as p:
+        # Peer 1 holds a newer revision: the sync brings peer 0 to it.
+        states = [{"w": np.full(1000, float(rank), np.float32)} for rank in range(2)]
+        synced = run_on_all(
+            p.comms, lambda r, c: c.sync_state(states[r], 6 + r, timeout_s=CALL_TIMEOUT_S)
+        )
+        assert all(res.in_parity and res.revision == 7 for res in synced)
         joiner = p.cluster.add_daemon()  # registered, not admitted yet
         addr = p.cluster.coordinator_addr
 
@@ -213,6 +222,10 @@ def test_collnet_status_shows_members_pending_peers_and_control_rtts(tmp_path: P
         assert rows[joiner.peer_id]["rank"] is None
         assert all(r["connected"] for r in rows.values())
         assert rows[members[0]]["data"] == p.cluster.daemons[0].data
+        for m in members:
+            assert rows[m]["revision"] == 7
+            assert rows[m]["state_digest"] == synced[0].state_digest
+        assert "revision" not in rows[joiner.peer_id]
 
         # Control-connection RTTs come from the coordinator's heartbeats.
         wait_until(
@@ -228,6 +241,7 @@ def test_collnet_status_shows_members_pending_peers_and_control_rtts(tmp_path: P
         assert "PEER" in lines[1] and "RTT" in lines[1]
         by_peer = {line.split()[1]: line for line in lines[2:]}
         assert "active" in by_peer[members[0]] and "pending" in by_peer[joiner.peer_id]
+        assert by_peer[members[0]].split()[-2:] == ["7", synced[0].state_digest[:16]]
 
         # The status is for holders of the secret only.
         wrong = tmp_path / "wrong.key"
