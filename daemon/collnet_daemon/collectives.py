@@ -349,7 +349,10 @@ class Router:
         for run in [*self.runs.values(), *self.settling.values()]:
             run.piece_done(peer, all_of_them=True)
         self.settling = {k: r for k, r in self.settling.items() if not r.settled.is_set()}
-        self.members_gone({peer}, exc.message)
+        # Only this daemon (and the peer) saw this link go: the other members
+        # of the affected collectives are told, or they would wait for a
+        # partner that will never send until their deadline.
+        self.members_gone({peer}, exc.message, tell_others=True)
         for key in [k for k, items in self.early.items() if any(i.peer == peer for i in items)]:
             self.early_bytes -= sum(len(i.payload) for i in self.early.pop(key))
         if self.state is not None:
@@ -357,22 +360,25 @@ class Router:
         if self.on_peer_lost is not None:
             self.on_peer_lost(peer, exc)
 
-    def members_gone(self, peers: set[str], reason: str) -> None:
-        """Fail every running collective that one of ``peers`` takes part in."""
+    def members_gone(self, peers: set[str], reason: str, tell_others: bool = False) -> None:
+        """Fail every running collective that one of ``peers`` takes part in
+        (and, ``tell_others``, send its other members an ABORT saying why)."""
         for run in list(self.runs.values()):
             for peer in sorted(peers):
                 rank = run.world.rank_of(peer)
                 if rank is not None and not run.done:
                     log.warning("collective %s: peer %s lost: %s", run.key, peer, reason)
-                    run.fail(
-                        PeerLost(
-                            f"peer {peer} (rank {rank}) lost during collective {run.key}: {reason}",
-                            peer=peer,
-                            rank=rank,
-                            epoch=run.key[0],
-                            tag=run.key[1],
-                        )
+                    exc = PeerLost(
+                        f"peer {peer} (rank {rank}) lost during collective {run.key}: {reason}",
+                        peer=peer,
+                        rank=rank,
+                        epoch=run.key[0],
+                        tag=run.key[1],
                     )
+                    if tell_others:
+                        self.abort_everywhere(run, exc)
+                    else:
+                        run.fail(exc)
 
     def fail_all(self, exc: CollnetError) -> None:
         for run in list(self.runs.values()):
