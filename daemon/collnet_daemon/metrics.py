@@ -136,6 +136,14 @@ class DaemonMetrics(_Exported):
             ["op", "kind"],
             registry=r,
         )
+        self.request_seconds = Histogram(
+            "collnet_request_duration_seconds",
+            "Time from a client's request to the reply, by op, failures included "
+            "(update_topology: the wait at the barrier; sync_state: the whole sync).",
+            ["op"],
+            buckets=LATENCY_BUCKETS_S,
+            registry=r,
+        )
         self.collective_seconds = Histogram(
             "collnet_collective_duration_seconds",
             "Duration of successful collectives on this daemon, by algorithm and codec.",
@@ -166,6 +174,7 @@ class DaemonMetrics(_Exported):
         async def handle(ident: bytes, req: dict[str, Any]) -> dict[str, Any]:
             op = _op_label(self._ops, req.get("op"))
             self._child(self.requests, op).inc()
+            started = time.perf_counter()
             try:
                 if op == "all_reduce":
                     with self._all_reduce(req):
@@ -177,6 +186,9 @@ class DaemonMetrics(_Exported):
             except Exception:
                 self._child(self.failures, op, "internal").inc()
                 raise
+            finally:
+                elapsed_s = time.perf_counter() - started
+                self._child(self.request_seconds, op).observe(elapsed_s)
 
         return handle
 

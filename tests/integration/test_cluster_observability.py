@@ -138,6 +138,9 @@ def test_daemon_metrics_count_traffic_latency_and_failures_as_collectives_run(
                 - value(b, "collnet_requests_total", op="all_reduce")
                 == 5
             )
+            waited = value(a, "collnet_request_duration_seconds_count", op="all_reduce")
+            assert waited - value(b, "collnet_request_duration_seconds_count", op="all_reduce") == 5
+            assert value(a, "collnet_request_duration_seconds_count", op="update_topology") == 1
             assert value(a, "collnet_epoch") == epoch
             assert value(a, "collnet_world_size") == 3
             assert value(a, "collnet_member") == 1
