@@ -279,9 +279,6 @@ class StateSync:
     def on_control(self, peer: str, meta: dict[str, Any]) -> None:
         t = meta.get("t")
         if t == "fetch":
-            link = self.link_of(peer)
-            if link is None:
-                return  # the link is going away: the fetcher learns it from the loss
             ranges = meta.get("ranges")
             if not isinstance(ranges, list) or not 0 < len(ranges) <= RANGES_PER_MESSAGE:
                 raise ProtocolError(f"bad state fetch request from {peer}")
@@ -290,6 +287,9 @@ class StateSync:
                 if not isinstance(item, list) or len(item) != 2 or not isinstance(item[0], int):
                     raise ProtocolError(f"bad state fetch range from {peer}")
                 parsed.append((item[0], Fetch.from_wire(item[1])))
+            link = self.link_of(peer)
+            if link is None:
+                return  # not (or no longer) a usable link: the fetcher learns it from the loss
             task = asyncio.ensure_future(self._serve(peer, link, parsed))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)

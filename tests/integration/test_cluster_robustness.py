@@ -34,6 +34,7 @@ from cluster_harness import (
     running_peers,
     wait_for_log,
 )
+from collnet_daemon.ipc import MAX_REQUEST_BYTES
 
 from collnet.wire import HEADER, MAGIC, VERSION, FrameKind, FrameReader, frame_bytes
 
@@ -193,6 +194,66 @@ def _members_all_reduce(peers: Peers, tag: str) -> list[Any]:
     )
 
 
+@pytest.mark.parametrize(
+    ("frame", "logged"),
+    [
+        pytest.param(
+            frame_bytes(FrameKind.CONTROL, {"t": "fetch", "ranges": "all of it"}),
+            "bad state fetch request",
+            id="fetch-not-a-list",
+        ),
+        pytest.param(
+            frame_bytes(FrameKind.CONTROL, {"t": "fetch", "ranges": [[1, ["w", -1, 8, "x", "0"]]]}),
+            "bad state fetch of 'w'",
+            id="fetch-negative-offset",
+        ),
+        pytest.param(
+            frame_bytes(FrameKind.CONTROL, {"t": "steal_state"}),
+            "unknown control message",
+            id="unknown-control",
+        ),
+        pytest.param(
+            frame_bytes(FrameKind.DATA, ["S", "fid", 0, 8], b"\x00" * 8),
+            "bad state DATA metadata",
+            id="state-data-bad-meta",
+        ),
+    ],
+)
+def test_malformed_state_sync_frames_close_only_that_link(
+    peers: Peers, frame: bytes, logged: str
+) -> None:
+    log = _data_log(peers, 1)
+    since = log_size(log)
+    with _stranger(peers, 1) as sock:
+        port = sock.getsockname()[1]
+        sock.sendall(frame)
+        read_until_closed(sock)
+    wait_for_log(log, [logged, str(port)], since=since)
+    _world_still_works(peers)
+
+
+def test_state_fetch_outside_a_sync_is_refused_with_a_typed_answer(peers: Peers) -> None:
+    holder = peers.cluster.daemons[1].peer_id
+    fetch = ["w", 0, 8, holder, "0" * 32]
+    # A whole link (every connection), so the daemon has a link to answer on.
+    extra = socket.create_connection(hostport(peers.cluster.daemons[1].data), timeout=10)
+    with _stranger(peers, 1) as sock, extra:
+        extra.sendall(
+            frame_bytes(FrameKind.HELLO, {"peer": "stranger", "conn": 1, "k": CONNECTIONS})
+        )
+        time.sleep(0.3)  # the second connection attaches; no acknowledgement exists
+        sock.sendall(frame_bytes(FrameKind.CONTROL, {"t": "fetch", "ranges": [[5, fetch]]}))
+        reader = FrameReader()
+        answers: list[Any] = []
+        while not answers:
+            chunk = sock.recv(4096)
+            assert chunk, "the daemon closed the link instead of answering"
+            answers = [f.meta for f in reader.feed(chunk) if f.kind == FrameKind.CONTROL]
+    assert answers[0]["t"] == "fetch_error" and answers[0]["id"] == 5
+    assert answers[0]["error"]["kind"] == "MismatchError", answers[0]
+    _world_still_works(peers)
+
+
 def test_data_from_a_non_member_for_a_collective_not_started_yet_does_not_abort_it(
     peers: Peers,
 ) -> None:
@@ -244,6 +305,11 @@ def _coordinator_log(peers: Peers) -> Path:
             id="before-register",
         ),
         pytest.param(frame_bytes(FrameKind.DATA, [1]), "ProtocolError", id="data-frame"),
+        pytest.param(
+            frame_bytes(FrameKind.CONTROL, {"t": "barrier", "id": 1}, b"\x80" * 64),
+            "ProtocolError",
+            id="payload-before-handshake",
+        ),
         pytest.param(
             frame_bytes(FrameKind.CONTROL, {"t": "register", "id": 1, "peer": "nonsense"}),
             "ProtocolError",
@@ -356,6 +422,22 @@ def _req(**fields: Any) -> bytes:
             id="bad-tag",
         ),
         pytest.param(_req(op="release"), "InvalidArgument", id="release-without-name"),
+        pytest.param(
+            _req(op="sync_state", revision=1, tensors="w"), "InvalidArgument", id="sync-not-a-list"
+        ),
+        pytest.param(
+            _req(op="sync_state", revision=1, tensors=[["w", "collnet-x", 0, "float32", [-1]]]),
+            "InvalidArgument",
+            id="sync-negative-shape",
+        ),
+        pytest.param(
+            _req(op="sync_state", revision=1, tensors=[["w", "collnet-x", 0, "object", [1]]]),
+            "InvalidArgument",
+            id="sync-bad-dtype",
+        ),
+        pytest.param(
+            _req(op="sync_state", revision=-1, tensors=[]), "InvalidArgument", id="sync-bad-rev"
+        ),
     ],
 )
 def test_bad_ipc_requests_get_a_typed_error_reply_and_the_daemon_keeps_serving(
@@ -383,7 +465,7 @@ def test_shared_memory_out_of_range_is_refused(peers: Peers, dealer: zmq.Socket[
 def test_oversized_ipc_message_does_not_take_the_daemon_down(
     peers: Peers, dealer: zmq.Socket[bytes]
 ) -> None:
-    dealer.send(b"\x00" * (1 << 20))
+    dealer.send(b"\x00" * (MAX_REQUEST_BYTES + 1))
     dealer.send_multipart([b"three", b"part", b"message"])
     # Whatever happened to that client, other clients are served.
     with collnet_client.connect(peers.cluster.daemons[0].ipc, timeout_s=CALL_TIMEOUT_S) as comm:
