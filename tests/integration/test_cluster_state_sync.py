@@ -7,6 +7,10 @@ sync must choose (the majority at the newest revision).
 
 from __future__ import annotations
 
+import os
+import signal
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -18,11 +22,15 @@ from cluster_harness import (
     run_on_all_outcomes,
     running_peers,
 )
-from collnet_client import Comm, MismatchError, SyncResult
+from collnet_client import CollnetError, Comm, MismatchError, PeerLost, SyncResult
 
 from collnet.state import tensor_digest
 
 pytestmark = pytest.mark.timeout(120)
+
+# Heartbeat floor 2 s (default) plus one detection round: a frozen peer is
+# declared lost within this (as in tests/integration/test_cluster_crash.py).
+FREEZE_BOUND_S = 6.0
 
 
 def model(seed: int, scale: int = 1) -> dict[str, np.ndarray]:
@@ -150,3 +158,66 @@ def test_joiner_into_a_world_of_four_gets_256_mib_from_several_holders(tmp_path:
         expected = digests(states[0])
         for state in states[1:]:
             assert digests(state) == expected
+
+
+def test_a_holder_frozen_mid_transfer_fails_the_sync_everywhere_then_a_retry_succeeds(
+    tmp_path: Path,
+) -> None:
+    """SIGSTOP a holder as soon as the joiner's first fetched bytes land: every
+    member fails with PeerLost within the freeze bound; after update_topology
+    the survivors and the joiner sync again and reach parity."""
+    mib = 1 << 20
+    names = [f"layer{i}" for i in range(8)]
+    n = (16 * mib) // 4
+
+    def fill(comm: Comm, fresh: bool) -> dict[str, np.ndarray]:
+        state = {}
+        for i, name in enumerate(names):
+            arr = comm.empty(n, np.float32)
+            arr[:] = 0 if fresh else np.arange(n, dtype=np.float32) * (i + 1) + 1
+            state[name] = arr
+        return state
+
+    with running_peers(3, tmp_path) as peers:
+        states = [fill(c, False) for c in peers.comms]
+        peers.cluster.add_daemon()
+        joiner = peers.connect(3)
+        peers.comms.append(joiner)
+        assert {w.size for w in peers.sync_world()} == {4}
+        states.append(fill(joiner, True))
+        # Nearly all of every tensor comes from another holder than its first
+        # range's, so watching every tensor's first bytes sees the first landing.
+        firsts = [states[3][name][:4] for name in names]
+        victim = 1
+        started = time.monotonic()
+        with ThreadPoolExecutor(4) as pool:
+            futures = [
+                pool.submit(c.sync_state, states[r], 3 if r < 3 else 0, timeout_s=60.0)
+                for r, c in enumerate(peers.comms)
+            ]
+            while not any(f.any() for f in firsts):
+                assert time.monotonic() - started < 30, "the joiner never received a byte"
+                time.sleep(0.001)
+            os.kill(peers.cluster.daemons[victim].proc.pid, signal.SIGSTOP)
+            frozen_at = time.monotonic()
+            try:
+                for r in (0, 2, 3):  # the victim's own client waits for its daemon
+                    exc = futures[r].exception(timeout=FREEZE_BOUND_S + 5)
+                    assert isinstance(exc, PeerLost), (r, exc)
+                    assert time.monotonic() - frozen_at < FREEZE_BOUND_S + 2, (r, exc)
+            finally:
+                os.kill(peers.cluster.daemons[victim].proc.pid, signal.SIGKILL)
+            assert isinstance(futures[victim].exception(timeout=30), CollnetError)
+        survivors = [peers.comms[r] for r in (0, 2, 3)]
+        left = [states[r] for r in (0, 2, 3)]
+        assert {w.size for w in Peers(peers.cluster, survivors).sync_world()} == {3}
+        results = sync_all(survivors, left, [3, 3, 0])
+        assert all(r.in_parity and r.revision == 3 for r in results)
+        assert results[2].bytes_fetched > 0
+        expected = digests(fill_reference(names, n))
+        for state in left:
+            assert digests(state) == expected
+
+
+def fill_reference(names: list[str], n: int) -> dict[str, np.ndarray]:
+    return {name: np.arange(n, dtype=np.float32) * (i + 1) + 1 for i, name in enumerate(names)}
