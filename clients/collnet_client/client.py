@@ -164,12 +164,23 @@ class _AllReduce:
     saved: npt.NDArray[Any] | None
 
 
+# Requests that every trainer of a node makes, and the daemon answers once for all.
+_LOCAL_GROUP_OPS = frozenset({"update_topology", "all_reduce", "sync_state"})
+
+
 class Comm:
     """A connection to the local daemon; see the module docstring."""
 
-    def __init__(self, address: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+    def __init__(
+        self, address: str, timeout_s: float = DEFAULT_TIMEOUT_S, local_size: int = 1
+    ) -> None:
         self.address = address
         self.timeout_s = timeout_s
+        if not isinstance(local_size, int) or local_size < 1:
+            raise InvalidArgument(f"local_size must be a positive int, got {local_size!r}")
+        # Trainers on this node sharing the daemon (one per GPU, say): their
+        # collectives are reduced in the daemon first and cross the network once.
+        self.local_size = local_size
         path = address.removeprefix("ipc://")
         if path != address and not path.startswith("@") and not os.path.exists(path):
             # zmq would wait for the socket to appear: fail now, not after the hello timeout.
@@ -537,6 +548,8 @@ class Comm:
             raise DaemonUnavailable(self._lost)
         rid = next(self._ids)
         msg = {"id": rid, "op": op, **{k: v for k, v in fields.items() if v is not None}}
+        if self.local_size > 1 and op in _LOCAL_GROUP_OPS:
+            msg["local_size"] = self.local_size
         with self._lock:
             self._sock.send(msgpack.packb(msg, use_bin_type=True))
         return rid
@@ -604,9 +617,25 @@ def _memory_key(tensor: Any) -> tuple[str, int, int]:
     return ("cpu", int(tensor.__array_interface__["data"][0]), int(tensor.nbytes))
 
 
-def connect(address: str | None = None, timeout_s: float = DEFAULT_TIMEOUT_S) -> Comm:
-    """Connect to the local daemon at ``address`` (default: ``$COLLNET_DAEMON``)."""
+def connect(
+    address: str | None = None,
+    timeout_s: float = DEFAULT_TIMEOUT_S,
+    local_size: int | None = None,
+) -> Comm:
+    """Connect to the local daemon at ``address`` (default: ``$COLLNET_DAEMON``).
+
+    ``local_size`` (default ``$COLLNET_LOCAL_SIZE``, else 1): how many trainers
+    of this node share the daemon. Each of them calls every collective; the
+    daemon reduces theirs locally, then once across the network (``avg``: the
+    mean of the nodes' means). All of them must pass the same ``local_size``.
+    """
+    if local_size is None:
+        env = os.environ.get("COLLNET_LOCAL_SIZE", "1")
+        try:
+            local_size = int(env)
+        except ValueError:
+            raise InvalidArgument(f"COLLNET_LOCAL_SIZE must be an int, got {env!r}") from None
     address = address or os.environ.get("COLLNET_DAEMON")
     if not address:
         raise DaemonUnavailable("no daemon address given and COLLNET_DAEMON is not set")
-    return Comm(address, timeout_s)
+    return Comm(address, timeout_s, local_size)

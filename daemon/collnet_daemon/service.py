@@ -17,16 +17,19 @@ from collections.abc import Coroutine
 from typing import Any
 
 import msgpack
+import numpy as np
+import numpy.typing as npt
 import xxhash
 
 from collnet.algo import ALGORITHMS, make_all_reduce
 from collnet.algo.actions import Schedule
-from collnet.algo.ops import DTYPE_BY_NAME, OPS
+from collnet.algo.ops import DTYPE_BY_NAME, OPS, check_op
 from collnet.codec.registry import get_codec
 from collnet.errors import (
     CollnetError,
     DaemonUnavailable,
     InvalidArgument,
+    MismatchError,
     PeerLost,
     ProtocolError,
     Timeout,
@@ -42,6 +45,7 @@ from collnet_daemon.collectives import CollectiveRun, Router
 from collnet_daemon.config import DaemonConfig
 from collnet_daemon.control import CoordinatorClient
 from collnet_daemon.ipc import IpcServer
+from collnet_daemon.localgroup import LocalGroups, local_size_of, reduce_locally
 from collnet_daemon.metrics import DaemonMetrics
 from collnet_daemon.statesync import StateSync
 
@@ -71,6 +75,7 @@ class Daemon:
             liveness=config.liveness,
             secret=config.secret,
         )
+        self.local = LocalGroups()
         self.state = StateSync(self.id, config.state_chunk_bytes, self.mesh.link_if_ready)
         self.router.state = self.state
         self.coord = CoordinatorClient(self._on_world_push, config.liveness, config.secret)
@@ -125,6 +130,7 @@ class Daemon:
             except (CollnetError, TimeoutError) as exc:
                 log.warning("daemon %s: could not announce leave: %s", self.id, exc)
         self.router.fail_all(DaemonUnavailable(f"daemon {self.id} is shutting down"))
+        self.local.fail_all(DaemonUnavailable(f"daemon {self.id} is shutting down"))
         self.state.close()
         current = asyncio.current_task()
         for task in list(self._tasks):
@@ -244,25 +250,25 @@ class Daemon:
             world = WorldView.from_wire(reply["world"])
             self._set_world(world)
             return {"world": world.to_wire()}
+        local = local_size_of(req)
         if op == "update_topology":
-            if self._topology_call is None or self._topology_call.done():
-                self._topology_call = asyncio.ensure_future(
-                    self.coord.call("update_topology", epoch=self.world.epoch)
-                )
-            reply = await asyncio.shield(self._topology_call)
-            # The world the barrier agreed on, not a newer one a push brought meanwhile:
-            # the other members run this round in that world.
-            world = WorldView.from_wire(reply["world"])
-            self._set_world(world)
-            if self.id in world.ids and world.epoch == self.world.epoch:
-                # (An older world's first collective fails at once: no links needed.)
-                await self._connect_all(world)
-            return {"world": world.to_wire()}
+            if local == 1:
+                return await self.update_topology()
+            # This node's trainers agree first: the coordinator counts the node once.
+            timeout_s = self._timeout_of(req)
+            return await self.local.run(
+                (op,), local, req, lambda _: self.update_topology(), timeout_s
+            )
         if op == "all_reduce":
-            await self.all_reduce(req)
+            if local == 1:
+                await self.all_reduce(req)
+            else:
+                await self._local_all_reduce(req, local)
             return {}
         if op == "sync_state":
-            return await self.sync_state(req)
+            if local == 1:
+                return await self.sync_state(req)
+            return await self._local_sync_state(req, local)
         if op == "cancel":
             return clientops.cancel(self, req)
         if op == "bench_all_reduce":
@@ -277,6 +283,92 @@ class Daemon:
             return {}
         raise InvalidArgument(f"unknown request {op!r}")
 
+    async def update_topology(self) -> dict[str, Any]:
+        if self._topology_call is None or self._topology_call.done():
+            self._topology_call = asyncio.ensure_future(
+                self.coord.call("update_topology", epoch=self.world.epoch)
+            )
+        reply = await asyncio.shield(self._topology_call)
+        # The world the barrier agreed on, not a newer one a push brought meanwhile:
+        # the other members run this round in that world.
+        world = WorldView.from_wire(reply["world"])
+        self._set_world(world)
+        if self.id in world.ids and world.epoch == self.world.epoch:
+            # (An older world's first collective fails at once: no links needed.)
+            await self._connect_all(world)
+        return {"world": world.to_wire()}
+
+    def _timeout_of(self, req: dict[str, Any]) -> float:
+        return float(req.get("timeout_s") or self.config.collective_timeout_s)
+
+    async def _local_all_reduce(self, req: dict[str, Any], local: int) -> None:
+        """All-reduce of ``local`` trainers of this node: reduced here, then once
+        over the network, the result copied back to each of them."""
+        tag = req.get("tag")
+        if not isinstance(tag, int | str) or isinstance(tag, bool):
+            raise InvalidArgument("all_reduce needs an int or str 'tag'")
+        world, _ = self._agreed_world(req)
+
+        async def action(reqs: list[dict[str, Any]]) -> None:
+            try:
+                shape = [(r.get("count"), r.get("dtype"), r.get("reduce", "sum")) for r in reqs]
+                shape += [(r.get("codec", "none"), r.get("algo", "auto"), 0) for r in reqs]
+                if len(set(shape)) != 2:
+                    raise MismatchError(
+                        f"this node's trainers disagree on all_reduce {tag!r} (count, dtype, "
+                        f"op, codec or algorithm): {sorted(set(map(str, shape)))[:4]}"
+                    )
+                arrays = [self._request_array(r) for r in reqs]
+                op = _field(reqs[0], "reduce", str, "sum")
+                check_op(op, arrays[0].dtype)
+            except CollnetError as exc:
+                # The other nodes would otherwise wait for this one until their deadline.
+                self._abort_remote((world.epoch, tag), world, exc)
+                raise
+            acc = reduce_locally(op, arrays)
+            try:
+                await self.all_reduce(reqs[0], array=acc)
+            except CollnetError as exc:
+                exc.fields["buffer_modified"] = False  # only the node's copy was touched
+                raise
+            for arr in arrays:
+                np.copyto(arr, acc)
+
+        await self.local.run(
+            ("all_reduce", world.epoch, tag), local, req, action, self._timeout_of(req)
+        )
+
+    async def _local_sync_state(self, req: dict[str, Any], local: int) -> dict[str, Any]:
+        """One state sync for this node's trainers; each gets the synced state."""
+        world, _ = self._agreed_world(req)
+
+        async def action(reqs: list[dict[str, Any]]) -> dict[str, Any]:
+            states = [self._state_arrays(r) for r in reqs]
+            declared = [{n: (a.dtype, a.shape) for n, a in st.items()} for st in states]
+            if any(d != declared[0] for d in declared[1:]):
+                raise MismatchError("this node's trainers declare different shared state")
+            result = await self.sync_state(reqs[0])
+            for state in states[1:]:
+                for name, arr in state.items():
+                    np.copyto(arr, states[0][name])
+            return result
+
+        return await self.local.run(
+            ("sync_state", world.epoch), local, req, action, self._timeout_of(req)
+        )
+
+    def _request_array(self, req: dict[str, Any]) -> npt.NDArray[Any]:
+        """The tensor an all_reduce request names, mapped from the client's segment."""
+        dtype_name = _field(req, "dtype", str)
+        dtype = DTYPE_BY_NAME.get(dtype_name)
+        if dtype is None:
+            raise InvalidArgument(
+                f"unsupported dtype {dtype_name!r}; use one of {list(DTYPE_BY_NAME)}"
+            )
+        count = _field(req, "count", int)
+        offset = _field(req, "offset", int, 0)
+        return self._buffer(_field(req, "shm", str)).array(dtype, count, offset)
+
     def _buffer(self, name: str) -> SharedBuffer:
         buf = self.buffers.get(name)
         if buf is None:
@@ -284,15 +376,19 @@ class Daemon:
         return buf
 
     def _plan_all_reduce(
-        self, req: dict[str, Any], world: WorldView, rank: int
+        self,
+        req: dict[str, Any],
+        world: WorldView,
+        rank: int,
+        array: npt.NDArray[Any] | None = None,
     ) -> tuple[Schedule, int]:
-        """Validate an all_reduce request; its schedule and digest."""
-        dtype_name = _field(req, "dtype", str)
-        dtype = DTYPE_BY_NAME.get(dtype_name)
-        if dtype is None:
-            raise InvalidArgument(
-                f"unsupported dtype {dtype_name!r}; use one of {list(DTYPE_BY_NAME)}"
-            )
+        """Validate an all_reduce request; its schedule and digest.
+
+        ``array``: reduce this one instead of the tensor the request names.
+        """
+        if array is None:
+            array = self._request_array(req)
+        dtype_name = array.dtype.name
         op = _field(req, "reduce", str, "sum")
         if op not in OPS:
             raise InvalidArgument(f"unknown reduce op {op!r}; use one of {list(OPS)}")
@@ -302,9 +398,7 @@ class Daemon:
         codec = get_codec(
             _field(req, "codec", str, "none"), block_size=self.config.codec_block_size
         )
-        count = _field(req, "count", int)
-        offset = _field(req, "offset", int, 0)
-        array = self._buffer(_field(req, "shm", str)).array(dtype, count, offset)
+        count = array.size
         schedule = make_all_reduce(
             algo,
             rank,
@@ -441,7 +535,7 @@ class Daemon:
             )
         return world, rank
 
-    async def all_reduce(self, req: dict[str, Any]) -> None:
+    async def all_reduce(self, req: dict[str, Any], array: npt.NDArray[Any] | None = None) -> None:
         if self._stopping is not None:
             raise DaemonUnavailable(f"daemon {self.id} is leaving")
         tag = req.get("tag")
@@ -450,7 +544,7 @@ class Daemon:
         world, rank = self._agreed_world(req)
         key = (world.epoch, tag)
         try:
-            schedule, digest = self._plan_all_reduce(req, world, rank)
+            schedule, digest = self._plan_all_reduce(req, world, rank, array)
         except CollnetError as exc:
             # The other peers would otherwise wait for this one until their deadline.
             self._abort_remote(key, world, exc)
