@@ -1,0 +1,404 @@
+"""DiLoCo over collnet: a small MLP trained on CPU on synthetic data by several peers.
+
+Two modes:
+
+* **launcher** (default): starts a local cluster (a coordinator and
+  ``--peers`` daemons, ``collnet_daemon.localcluster.LocalCluster``) and one
+  trainer process per daemon, reads their progress, and checks the run: the
+  loss went down below ``--loss-threshold`` and every peer held the same
+  model hash after every outer step. ``--kill K`` SIGKILLs K daemons a third
+  of the way in (their trainers exit with ``DaemonUnavailable``, the others
+  carry on); ``--join J`` starts J new daemons and trainers halfway, which
+  get the model through ``sync_state`` and train on to the end.
+* **trainer** (``--daemon ADDRESS``): one trainer attached to a running
+  daemon. ``--progress-json`` prints one JSON line per outer step
+  (``{"event": "outer_step", "peer", "step", "epoch", "revision", "hash",
+  "loss", "world"}``) and a final ``{"event": "done", ...}``. If its daemon
+  dies it exits with status 3, printing the typed error.
+
+``--json`` prints one JSON object at the end (launcher: the whole run;
+trainer: this peer) with at least ``initial_loss``, ``final_loss``,
+``hashes_equal`` and ``peers_final``.
+
+    python examples/diloco_train.py                       # 3 peers
+    python examples/diloco_train.py --kill 1 --join 1     # churn
+    python examples/diloco_train.py --streaming --json    # overlapped variant
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+import zlib
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+IN_DIM, HIDDEN = 16, 64
+BATCH = 64
+EVAL_SAMPLES = 2048
+# Status of a trainer whose daemon went away (the typed error is on stderr).
+EXIT_DAEMON_LOST = 3
+
+
+# -- the learning problem -------------------------------------------------------
+
+
+def teacher_targets(x: Any) -> Any:
+    """A fixed random two-layer network the peers learn to imitate."""
+    import torch
+
+    g = torch.Generator().manual_seed(1234)
+    w1 = torch.randn(IN_DIM, 32, generator=g) / IN_DIM**0.5
+    w2 = torch.randn(32, 1, generator=g) / 32**0.5
+    return torch.tanh(x @ w1) @ w2 * 2.0
+
+
+def build_model() -> Any:
+    import torch
+
+    torch.manual_seed(0)  # founders start identical; a joiner adopts the world's state
+    return torch.nn.Sequential(
+        torch.nn.Linear(IN_DIM, HIDDEN),
+        torch.nn.Tanh(),
+        torch.nn.Linear(HIDDEN, HIDDEN),
+        torch.nn.Tanh(),
+        torch.nn.Linear(HIDDEN, 1),
+    )
+
+
+class Problem:
+    """Per-peer training batches (each peer its own data) and one shared eval set."""
+
+    def __init__(self, peer_name: str) -> None:
+        import torch
+
+        self.torch = torch
+        self.gen = torch.Generator().manual_seed(zlib.crc32(peer_name.encode()))
+        g = torch.Generator().manual_seed(99)
+        self.eval_x = torch.randn(EVAL_SAMPLES, IN_DIM, generator=g)
+        self.eval_y = teacher_targets(self.eval_x)
+        self.eval_model = build_model()
+
+    def batch(self) -> tuple[Any, Any]:
+        x = self.torch.randn(BATCH, IN_DIM, generator=self.gen)
+        return x, teacher_targets(x)
+
+    def eval_loss(self, flat_weights: np.ndarray) -> float:
+        """MSE of the global weights on the eval set: the same on every peer."""
+        torch = self.torch
+        with torch.no_grad():
+            torch.nn.utils.vector_to_parameters(
+                torch.from_numpy(flat_weights.copy()), self.eval_model.parameters()
+            )
+            pred = self.eval_model(self.eval_x)
+            return float(torch.nn.functional.mse_loss(pred, self.eval_y))
+
+
+# -- trainer ----------------------------------------------------------------------
+
+
+def train(args: argparse.Namespace) -> int:
+    import collnet_client
+    import torch
+    from collnet_client.torch import DiLoCo
+
+    torch.set_num_threads(1)  # several trainers share a small machine
+
+    def emit(event: dict[str, Any]) -> None:
+        if args.progress_json:
+            print(json.dumps(event), flush=True)
+
+    wait_until = time.monotonic() + args.wait_daemon_s
+    while True:
+        try:
+            comm = collnet_client.connect(args.daemon, timeout_s=args.timeout_s)
+            break
+        except collnet_client.DaemonUnavailable as exc:
+            # A trainer may start before its daemon (a container, a prespawned joiner).
+            if time.monotonic() < wait_until:
+                time.sleep(0.1)
+                continue
+            print(f"{type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+            return EXIT_DAEMON_LOST
+    try:
+        problem = Problem(args.peer_name or comm.peer_id)
+        model = build_model()
+        inner = torch.optim.AdamW(model.parameters(), lr=args.inner_lr, weight_decay=0.0)
+        diloco = DiLoCo(
+            comm,
+            model,
+            inner,
+            inner_steps=args.inner_steps,
+            outer_lr=args.outer_lr,
+            outer_momentum=args.outer_momentum,
+            codec=args.codec,
+            streaming=args.streaming,
+            timeout_s=args.timeout_s,
+        )
+        first = diloco.start()
+        initial_loss = problem.eval_loss(diloco.global_weights)
+        emit({"event": "start", "peer": comm.peer_id, "step": first.round, "epoch": first.epoch,
+              "revision": first.revision, "hash": first.hash, "loss": initial_loss,
+              "world": first.world, "joined": first.fetched})  # fmt: skip
+        hashes_equal = first.in_parity
+        while diloco.round < args.outer_steps:
+            x, y = problem.batch()
+            loss = torch.nn.functional.mse_loss(model(x), y)
+            inner.zero_grad()
+            loss.backward()
+            if args.step_ms:
+                time.sleep(args.step_ms / 1000)  # the compute time of a real model's step
+            outer = diloco.step()
+            if outer is None:
+                continue
+            hashes_equal &= outer.in_parity
+            emit({"event": "outer_step", "peer": comm.peer_id, "step": outer.round,
+                  "epoch": outer.epoch, "revision": outer.revision, "hash": outer.hash,
+                  "loss": problem.eval_loss(diloco.global_weights), "world": outer.world,
+                  "reduced": outer.reduced, "fetched": outer.fetched,
+                  "error": outer.error})  # fmt: skip
+        # A joiner admitted at the members' finish() (streaming) has nothing left to do.
+        last = diloco.finish() if diloco.round <= args.outer_steps else first
+        hashes_equal &= last.in_parity
+        final_loss = problem.eval_loss(diloco.global_weights)
+        done = {"event": "done", "peer": comm.peer_id, "step": last.round, "epoch": last.epoch,
+                "revision": last.revision, "hash": last.hash, "loss": final_loss,
+                "world": last.world, "initial_loss": initial_loss,
+                "final_loss": final_loss, "hashes_equal": hashes_equal,
+                "peers_final": last.world}  # fmt: skip
+        emit(done)
+        if args.json and not args.progress_json:
+            print(json.dumps(done), flush=True)
+    except collnet_client.CollnetError as exc:
+        print(f"{type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+        return EXIT_DAEMON_LOST if isinstance(exc, collnet_client.DaemonUnavailable) else 1
+    finally:
+        comm.close()
+    return 0
+
+
+# -- launcher ---------------------------------------------------------------------
+
+
+class Trainer:
+    """One trainer process and the thread that reads its JSON lines."""
+
+    def __init__(self, index: int, ipc: str, argv: list[str], events: queue.Queue[Any]) -> None:
+        self.index = index
+        self.proc = subprocess.Popen(
+            [sys.executable, str(Path(__file__).resolve()), "--daemon", ipc,
+             "--peer-name", f"trainer{index}", "--progress-json", *argv],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            stdin=subprocess.DEVNULL,
+            text=True,
+        )  # fmt: skip
+        self.stderr = ""
+        self.killed = False
+        self._threads = [
+            threading.Thread(target=self._read, args=(events,), daemon=True),
+            threading.Thread(target=self._read_stderr, daemon=True),
+        ]
+        for t in self._threads:
+            t.start()
+
+    def _read(self, events: queue.Queue[Any]) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            try:
+                events.put((self.index, json.loads(line)))
+            except json.JSONDecodeError:
+                continue
+        events.put((self.index, None))
+
+    def _read_stderr(self) -> None:
+        assert self.proc.stderr is not None
+        self.stderr = self.proc.stderr.read()
+
+    def join(self, timeout_s: float) -> int:
+        try:
+            rc = self.proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            rc = self.proc.wait()
+        for t in self._threads:
+            t.join(5)
+        return rc
+
+
+def launch(args: argparse.Namespace) -> int:
+    from collnet_daemon.localcluster import LocalCluster
+
+    passthrough = [
+        "--outer-steps", str(args.outer_steps), "--inner-steps", str(args.inner_steps),
+        "--inner-lr", str(args.inner_lr), "--outer-lr", str(args.outer_lr),
+        "--outer-momentum", str(args.outer_momentum), "--codec", args.codec,
+        "--timeout-s", str(args.timeout_s), "--step-ms", str(args.step_ms),
+    ] + (["--streaming"] if args.streaming else [])  # fmt: skip
+    # Joiners early enough that, with --step-ms, their daemon is up with rounds to spare.
+    kill_at = max(1, args.outer_steps // 3)
+    join_at = max(1, args.outer_steps // 4)
+    events: queue.Queue[tuple[int, dict[str, Any] | None]] = queue.Queue()
+    trainers: list[Trainer] = []
+    by_step: dict[int, set[str]] = defaultdict(set)
+    done: dict[int, dict[str, Any]] = {}
+    first: dict[str, Any] | None = None
+    killed: list[str] = []
+    joined: list[str] = []
+    joined_at: dict[str, int] = {}
+    deadline = time.monotonic() + args.run_timeout_s
+    cluster = LocalCluster(peers=args.peers, connections=2)
+    started = time.monotonic()
+    try:
+        cluster.start()
+        trainers = [Trainer(i, d.ipc, passthrough, events) for i, d in enumerate(cluster.daemons)]
+        # Joiners' trainers start now and wait for their daemon, so that importing
+        # torch does not make them miss the rounds left after their daemon starts.
+        joiner_ipcs = [f"ipc://{cluster.dir}/daemon{args.peers + j}.sock" for j in range(args.join)]
+        wait = ["--wait-daemon-s", str(args.run_timeout_s)]
+        trainers += [
+            Trainer(args.peers + j, ipc, passthrough + wait, events)
+            for j, ipc in enumerate(joiner_ipcs)
+        ]
+        open_streams = len(trainers)
+        while open_streams and time.monotonic() < deadline:
+            try:
+                index, event = events.get(timeout=1.0)
+            except queue.Empty:
+                continue
+            if event is None:
+                open_streams -= 1
+                continue
+            if not args.json:
+                print(f"trainer{index}: {json.dumps(event)}", flush=True)
+            if event["event"] == "start" and first is None:
+                first = event
+            if event["event"] == "start" and event.get("joined") and event["step"] > 0:
+                joined_at[event["peer"]] = event["step"]
+            if event["event"] == "outer_step":
+                by_step[event["step"]].add(event["hash"])
+                step = event["step"]
+                if args.kill and not killed and step >= kill_at:
+                    # The last K founders: peer 0 keeps running to the end.
+                    for d in cluster.daemons[args.peers - args.kill : args.peers]:
+                        cluster.kill(d, signal.SIGKILL)
+                        killed.append(d.peer_id)
+                        trainers[d.index].killed = True
+                if args.join and not joined and step >= join_at:
+                    for ipc in joiner_ipcs:
+                        d = cluster.add_daemon()
+                        assert d.ipc == ipc, (d.ipc, ipc)
+                        joined.append(d.peer_id)
+            if event["event"] == "done":
+                by_step[event["step"]].add(event["hash"])
+                done[index] = event
+        rcs = {t.index: t.join(max(1.0, deadline - time.monotonic())) for t in trainers}
+    finally:
+        cluster.stop()
+    failures = {
+        i: (rc, trainers[i].stderr.strip()[-500:])
+        for i, rc in rcs.items()
+        if rc != 0 and not trainers[i].killed
+    }
+    final = next(iter(done.values()), {})
+    hashes_equal = bool(done) and all(len(h) == 1 for h in by_step.values())
+    hashes_equal &= all(e.get("hashes_equal", False) for e in done.values())
+    initial_loss = float(first["loss"]) if first else float("nan")
+    final_loss = float(final.get("final_loss", float("nan")))
+    survivors = args.peers - len(killed) + len(joined)
+    result = {
+        "ok": False,
+        "initial_loss": initial_loss,
+        "final_loss": final_loss,
+        "loss_threshold": args.loss_threshold,
+        "converged": final_loss < args.loss_threshold,
+        "hashes_equal": hashes_equal,
+        "peers_final": len(done),
+        "world_final": final.get("world"),
+        "expected_peers_final": survivors,
+        "outer_steps": args.outer_steps,
+        "inner_steps": args.inner_steps,
+        "streaming": args.streaming,
+        "codec": args.codec,
+        "killed": killed,
+        "joined": joined,
+        "joined_at_step": joined_at,
+        "killed_trainer_exit_codes": [rcs[t.index] for t in trainers if t.killed],
+        "failed_trainers": {f"trainer{i}": v for i, v in failures.items()},
+        "wall_s": round(time.monotonic() - started, 2),
+    }
+    result["ok"] = bool(
+        result["converged"] and hashes_equal and not failures and len(done) == survivors
+    )
+    if args.json:
+        print(json.dumps(result), flush=True)
+    else:
+        print(
+            f"\nDiLoCo: {args.peers} peers (killed {len(killed)}, joined {len(joined)}), "
+            f"{args.outer_steps} outer x {args.inner_steps} inner steps"
+            f"{' (streaming)' if args.streaming else ''}: loss {initial_loss:.4f} -> "
+            f"{final_loss:.4f} (threshold {args.loss_threshold}), hashes equal after every "
+            f"outer step: {hashes_equal}, peers at the end: {len(done)}/{survivors} -> "
+            f"{'OK' if result['ok'] else 'FAILED'}"
+        )
+        for i, (rc, err) in failures.items():
+            print(f"trainer{i} exited {rc}: {err}", file=sys.stderr)
+    return 0 if result["ok"] else 1
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--daemon", default=None, help="Attach to this daemon (trainer mode).")
+    ap.add_argument("--peers", type=int, default=3, help="Launcher: daemons to start.")
+    ap.add_argument("--kill", type=int, default=0, help="Launcher: daemons to SIGKILL mid-run.")
+    ap.add_argument("--join", type=int, default=0, help="Launcher: peers to add mid-run.")
+    ap.add_argument("--peer-name", default=None, help="Trainer: name (seeds its data).")
+    ap.add_argument("--outer-steps", type=int, default=20)
+    ap.add_argument("--inner-steps", type=int, default=20)
+    ap.add_argument("--inner-lr", type=float, default=3e-3)
+    ap.add_argument("--outer-lr", type=float, default=None, help="0.7 (streaming: 0.5)")
+    ap.add_argument("--outer-momentum", type=float, default=None, help="0.9 (streaming: 0.8)")
+    ap.add_argument("--codec", default="none", help="Codec of the pseudo-gradient all-reduce.")
+    ap.add_argument("--streaming", action="store_true", help="Overlap the all-reduce.")
+    ap.add_argument("--timeout-s", type=float, default=60.0, help="Per collective.")
+    ap.add_argument("--run-timeout-s", type=float, default=600.0, help="Launcher: whole run.")
+    ap.add_argument("--loss-threshold", type=float, default=0.05)
+    ap.add_argument(
+        "--step-ms",
+        type=float,
+        default=20.0,
+        help="Simulated compute per inner step (a real model's step time), so that churn "
+        "lands mid-run.",
+    )
+    ap.add_argument(
+        "--wait-daemon-s", type=float, default=0.0, help="Trainer: wait this long for the daemon."
+    )
+    ap.add_argument("--progress-json", action="store_true", help="Trainer: JSON lines.")
+    ap.add_argument("--json", action="store_true", help="Print one JSON object at the end.")
+    args = ap.parse_args(argv)
+    # Applied one round late, the streaming variant's outer steps want to be gentler.
+    if args.outer_lr is None:
+        args.outer_lr = 0.5 if args.streaming else 0.7
+    if args.outer_momentum is None:
+        args.outer_momentum = 0.8 if args.streaming else 0.9
+    if args.daemon is None and not 0 <= args.kill < args.peers:
+        ap.error("--kill must leave at least one of the --peers running")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    return train(args) if args.daemon else launch(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
