@@ -166,8 +166,8 @@ class CoordinatorState:
         if epoch != self.epoch:
             return [Fail(peer_id, request_id, self._world_changed(epoch))]
         waiting = self.barriers.setdefault(name, {})
-        if peer_id in waiting:
-            raise ProtocolError(f"{peer_id} is already waiting in barrier {name!r}")
+        # A peer already waiting gave up on its earlier call (its own deadline)
+        # and calls again: the new call replaces it.
         waiting[peer_id] = (request_id, payload)
         if any(p.id not in waiting for p in self.active):
             return []

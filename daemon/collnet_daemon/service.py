@@ -35,7 +35,7 @@ from collnet.errors import (
     Timeout,
 )
 from collnet.membership import PeerInfo, WorldView
-from collnet.state import numpy_dtype
+from collnet.state import manifest_of, numpy_dtype
 from collnet.transport.link import PeerLink
 from collnet.transport.mesh import Mesh
 from collnet.transport.shm import SharedBuffer
@@ -59,6 +59,11 @@ def _field(req: dict[str, Any], name: str, kind: type, default: Any = None) -> A
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
         raise InvalidArgument(f"field {name!r} must be {kind.__name__}, got {value!r:.40}")
     return value
+
+
+def _quiet(fut: asyncio.Future[Any]) -> None:
+    if not fut.cancelled():
+        fut.exception()  # retrieved: its outcome matters to nobody here
 
 
 class Daemon:
@@ -92,6 +97,8 @@ class Daemon:
         self._stopping: asyncio.Future[None] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._topology_call: asyncio.Future[dict[str, Any]] | None = None
+        # A refused sync_state's arrival at the barrier (carrying the error).
+        self._refusal: asyncio.Future[None] | None = None
 
     # -- lifecycle ---------------------------------------------------------
     async def start(self) -> None:
@@ -448,9 +455,7 @@ class Daemon:
         if self._stopping is not None:
             raise DaemonUnavailable(f"daemon {self.id} is leaving")
         world, _ = self._agreed_world(req)
-        revision = _field(req, "revision", int)
-        arrays = self._state_arrays(req)
-        timeout_s = float(req.get("timeout_s") or self.config.collective_timeout_s)
+        timeout_s = self._timeout_of(req)
 
         async def links() -> dict[str, PeerLink]:
             by_rank = await self._connect_all(world) if world.size > 1 else {}
@@ -472,10 +477,24 @@ class Daemon:
                 raise ProtocolError(f"bad {name} barrier answer from the coordinator")
             return blobs
 
+        if self._refusal is not None:
+            self._refusal.cancel()  # this call takes its place at the barrier
+            self._refusal = None
         try:
-            return await asyncio.wait_for(
-                self.state.sync(revision, arrays, links, barrier), timeout_s
+            revision = _field(req, "revision", int)
+            arrays = self._state_arrays(req)
+            # Hashing hundreds of MiB must not stall heartbeats on this loop.
+            mine = await asyncio.to_thread(manifest_of, arrays, revision)
+        except CollnetError as exc:
+            # This client hears at once; the other members, who would otherwise
+            # wait for this peer at the barrier, get the error from there.
+            self._refusal = asyncio.ensure_future(
+                asyncio.wait_for(self.state.refuse(barrier, exc), timeout_s)
             )
+            self._refusal.add_done_callback(_quiet)
+            raise
+        try:
+            return await asyncio.wait_for(self.state.sync(mine, arrays, links, barrier), timeout_s)
         except TimeoutError:
             raise Timeout(
                 f"sync_state at epoch {world.epoch} did not finish within {timeout_s:.1f}s",

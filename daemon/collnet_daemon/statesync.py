@@ -34,14 +34,19 @@ from typing import Any, Final
 import msgpack
 import numpy.typing as npt
 
-from collnet.errors import CollnetError, MismatchError, PeerLost, ProtocolError
+from collnet.errors import (
+    CollnetError,
+    InvalidArgument,
+    MismatchError,
+    PeerLost,
+    ProtocolError,
+)
 from collnet.state import (
     Fetch,
     StateManifest,
     byte_view,
     check_fetch,
     majority,
-    manifest_of,
     transfer_plan,
     verify,
 )
@@ -125,16 +130,19 @@ class StateSync:
     # -- one sync ----------------------------------------------------------
     async def sync(
         self,
-        revision: int,
+        mine: StateManifest,
         arrays: Mapping[str, npt.NDArray[Any]],
         links: Callable[[], Awaitable[Mapping[str, PeerLink]]],
         barrier: Barrier,
     ) -> dict[str, Any]:
-        """Bring ``arrays`` to the world's reference state; the result for the client."""
+        """Bring ``arrays`` (described by ``mine``) to the world's reference state;
+        the result for the client."""
         if self.serving is not None:
-            raise ProtocolError("a state sync is already in progress on this daemon")
+            raise InvalidArgument(
+                "a state sync is already in progress on this daemon (several trainers of "
+                "one node sync together: connect them with local_size)"
+            )
         started = time.perf_counter()
-        mine = await asyncio.to_thread(manifest_of, arrays, revision)
         self.serving = Serving(mine, arrays)
         self._touched = False
         fetched: list[str] = []
@@ -142,10 +150,7 @@ class StateSync:
         nbytes = 0
         try:
             raw = await barrier("state", msgpack.packb(mine.to_wire(), use_bin_type=True))
-            manifests = {
-                peer: StateManifest.from_wire(msgpack.unpackb(blob, raw=False))
-                for peer, blob in raw.items()
-            }
+            manifests = self._manifests(raw)
             reference = majority(manifests)
             assert reference is not None  # this peer's own manifest is among them
             report: dict[str, Any]
@@ -162,17 +167,7 @@ class StateSync:
             reports = await barrier("synced", report)
         finally:
             self.serving = None
-        failures = sorted((p, r["error"]) for p, r in reports.items() if "error" in r)
-        if failures:
-            peer, wire = failures[0]
-            err = CollnetError.from_wire(wire)
-            err.fields.setdefault("peer", peer)
-            # Fetched ranges overwrote the tensors they were for; nothing else did.
-            err.fields["buffer_modified"] = self._touched
-            if peer != self.me:
-                err.message = f"state sync failed on peer {peer}: {err.message}"
-                err.args = (err.message,)
-            raise err
+        self._raise_failures(reports)
         reached = {(r.get("revision"), r.get("digest")) for r in reports.values()}
         elapsed = time.perf_counter() - started
         if nbytes:
@@ -193,6 +188,39 @@ class StateSync:
             "state_digest": reference.state_digest(),
             "peers": len(reports),
         }
+
+    async def refuse(self, barrier: Barrier, exc: CollnetError) -> None:
+        """This peer cannot take part (a bad request, say): it still arrives at the
+        first barrier, with its error, so every member fails at once with it."""
+        with contextlib.suppress(CollnetError, TimeoutError):
+            await barrier("state", msgpack.packb({"error": exc.to_wire()}, use_bin_type=True))
+
+    def _manifests(self, raw: Mapping[str, Any]) -> dict[str, StateManifest]:
+        decoded: dict[str, Any] = {}
+        for peer, blob in raw.items():
+            try:
+                decoded[peer] = msgpack.unpackb(blob, raw=False)
+            except (ValueError, TypeError, msgpack.UnpackException) as exc:
+                raise ProtocolError(f"bad state manifest from {peer}: {exc}") from None
+        self._raise_failures(decoded)
+        return {peer: StateManifest.from_wire(obj) for peer, obj in decoded.items()}
+
+    def _raise_failures(self, reports: Mapping[str, Any]) -> None:
+        """Raise the error of the first member (by id) that reported one, if any."""
+        failures = sorted(
+            (p, r["error"]) for p, r in reports.items() if isinstance(r, dict) and "error" in r
+        )
+        if not failures:
+            return
+        peer, wire = failures[0]
+        err = CollnetError.from_wire(wire if isinstance(wire, dict) else {})
+        err.fields.setdefault("peer", peer)
+        # Fetched ranges overwrote the tensors they were for; nothing else did.
+        err.fields["buffer_modified"] = self._touched
+        if peer != self.me:
+            err.message = f"state sync failed on peer {peer}: {err.message}"
+            err.args = (err.message,)
+        raise err
 
     # -- fetching ----------------------------------------------------------
     async def fetch(

@@ -22,7 +22,7 @@ from cluster_harness import (
     run_on_all_outcomes,
     running_peers,
 )
-from collnet_client import CollnetError, Comm, MismatchError, PeerLost, SyncResult
+from collnet_client import CollnetError, Comm, InvalidArgument, MismatchError, PeerLost, SyncResult
 
 from collnet.state import tensor_digest
 
@@ -221,3 +221,19 @@ def test_a_holder_frozen_mid_transfer_fails_the_sync_everywhere_then_a_retry_suc
 
 def fill_reference(names: list[str], n: int) -> dict[str, np.ndarray]:
     return {name: np.arange(n, dtype=np.float32) * (i + 1) + 1 for i, name in enumerate(names)}
+
+
+def test_a_peer_refusing_its_own_request_fails_every_member_at_once(tmp_path: Path) -> None:
+    with running_peers(3, tmp_path) as peers:
+        states = [model(1) for _ in range(3)]
+        states[1] = {"": np.zeros(3, np.float32)}  # no valid tensor name
+        started = time.monotonic()
+        outcomes = run_on_all_outcomes(
+            peers.comms, lambda r, c: c.sync_state(states[r], 1, timeout_s=30.0)
+        )
+        assert time.monotonic() - started < 10, "members waited for the refusing peer"
+        for out in outcomes:
+            assert isinstance(out, InvalidArgument), out
+        assert peers.comms[1].peer_id in str(outcomes[0])
+        states[1] = model(1)
+        assert all(r.in_parity for r in sync_all(peers.comms, states, [1, 1, 1]))
