@@ -1,0 +1,151 @@
+"""collnet_client.torch over real daemons, and examples/diloco_train.py end to end."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from cluster_harness import CALL_TIMEOUT_S, run_on_all, running_peers
+from collnet_client import Comm
+
+torch = pytest.importorskip("torch")
+from collnet_client.torch import DiLoCo, sync_state  # noqa: E402
+
+pytestmark = pytest.mark.timeout(240)
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "diloco_train.py"
+
+
+def _model() -> Any:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Tanh(), torch.nn.Linear(3, 1))
+
+
+@pytest.mark.parametrize("streaming", [False, True], ids=["blocking", "streaming"])
+def test_diloco_outer_step_is_nesterov_on_the_averaged_pseudo_gradient(
+    tmp_path: Path, streaming: bool
+) -> None:
+    torch.set_num_threads(1)
+    lr, mu, rounds, inner = 0.7, 0.9, 3, 2
+    models = [_model() for _ in range(2)]  # here: torch's seed is global, threads would race
+
+    def one(rank: int, comm: Comm) -> tuple[list[np.ndarray], list[str], np.ndarray]:
+        model = models[rank]
+        opt = torch.optim.SGD(model.parameters(), lr=0.05)
+        d = DiLoCo(
+            comm, model, opt, inner_steps=inner, outer_lr=lr, outer_momentum=mu,
+            streaming=streaming, timeout_s=CALL_TIMEOUT_S,
+        )  # fmt: skip
+        d.start()
+        gen = torch.Generator().manual_seed(rank)
+        deltas, hashes = [], []
+        for _ in range(rounds):
+            for _ in range(inner):
+                x = torch.randn(8, 4, generator=gen)
+                loss = (model(x) - x.sum(1, keepdim=True)).pow(2).mean()
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+            deltas.append(d.anchor - d._read_local())
+            hashes.append(d.outer_step().hash)
+        hashes.append(d.finish().hash)
+        return deltas, hashes, d.global_weights.copy()
+
+    with running_peers(2, tmp_path) as p:
+        results = run_on_all(p.comms, one)
+    assert results[0][1] == results[1][1], "peers' global weights differ after a round"
+    assert np.array_equal(results[0][2], results[1][2])
+    # The reference: average the peers' pseudo-gradients, Nesterov momentum.
+    g = torch.nn.utils.parameters_to_vector(_model().parameters()).detach().numpy().copy()
+    m = np.zeros_like(g)
+    for r in range(rounds):
+        avg = (results[0][0][r] + results[1][0][r]) / np.float32(2)
+        m = np.float32(mu) * m + avg
+        g = g - np.float32(lr) * (avg + np.float32(mu) * m)
+    np.testing.assert_allclose(results[0][2], g, rtol=1e-5, atol=1e-6)
+
+
+def test_torch_sync_state_copies_fetched_tensors_back_into_strided_tensors(
+    tmp_path: Path,
+) -> None:
+    values = torch.arange(12, dtype=torch.float32).reshape(3, 4)
+
+    def one(rank: int, comm: Comm) -> Any:
+        base = values.clone() if rank == 0 else torch.zeros(4, 3)
+        # Rank 1's tensor is a transposed view: synced through a host copy.
+        tensor = base if rank == 0 else base.t()
+        counter = torch.tensor([5 if rank == 0 else 0], dtype=torch.int64)
+        result = sync_state(comm, {"w": tensor, "step": counter}, revision=1 - rank)
+        return tensor.clone(), counter.clone(), result
+
+    with running_peers(2, tmp_path) as p:
+        (t0, _, r0), (t1, c1, r1) = run_on_all(p.comms, one)
+    assert torch.equal(t1, values) and torch.equal(t0, values)
+    assert int(c1[0]) == 5
+    assert set(r1.fetched) == {"w", "step"} and not r0.fetched
+    assert r0.in_parity and r1.in_parity and r0.state_digest == r1.state_digest
+
+
+def _run_example(*args: str, timeout_s: float = 200) -> dict[str, Any]:
+    proc = subprocess.run(
+        [sys.executable, str(EXAMPLE), "--json", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+    )
+    assert proc.stdout.strip(), proc.stderr[-3000:]
+    out: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert proc.returncode == 0, (out, proc.stderr[-3000:])
+    return out
+
+
+def test_example_three_peers_converge_with_equal_hashes() -> None:
+    out = _run_example("--peers", "3", "--step-ms", "0")
+    assert out["ok"] and out["hashes_equal"], out
+    assert out["final_loss"] < out["loss_threshold"] < out["initial_loss"], out
+    assert out["peers_final"] == 3
+
+
+def test_example_survives_a_killed_peer_and_trains_a_joiner() -> None:
+    out = _run_example("--peers", "3", "--kill", "1", "--join", "1")
+    assert out["ok"] and out["hashes_equal"], out
+    assert out["final_loss"] < out["loss_threshold"], out
+    assert len(out["killed"]) == 1 and len(out["joined"]) == 1
+    # two survivors and the joiner finish with the same model
+    assert out["peers_final"] == 3 and out["world_final"] == 3
+    assert out["killed_trainer_exit_codes"] == [3]
+
+
+def test_trainer_exits_with_the_typed_error_when_its_daemon_dies(tmp_path: Path) -> None:
+    with running_peers(1, tmp_path, admit=False) as p:
+        p.close()
+        daemon = p.cluster.daemons[0]
+        proc = subprocess.Popen(
+            [sys.executable, str(EXAMPLE), "--daemon", daemon.ipc, "--progress-json",
+             "--outer-steps", "100000", "--inner-steps", "5", "--step-ms", "1"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        try:
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                event = json.loads(line)
+                if event["event"] == "outer_step":
+                    assert event["peer"] == daemon.peer_id and event["world"] == 1
+                    assert {"step", "epoch", "revision", "hash", "loss"} <= set(event)
+                    break
+            p.cluster.kill(daemon, signal.SIGKILL)
+            _, stderr = proc.communicate(timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    assert proc.returncode == 3, stderr
+    assert "DaemonUnavailable" in stderr
