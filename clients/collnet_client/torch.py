@@ -210,7 +210,9 @@ class DiLoCo:
 
     def outer_step(self) -> OuterStep:
         local = self._read_local()
-        delta = self._deltas[self.round % 2]
+        # Never the buffer of the all-reduce still in flight (streaming).
+        busy = self._pending[1] if self._pending is not None else None
+        delta = self._deltas[1] if busy is self._deltas[0] else self._deltas[0]
         np.subtract(self.anchor, local, out=delta)
         error: str | None = None
         reduced = False
