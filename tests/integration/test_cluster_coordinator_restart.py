@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from cluster_harness import assert_bit_identical, peer_inputs, running_peers, wait_until
+from cluster_harness import assert_bit_identical, peer_inputs, run_on_all, running_peers, wait_until
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -38,3 +38,33 @@ def test_coordinator_killed_and_restarted_loses_no_peer_and_no_epoch(tmp_path: P
         assert {w.size for w in worlds} == {4} and {w.epoch for w in worlds} == {before.epoch + 1}
         inputs = peer_inputs(4, 7919, np.dtype(np.float32), "sum", seed=5)
         assert_bit_identical(p.all_reduce(inputs, op="sum"))
+
+
+def test_coordinator_restart_loses_no_revision_of_the_shared_state(tmp_path: Path) -> None:
+    """Revisions live with the peers: after a restart the next sync finds them all,
+    and a joiner still gets the newest state."""
+    rng = np.random.default_rng(8)
+    model = {"w": rng.standard_normal(4099).astype(np.float32), "step": np.array([12])}
+    with running_peers(3, tmp_path) as p:
+        states = [{k: v.copy() for k, v in model.items()} for _ in range(3)]
+        results = run_on_all(p.comms, lambda r, c: c.sync_state(states[r], 12))
+        assert all(res.in_parity and res.revision == 12 for res in results)
+        before = p.comms[0].world
+        p.cluster.restart_coordinator()
+
+        def rebuilt() -> bool:
+            try:
+                return p.comms[1].world.peers == before.peers
+            except Exception:
+                return False
+
+        wait_until(rebuilt, 15.0, "the restarted coordinator to recover the world")
+        joiner = p.cluster.add_daemon()
+        p.comms.append(p.connect(joiner.index))
+        assert {w.size for w in p.sync_world()} == {4}
+        states.append({k: np.zeros_like(v) for k, v in model.items()})
+        results = run_on_all(p.comms, lambda r, c: c.sync_state(states[r], 12 if r < 3 else 0))
+        assert all(res.in_parity and res.revision == 12 for res in results)
+        assert results[3].fetched == ("step", "w")
+        for state in states:
+            assert all(np.array_equal(state[k], model[k]) for k in model)
