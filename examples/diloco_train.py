@@ -141,6 +141,7 @@ def train(args: argparse.Namespace) -> int:
             outer_lr=args.outer_lr,
             outer_momentum=args.outer_momentum,
             codec=args.codec,
+            error_feedback=args.error_feedback,
             streaming=args.streaming,
             timeout_s=args.timeout_s,
         )
@@ -243,7 +244,8 @@ def launch(args: argparse.Namespace) -> int:
         "--inner-lr", str(args.inner_lr), "--outer-lr", str(args.outer_lr),
         "--outer-momentum", str(args.outer_momentum), "--codec", args.codec,
         "--timeout-s", str(args.timeout_s), "--step-ms", str(args.step_ms),
-    ] + (["--streaming"] if args.streaming else [])  # fmt: skip
+    ] + (["--streaming"] if args.streaming else []) + (
+        ["--error-feedback"] if args.error_feedback else [])  # fmt: skip
     # Joiners early enough that, with --step-ms, their daemon is up with rounds to spare.
     kill_at = max(1, args.outer_steps // 3)
     join_at = max(1, args.outer_steps // 4)
@@ -369,6 +371,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--outer-momentum", type=float, default=None, help="0.9 (streaming: 0.8)")
     ap.add_argument("--codec", default="none", help="Codec of the pseudo-gradient all-reduce.")
     ap.add_argument("--streaming", action="store_true", help="Overlap the all-reduce.")
+    ap.add_argument(
+        "--error-feedback", action="store_true", help="With a lossy --codec: error feedback."
+    )
     ap.add_argument("--timeout-s", type=float, default=60.0, help="Per collective.")
     ap.add_argument("--run-timeout-s", type=float, default=600.0, help="Launcher: whole run.")
     ap.add_argument("--loss-threshold", type=float, default=0.05)

@@ -445,7 +445,7 @@ class Comm:
     # -- shared state ------------------------------------------------------
     def sync_state(
         self,
-        named_tensors: Mapping[str, npt.NDArray[Any]],
+        named_tensors: Mapping[str, Any],
         revision: int,
         timeout_s: float | None = None,
     ) -> SyncResult:
@@ -457,7 +457,11 @@ class Comm:
         overwritten with bytes fetched from the holders and verified by hash.
         Arrays from ``empty``/``zeros`` are synced in place with no copy; others
         are staged through one shared segment and the fetched ones copied back.
+        torch tensors are accepted too: CPU ones through a view of their bytes
+        (no copy over SDK memory), CUDA or strided ones through a host copy.
         """
+        if any(is_torch_tensor(t) for t in named_tensors.values()):
+            return self._sync_host_copies(named_tensors, revision, timeout_s)
         if not isinstance(revision, int) or isinstance(revision, bool) or revision < 0:
             raise InvalidArgument(f"revision must be a non-negative int, got {revision!r}")
         entries: list[list[Any]] = []
@@ -502,6 +506,24 @@ class Comm:
         finally:
             if staging is not None:
                 self._staging.append(staging)
+        return result
+
+    def _sync_host_copies(
+        self, named_tensors: Mapping[str, Any], revision: int, timeout_s: float | None
+    ) -> SyncResult:
+        """``sync_state`` of tensors that are not all numpy arrays: through host arrays."""
+        hosts = {name: host_tensor(t) for name, t in named_tensors.items()}
+        arrays: dict[str, npt.NDArray[Any]] = {}
+        for name, host in hosts.items():
+            if host.array is not None:
+                arrays[name] = host.array
+            else:
+                arrays[name] = np.empty(host.shape, host.dtype)
+                host.copy_into(arrays[name])
+        result = self.sync_state(arrays, revision, timeout_s)
+        for name in result.fetched:
+            if hosts[name].array is None:
+                hosts[name].copy_from(arrays[name])
         return result
 
     def leave(self) -> None:

@@ -40,7 +40,6 @@ import xxhash
 
 from collnet.errors import CollectiveAborted, PeerLost, Timeout
 from collnet_client.client import Comm, Handle, SyncResult
-from collnet_client.tensors import torch_host_view
 
 F32 = npt.NDArray[np.float32]
 
@@ -66,26 +65,10 @@ def sync_state(
 
     CPU tensors are synced through a numpy view of their storage (no copy when
     they live in SDK memory, see ``empty``); CUDA or strided tensors through a
-    host copy, and the fetched ones are copied back.
+    host copy, and the fetched ones are copied back. (``Comm.sync_state``
+    accepts torch tensors itself; this is the same call, named for symmetry.)
     """
-    host: dict[str, npt.NDArray[Any]] = {}
-    copied: list[tuple[str, Any, npt.NDArray[Any]]] = []
-    for name, tensor in named_tensors.items():
-        if isinstance(tensor, np.ndarray):
-            host[name] = tensor
-            continue
-        view = torch_host_view(tensor)
-        if view is None:
-            view = tensor.detach().to("cpu").contiguous().numpy()
-            copied.append((name, tensor, view))
-        host[name] = view
-    result = comm.sync_state(host, revision, timeout_s)
-    fetched = set(result.fetched)
-    with torch.no_grad():
-        for name, tensor, view in copied:
-            if name in fetched:
-                tensor.copy_(torch.from_numpy(view))
-    return result
+    return comm.sync_state(named_tensors, revision, timeout_s)
 
 
 @dataclass(frozen=True)
@@ -122,6 +105,7 @@ class DiLoCo:
         outer_lr: float = 0.7,
         outer_momentum: float = 0.9,
         codec: str = "none",
+        error_feedback: bool = False,
         streaming: bool = False,
         timeout_s: float | None = None,
         sync_attempts: int = 5,
@@ -136,6 +120,7 @@ class DiLoCo:
         self.outer_lr = np.float32(outer_lr)
         self.outer_momentum = np.float32(outer_momentum)
         self.codec = codec
+        self.error_feedback = error_feedback
         self.streaming = streaming
         self.timeout_s = timeout_s
         self.sync_attempts = sync_attempts
@@ -227,6 +212,9 @@ class DiLoCo:
         self._round[0] += 1
         world, result = self._agree(self.timeout_s)
         fetched = bool(result.fetched)
+        if fetched:
+            # The residual belonged to progress that the fetched state replaced.
+            self.comm.feedback.forget(f"{self.tag_prefix}.pseudo_gradient")
         if fetched or (reduced and not self.streaming):
             # The global weights moved under this peer: restart from them.
             np.copyto(self.anchor, self.global_weights)
@@ -268,6 +256,9 @@ class DiLoCo:
             codec=self.codec,
             tag=f"{self.tag_prefix}-{self.round}",
             timeout_s=self.timeout_s,
+            error_feedback=self.error_feedback,
+            # One residual for both send buffers: they carry the same quantity.
+            feedback_key=f"{self.tag_prefix}.pseudo_gradient",
         )
 
     def _apply(self, handle: Handle, delta: F32) -> tuple[bool, str | None]:

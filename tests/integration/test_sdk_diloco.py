@@ -81,7 +81,9 @@ def test_torch_sync_state_copies_fetched_tensors_back_into_strided_tensors(
         # Rank 1's tensor is a transposed view: synced through a host copy.
         tensor = base if rank == 0 else base.t()
         counter = torch.tensor([5 if rank == 0 else 0], dtype=torch.int64)
-        result = sync_state(comm, {"w": tensor, "step": counter}, revision=1 - rank)
+        # Comm.sync_state takes torch tensors as well as the torch helper does.
+        sync = sync_state if rank == 0 else type(comm).sync_state
+        result = sync(comm, {"w": tensor, "step": counter}, 1 - rank)
         return tensor.clone(), counter.clone(), result
 
     with running_peers(2, tmp_path) as p:
