@@ -189,7 +189,9 @@ class Comm:
         self._sock = self._ctx.socket(zmq.DEALER)
         self._sock.setsockopt(zmq.LINGER, 0)
         # Sees the daemon's side of the connection close (exit, kill -9).
-        self._monitor = self._sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        self._monitor = self._sock.get_monitor_socket(
+            zmq.EVENT_DISCONNECTED | zmq.EVENT_CONNECT_RETRIED
+        )
         self._poller = zmq.Poller()
         self._poller.register(self._sock, zmq.POLLIN)
         self._poller.register(self._monitor, zmq.POLLIN)
@@ -214,6 +216,9 @@ class Comm:
         except Timeout:
             self.close()
             raise DaemonUnavailable(f"no daemon answers at {address}") from None
+        except BaseException:
+            self.close()
+            raise
         self.peer_id: str = hello["peer"]
         self.feedback = ErrorFeedback(int(hello.get("codec_block_size") or DEFAULT_BLOCK_SIZE))
         # The epoch this trainer agreed to: set by update_topology (and at
@@ -601,13 +606,19 @@ class Comm:
                     event = recv_monitor_message(self._monitor, zmq.NOBLOCK)
                 except zmq.Again:
                     break
-                if event["event"] == zmq.EVENT_DISCONNECTED and self._lost is None:
-                    # The daemon's state (world, collectives) died with it: a daemon
-                    # restarted at this address is another peer, so this Comm stays lost.
+                if self._lost is not None:
+                    continue
+                # The daemon's state (world, collectives) died with it: a daemon
+                # restarted at this address is another peer, so this Comm stays lost.
+                if event["event"] == zmq.EVENT_DISCONNECTED:
                     self._lost = (
                         f"the daemon at {self.address} ({getattr(self, 'peer_id', '?')}) "
                         "closed the connection: it exited or was killed"
                     )
+                elif event["event"] == zmq.EVENT_CONNECT_RETRIED:
+                    # A refused connect: nothing listens (say, the socket file of a
+                    # killed daemon); zmq would keep retrying until the timeout.
+                    self._lost = f"nothing accepts connections at {self.address}"
 
     def _wait_reply(self, rid: int, timeout_s: float | None) -> dict[str, Any]:
         limit = self.timeout_s if timeout_s is None else timeout_s

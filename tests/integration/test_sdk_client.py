@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import collnet_client
 import numpy as np
 import pytest
 from cluster_harness import (
@@ -190,6 +191,10 @@ def test_daemon_killed_under_a_waiting_trainer_fails_fast_with_daemon_unavailabl
             handle.wait(timeout_s=60)
         with pytest.raises(DaemonUnavailable):
             comm.update_topology(timeout_s=60)
+        # Its socket file is still there, but a new connection is refused at once
+        # rather than after the hello timeout.
+        with pytest.raises(DaemonUnavailable, match="nothing accepts connections"):
+            collnet_client.connect(victim.ipc, timeout_s=60)
 
 
 def test_retry_reruns_a_collective_in_the_shrunken_world(tmp_path: Path) -> None:
