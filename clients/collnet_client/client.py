@@ -116,13 +116,20 @@ class Handle:
         return True
 
     def wait(self, timeout_s: float | None = None) -> Any:
+        """The reduced tensor, or the collective's error.
+
+        A ``Timeout`` because ``timeout_s`` ran out here (rather than the
+        collective's own deadline) leaves the collective running: wait again,
+        or ``cancel()``.
+        """
         if not self._finished:
             try:
                 self._comm._finish_all_reduce(self._req, timeout_s)
+            except _NoReplyYet:
+                raise
             except CollnetError as exc:
                 self._error = exc
-            finally:
-                self._finished = True
+            self._finished = True
         if self._error is not None:
             raise self._error
         return self._req.host.original
@@ -145,6 +152,10 @@ class Handle:
         except CollnetError:
             return True
         return False
+
+
+class _NoReplyYet(Timeout):
+    """A wait ran out of time while the daemon still works on the request."""
 
 
 @dataclass
@@ -422,12 +433,18 @@ class Comm:
             self._staging.append(staging)
 
     def _finish_all_reduce(self, req: _AllReduce, timeout_s: float | None) -> None:
-        """Wait for ``req``'s reply, retrying on PeerLost as it allows; write back."""
+        """Wait for ``req``'s reply, retrying on PeerLost as it allows; write back.
+
+        Raises ``_NoReplyYet`` with the request still pending (and its staging
+        still the daemon's) when only this wait ran out of time.
+        """
         try:
             while True:
                 try:
                     self._wait_reply(req.rid, timeout_s)
                     break
+                except _NoReplyYet:
+                    raise
                 except CollnetError as exc:
                     if isinstance(exc, PeerLost) and req.retries > 0 and req.saved is not None:
                         req.retries -= 1
@@ -444,8 +461,12 @@ class Comm:
                     raise
             if req.staging is not None:
                 req.host.copy_from(req.view)
-        finally:
+        except _NoReplyYet:
+            raise
+        except BaseException:
             self._unstage(req)
+            raise
+        self._unstage(req)
 
     # -- shared state ------------------------------------------------------
     def sync_state(
@@ -629,7 +650,7 @@ class Comm:
                 if reply is None:
                     left = deadline - time.monotonic()
                     if left <= 0:
-                        raise Timeout(
+                        raise _NoReplyYet(
                             f"no reply from the daemon at {self.address} within {limit:.1f}s"
                         )
                     self._drain(int(min(left, 0.05) * 1000) + 1)

@@ -21,7 +21,14 @@ from cluster_harness import (
     running_peers,
     wait_until,
 )
-from collnet_client import CollectiveAborted, Comm, DaemonUnavailable, InvalidArgument, PeerLost
+from collnet_client import (
+    CollectiveAborted,
+    Comm,
+    DaemonUnavailable,
+    InvalidArgument,
+    PeerLost,
+    Timeout,
+)
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -107,6 +114,28 @@ def test_several_handles_in_flight_complete_independently(peers: Peers) -> None:
     for bufs in run_on_all(peers.comms, one):
         for i, b in enumerate(bufs):
             assert np.all(b == base + WORLD * i)
+
+
+def test_a_wait_that_times_out_leaves_the_collective_running(peers: Peers) -> None:
+    tag = fresh_tag()
+
+    def one(rank: int, comm: Comm) -> np.ndarray:
+        buf = np.full(1000, float(rank), np.float32)
+        if rank != 0:
+            wait_until(lambda: started[0], 30, "rank 0's first wait")
+        h = comm.all_reduce_async(buf, tag=tag, timeout_s=CALL_TIMEOUT_S)
+        if rank == 0:
+            # Nobody else has started: this wait gives up, the collective goes on.
+            with pytest.raises(Timeout):
+                h.wait(timeout_s=0.2)
+            assert not h.done()
+            started[0] = True
+        out: np.ndarray = h.wait()
+        return out
+
+    started = [False]
+    for out in run_on_all(peers.comms, one):
+        assert np.all(out == sum(range(WORLD)))
 
 
 def test_cancel_aborts_the_collective_on_every_peer(peers: Peers) -> None:
