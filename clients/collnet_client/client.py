@@ -149,6 +149,8 @@ class Handle:
         self._comm._call("cancel", timeout_s=timeout_s, epoch=req.epoch, tag=req.tag)
         try:
             self.wait(timeout_s)
+        except _NoReplyYet:
+            raise
         except CollnetError:
             return True
         return False
