@@ -11,7 +11,8 @@ Failure model, in the order a round runs:
 
 1. the pseudo-gradient all-reduce runs in the epoch agreed at the previous
    round. If a peer died, it fails (``PeerLost``) and this round applies no
-   outer step: the local progress is kept and counted in the next round;
+   outer step: the local progress is kept and counted in the next round
+   (streaming: the failed round's progress is dropped);
 2. ``update_topology`` agrees on the new world and admits pending joiners;
 3. ``sync_state`` (a barrier of the new world) brings the global weights, the
    outer momentum and the round counter of every peer to what the majority
