@@ -71,6 +71,43 @@ def test_diloco_outer_step_is_nesterov_on_the_averaged_pseudo_gradient(
     np.testing.assert_allclose(results[0][2], g, rtol=1e-5, atol=1e-6)
 
 
+class _Outcome:
+    """A stand-in handle: how a round's all-reduce ended on one peer."""
+
+    def __init__(self, error: Exception | None) -> None:
+        self.error = error
+
+    def wait(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+
+def test_a_round_completed_on_some_peers_only_is_reconciled_by_the_sync(tmp_path: Path) -> None:
+    # A peer dying at the very end of an all-gather can leave one survivor with the
+    # result and another with PeerLost; the sync must bring both to the newer state.
+    from collnet_client import PeerLost
+
+    models = [_model() for _ in range(2)]
+
+    def one(rank: int, comm: Comm) -> tuple[Any, ...]:
+        model = models[rank]
+        d = DiLoCo(comm, model, torch.optim.SGD(model.parameters(), lr=0.1), inner_steps=1)
+        d.start()
+        delta = d._deltas[0]
+        delta.fill(0.01)  # the averaged pseudo-gradient, as the completing peer got it
+        error = None if rank == 0 else PeerLost("lost at the end of the all-gather", peer="x")
+        reduced, _ = d._apply(_Outcome(error), delta)  # type: ignore[arg-type]
+        d._round[0] += 1
+        _, result = d._agree(CALL_TIMEOUT_S)
+        return reduced, d.revision, d.state_hash(), tuple(result.fetched), result.in_parity
+
+    with running_peers(2, tmp_path) as p:
+        (red0, rev0, h0, f0, par0), (red1, rev1, h1, f1, par1) = run_on_all(p.comms, one)
+    assert red0 and not red1
+    assert rev0 == rev1 == 1 and h0 == h1 and par0 and par1
+    assert not f0 and any(name.startswith("weights.") for name in f1)
+
+
 def test_torch_sync_state_copies_fetched_tensors_back_into_strided_tensors(
     tmp_path: Path,
 ) -> None:
