@@ -206,14 +206,14 @@ class Progress:
         reports = self.of(service)
         return reports[-1] if reports else None
 
-    def typed_error(self, service: str) -> str:
-        """The last collnet error type named on the trainer's stderr."""
+    def typed_error(self, service: str) -> tuple[str, str]:
+        """The last collnet error type named on the trainer's stderr, and that line."""
         pattern = re.compile(r"\b(" + "|".join(map(re.escape, self.errors)) + r")\b")
         for line in reversed(self.stderr.get(service, [])):
             m = pattern.search(line)
             if m:
-                return m.group(1)
-        return ""
+                return m.group(1), line.strip()[:200]
+        return "", ""
 
     def untyped_tracebacks(self) -> list[str]:
         """Traceback endings that are not collnet errors (a crash, not a typed failure)."""
@@ -243,6 +243,7 @@ class Churn:
         self.violations: list[str] = []
         self.events: list[dict[str, object]] = []
         self.exits: list[Exit] = []
+        self.disturbed: str | None = None  # the peer the running disturbance is about
         self.reported_down: set[str] = set()  # services whose unexpected exit was reported
         self.notes: list[str] = []  # allowed but worth a look (a trainer gave up early)
 
@@ -263,13 +264,23 @@ class Churn:
             time.sleep(self.args.poll_s)
 
     def check_services(self) -> None:
-        """Daemons and the coordinator only stop when the test stops them."""
+        """Daemons and the coordinator only stop when the test stops them. A trainer
+        of an undisturbed live peer that exits must have failed typed; it is started
+        again, as a supervisor would (a trainerless member stalls every barrier)."""
         for service in ["coordinator", *sorted(self.live)]:
             st = self.cluster.state(service)
             if st and not st.get("Running") and service not in self.reported_down:
                 code = int(str(st.get("ExitCode", -1)))
                 self.violation(f"{service} exited on its own (exit code {code})")
                 self.reported_down.add(service)
+        for peer in sorted(self.live - {self.disturbed}):
+            trainer = self.trainers[peer]
+            st = self.cluster.state(trainer)
+            if st and not st.get("Running") and self.cluster.running(peer):
+                self.progress.poll()
+                self.record_exit(f"{peer} undisturbed", trainer, int(str(st.get("ExitCode", -1))))
+                self.note(f"{trainer} exited while its daemon {peer} was up: restarted it")
+                self.cluster.docker("start", self.cluster.cid(trainer))
 
     def steps_after(self, peers: Iterable[str], since: float, world: int | None) -> bool:
         for peer in peers:
@@ -315,16 +326,20 @@ class Churn:
             )
             return
         st = self.cluster.state(service)
-        code = int(str(st.get("ExitCode", -1)))
-        error = self.progress.typed_error(service)
-        self.exits.append(Exit(service, code, time.time(), error))
+        self.record_exit(label, service, int(str(st.get("ExitCode", -1))), took)
+
+    def record_exit(self, label: str, service: str, code: int, took: float | None = None) -> None:
+        """A trainer's exit: non-zero, with a typed collnet error on stderr."""
+        error, line = self.progress.typed_error(service)
+        self.exits.append(Exit(service, code, time.time(), line or error))
         if code == 0:
-            self.violation(f"{label}: {service} exited 0 although its daemon is gone")
+            self.violation(f"{label}: {service} exited 0 (it should train on)")
         elif not error:
             tail = " | ".join(self.progress.stderr.get(service, [])[-3:])
             self.violation(f"{label}: {service} exited {code} with no typed error: {tail}")
         else:
-            log(f"{label}: {service} exited {code} with {error} after {took:.1f} s")
+            after = "" if took is None else f" after {took:.1f} s"
+            log(f"{label}: {service} exited {code}{after}: {line}")
 
     def note(self, msg: str) -> None:
         log(f"note: {msg}")
@@ -353,6 +368,9 @@ class Churn:
             self.cluster.forget_ids()
         self.reported_down.discard(peer)
         self.live.add(peer)
+        if self.disturbed == peer:
+            # Started again: from now on its trainer is supervised like any other.
+            self.disturbed = None
 
     def healthy(self, service: str) -> bool:
         st = self.cluster.state(service)
@@ -453,7 +471,7 @@ class Churn:
             if not daemon_restarted and self.cluster.running(peer):
                 self.note(
                     f"{label}: {trainer} gave up although its daemon kept running "
-                    f"({self.progress.typed_error(trainer) or 'no typed error'})"
+                    f"({self.progress.typed_error(trainer)[1] or 'no typed error'})"
                 )
             log(f"{label}: starting the {peer} pair again")
         restart_t = time.time()
@@ -493,24 +511,26 @@ class Churn:
             self.violation(f"no training progress within {self.args.startup_s:.0f} s of start")
             return
         log(f"warm-up done after {took:.1f} s")
-        steps: list[Callable[[], None]] = [
-            lambda: self.kill("peer3"),
-            lambda: self.pause("peer2"),
-            lambda: self.netcut("peer1"),
-            lambda: self.restart("peer2"),
-            lambda: self.scale("peer4"),
+        steps: list[tuple[str, Callable[[str], None]]] = [
+            ("peer3", self.kill),
+            ("peer2", self.pause),
+            ("peer1", self.netcut),
+            ("peer2", self.restart),
+            ("peer4", self.scale),
         ]
         if self.args.rounds >= 2:  # the same again, on other peers, in a world of 4
             steps += [
-                lambda: self.kill("peer1"),
-                lambda: self.pause("peer4"),
-                lambda: self.netcut("peer3"),
-                lambda: self.restart("peer4"),
+                ("peer1", self.kill),
+                ("peer4", self.pause),
+                ("peer3", self.netcut),
+                ("peer4", self.restart),
             ]
-        for step in steps:
+        for peer, step in steps:
             if self.violations and self.args.stop_on_violation:
                 break
-            step()
+            self.disturbed = peer
+            step(peer)
+            self.disturbed = None
             self.check_hashes()
         # Every live peer reports some more steps, each with equal hashes.
         t = time.time()
@@ -538,11 +558,35 @@ class Churn:
                 self.violation(f"untyped round error on {r.peer} at step {r.step}: {r.error}")
         self.event("end", seconds=round(time.time() - t0, 1))
 
+    def generations(self) -> list[tuple[int, Report]]:
+        """Reports in time order, each with its generation: a new one starts when the
+        world's round goes back (every trainer holding the shared state had exited,
+        so training started over from the initial model)."""
+        out, gen, top = [], 0, -1
+        for r in sorted(self.progress.reports.values(), key=lambda r: r.t):
+            if r.step < top - 2:
+                gen, top = gen + 1, -1
+            top = max(top, r.step)
+            out.append((gen, r))
+        return out
+
     def check_hashes(self) -> None:
-        by_step: dict[tuple[int, int], dict[str, set[str]]] = defaultdict(lambda: defaultdict(set))
-        for r in self.progress.reports.values():
-            by_step[(r.step, r.revision)][r.hash].add(r.peer)
-        for (step, rev), hashes in sorted(by_step.items()):
+        by_step: dict[tuple[int, int, int], dict[str, set[str]]] = defaultdict(
+            lambda: defaultdict(set)
+        )
+        restarts: dict[int, Report] = {}
+        for gen, r in self.generations():
+            by_step[(gen, r.step, r.revision)][r.hash].add(r.peer)
+            restarts.setdefault(gen, r)
+        for gen, first in sorted(restarts.items()):
+            msg = (
+                f"training started over at step {first.step} ({first.peer}, "
+                f"{time.strftime('%H:%M:%S', time.localtime(first.t))}): the shared state "
+                "was lost (every trainer that held it had exited)"
+            )
+            if gen and msg not in self.violations:
+                self.violation(msg)
+        for (_, step, rev), hashes in sorted(by_step.items()):
             if len(hashes) > 1:
                 msg = f"hash mismatch at step {step} revision {rev}: " + "; ".join(
                     f"{h[:12]} on {','.join(sorted(p))}" for h, p in hashes.items()
