@@ -125,9 +125,9 @@ class Handle:
         if not self._finished:
             try:
                 self._comm._finish_all_reduce(self._req, timeout_s)
-            except _NoReplyYet:
-                raise
             except CollnetError as exc:
+                if exc.fields.get("reply_pending"):
+                    raise
                 self._error = exc
             self._finished = True
         if self._error is not None:
@@ -149,15 +149,11 @@ class Handle:
         self._comm._call("cancel", timeout_s=timeout_s, epoch=req.epoch, tag=req.tag)
         try:
             self.wait(timeout_s)
-        except _NoReplyYet:
-            raise
-        except CollnetError:
+        except CollnetError as exc:
+            if exc.fields.get("reply_pending"):
+                raise
             return True
         return False
-
-
-class _NoReplyYet(Timeout):
-    """A wait ran out of time while the daemon still works on the request."""
 
 
 @dataclass
@@ -437,17 +433,17 @@ class Comm:
     def _finish_all_reduce(self, req: _AllReduce, timeout_s: float | None) -> None:
         """Wait for ``req``'s reply, retrying on PeerLost as it allows; write back.
 
-        Raises ``_NoReplyYet`` with the request still pending (and its staging
-        still the daemon's) when only this wait ran out of time.
+        A ``Timeout`` with ``reply_pending`` leaves the request pending (and its
+        staging still the daemon's): only this wait ran out of time.
         """
         try:
             while True:
                 try:
                     self._wait_reply(req.rid, timeout_s)
                     break
-                except _NoReplyYet:
-                    raise
                 except CollnetError as exc:
+                    if exc.fields.get("reply_pending"):
+                        raise
                     if isinstance(exc, PeerLost) and req.retries > 0 and req.saved is not None:
                         req.retries -= 1
                         np.copyto(req.view, req.saved)
@@ -463,10 +459,9 @@ class Comm:
                     raise
             if req.staging is not None:
                 req.host.copy_from(req.view)
-        except _NoReplyYet:
-            raise
-        except BaseException:
-            self._unstage(req)
+        except BaseException as exc:
+            if not (isinstance(exc, CollnetError) and exc.fields.get("reply_pending")):
+                self._unstage(req)
             raise
         self._unstage(req)
 
@@ -652,8 +647,10 @@ class Comm:
                 if reply is None:
                     left = deadline - time.monotonic()
                     if left <= 0:
-                        raise _NoReplyYet(
-                            f"no reply from the daemon at {self.address} within {limit:.1f}s"
+                        # Only this wait gave up: the request may still be running.
+                        raise Timeout(
+                            f"no reply from the daemon at {self.address} within {limit:.1f}s",
+                            reply_pending=True,
                         )
                     self._drain(int(min(left, 0.05) * 1000) + 1)
                     reply = self._replies.pop(rid, None)
