@@ -145,6 +145,17 @@ def train(args: argparse.Namespace) -> int:
             streaming=args.streaming,
             timeout_s=args.timeout_s,
         )
+        # Founders wait until enough daemons are registered, by looking (not by
+        # update_topology, a barrier: an extra one would put this trainer a round
+        # out of step with the others); start() then admits them all at once.
+        deadline = time.monotonic() + args.timeout_s
+        while True:
+            world = comm.world
+            if world.size + len(world.pending) >= args.min_peers:
+                break
+            if time.monotonic() > deadline:
+                raise collnet_client.Timeout(f"the world did not reach {args.min_peers} peers")
+            time.sleep(0.05)
         first = diloco.start()
         initial_loss = problem.eval_loss(diloco.global_weights)
         emit({"event": "start", "peer": comm.peer_id, "step": first.round, "epoch": first.epoch,
@@ -240,11 +251,24 @@ def launch(args: argparse.Namespace) -> int:
     from collnet_daemon.localcluster import LocalCluster
 
     passthrough = [
-        "--outer-steps", str(args.outer_steps), "--inner-steps", str(args.inner_steps),
-        "--inner-lr", str(args.inner_lr), "--outer-lr", str(args.outer_lr),
-        "--outer-momentum", str(args.outer_momentum), "--codec", args.codec,
-        "--timeout-s", str(args.timeout_s), "--step-ms", str(args.step_ms),
-    ] + (["--streaming"] if args.streaming else []) + (
+        "--outer-steps",
+        str(args.outer_steps),
+        "--inner-steps",
+        str(args.inner_steps),
+        "--inner-lr",
+        str(args.inner_lr),
+        "--outer-lr",
+        str(args.outer_lr),
+        "--outer-momentum",
+        str(args.outer_momentum),
+        "--codec",
+        args.codec,
+        "--timeout-s",
+        str(args.timeout_s),
+        "--step-ms",
+        str(args.step_ms),
+    ]
+    founders = ["--min-peers", str(args.peers)] + (["--streaming"] if args.streaming else []) + (
         ["--error-feedback"] if args.error_feedback else [])  # fmt: skip
     # Joiners early enough that, with --step-ms, their daemon is up with rounds to spare.
     kill_at = max(1, args.outer_steps // 3)
@@ -262,7 +286,9 @@ def launch(args: argparse.Namespace) -> int:
     started = time.monotonic()
     try:
         cluster.start()
-        trainers = [Trainer(i, d.ipc, passthrough, events) for i, d in enumerate(cluster.daemons)]
+        trainers = [
+            Trainer(i, d.ipc, passthrough + founders, events) for i, d in enumerate(cluster.daemons)
+        ]
         # Joiners' trainers start now and wait for their daemon, so that importing
         # torch does not make them miss the rounds left after their daemon starts.
         joiner_ipcs = [f"ipc://{cluster.dir}/daemon{args.peers + j}.sock" for j in range(args.join)]
@@ -364,6 +390,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--kill", type=int, default=0, help="Launcher: daemons to SIGKILL mid-run.")
     ap.add_argument("--join", type=int, default=0, help="Launcher: peers to add mid-run.")
     ap.add_argument("--peer-name", default=None, help="Trainer: name (seeds its data).")
+    ap.add_argument(
+        "--min-peers", type=int, default=1, help="Trainer: wait for a world this big first."
+    )
     ap.add_argument("--outer-steps", type=int, default=20)
     ap.add_argument("--inner-steps", type=int, default=20)
     ap.add_argument("--inner-lr", type=float, default=3e-3)
