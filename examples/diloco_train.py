@@ -8,13 +8,20 @@ Two modes:
   loss went down below ``--loss-threshold`` and every peer held the same
   model hash after every outer step. ``--kill K`` SIGKILLs K daemons a third
   of the way in (their trainers exit with ``DaemonUnavailable``, the others
-  carry on); ``--join J`` starts J new daemons and trainers halfway, which
+  carry on); ``--join J`` starts J new daemons a quarter of the way in
+  (their trainers were started at the beginning and wait for them), which
   get the model through ``sync_state`` and train on to the end.
+  ``--step-ms`` (default 20) stands in for a real model's step time, so that
+  the churn lands mid-run.
 * **trainer** (``--daemon ADDRESS``): one trainer attached to a running
   daemon. ``--progress-json`` prints one JSON line per outer step
   (``{"event": "outer_step", "peer", "step", "epoch", "revision", "hash",
-  "loss", "world"}``) and a final ``{"event": "done", ...}``. If its daemon
-  dies it exits with status 3, printing the typed error.
+  "loss", "world"}``, plus ``reduced``, ``fetched``, ``error``), a
+  ``{"event": "start", ...}`` line once it is in the world, and a final
+  ``{"event": "done", ...}``. If its daemon dies it exits with status 3,
+  printing the typed error. ``--min-peers N`` waits until N daemons are
+  registered before starting; ``--wait-daemon-s`` waits for a daemon that
+  is not up yet.
 
 ``--json`` prints one JSON object at the end (launcher: the whole run;
 trainer: this peer) with at least ``initial_loss``, ``final_loss``,
