@@ -205,6 +205,12 @@ def coordinator(
 @_heartbeat_options
 @_secret_option
 @click.option("--peer-id", default=None, help="Stable id of this peer (default: random).")
+@click.option(
+    "--leave-when-trainers-exit",
+    is_flag=True,
+    help="Leave the world and stop once every trainer that joined through this daemon "
+    "has disconnected (exited or was killed), instead of holding the others at barriers.",
+)
 @_metrics_options
 @click.option("--ready-file", hidden=True)
 @click.pass_context
@@ -222,6 +228,7 @@ def daemon(
     heartbeat_ceiling_s: float,
     secret_file: str | None,
     peer_id: str | None,
+    leave_when_trainers_exit: bool,
     metrics_host: str,
     metrics_port: int | None,
     ready_file: str | None,
@@ -240,6 +247,7 @@ def daemon(
         heartbeat_interval_s=heartbeat_interval_s,
         heartbeat_floor_s=heartbeat_floor_s,
         heartbeat_ceiling_s=heartbeat_ceiling_s,
+        leave_when_trainers_exit=leave_when_trainers_exit,
     )
     if peer_id:
         config.peer_id = peer_id

@@ -41,6 +41,9 @@ class DaemonConfig:
     heartbeat_interval_s: float = 0.5
     heartbeat_floor_s: float = 2.0
     heartbeat_ceiling_s: float = 10.0
+    # Leave the world (and stop) once every trainer that joined through this
+    # daemon has disconnected, rather than keep the others waiting at barriers.
+    leave_when_trainers_exit: bool = False
     peer_id: str = field(default_factory=default_peer_id)
     secret: bytes | None = field(default=None, repr=False)
 

@@ -11,6 +11,7 @@ daemon down.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -18,6 +19,7 @@ from typing import Any
 import msgpack
 import zmq
 import zmq.asyncio
+from zmq.utils.monitor import parse_monitor_message
 
 from collnet.errors import CollnetError, ProtocolError
 
@@ -27,6 +29,7 @@ log = logging.getLogger(__name__)
 MAX_REQUEST_BYTES = 16 << 20
 
 Handler = Callable[[bytes, dict[str, Any]], Awaitable[dict[str, Any]]]
+DisconnectHandler = Callable[[bytes], None]
 
 
 class IpcServer:
@@ -37,22 +40,33 @@ class IpcServer:
         self.sock = self.ctx.socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.MAXMSGSIZE, MAX_REQUEST_BYTES)
+        # Told the identity of a client whose connection closed (exit, kill -9).
+        # zmq reports a closed connection by its file descriptor only, and each
+        # request says which descriptor it came in on (SRCFD): that maps the two.
+        self.on_disconnect: DisconnectHandler | None = None
+        self._monitor = self.sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        self._idents: dict[int, bytes] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._loop: asyncio.Task[None] | None = None
+        self._watch: asyncio.Task[None] | None = None
 
     def start(self) -> None:
         self.sock.bind(self.address)
         self._loop = asyncio.ensure_future(self._serve())
+        self._watch = asyncio.ensure_future(self._watch_disconnects())
 
     async def _serve(self) -> None:
         while True:
             try:
-                parts = await self.sock.recv_multipart(copy=True)
+                frames = await self.sock.recv_multipart(copy=False)
             except zmq.ZMQError as exc:
                 if exc.errno == zmq.ETERM or self.sock.closed:
                     return
                 log.warning("ipc receive failed: %s", exc)
                 continue
+            parts = [f.bytes for f in frames]
+            with contextlib.suppress(zmq.ZMQError):
+                self._idents[frames[-1].get(zmq.SRCFD)] = parts[0]
             if len(parts) != 2:
                 log.warning("ipc: dropping a message of %d parts", len(parts))
                 continue
@@ -89,9 +103,27 @@ class IpcServer:
         except zmq.ZMQError as exc:
             log.warning("ipc: cannot reply to %s: %s", ident.hex(), exc)
 
+    async def _watch_disconnects(self) -> None:
+        while True:
+            try:
+                event = parse_monitor_message(await self._monitor.recv_multipart())
+            except zmq.ZMQError:
+                return
+            ident = self._idents.pop(int(event["value"]), None)
+            if ident is not None and self.on_disconnect is not None:
+                try:
+                    self.on_disconnect(ident)
+                except Exception:
+                    log.exception("ipc: disconnect handler failed")
+
     async def close(self) -> None:
         if self._loop is not None:
             self._loop.cancel()
+        if self._watch is not None:
+            self._watch.cancel()
+        with contextlib.suppress(zmq.ZMQError):
+            self.sock.disable_monitor()
+        self._monitor.close(0)
         for t in list(self._tasks):
             t.cancel()
         self.sock.close(0)

@@ -86,6 +86,9 @@ class Daemon:
         self.coord = CoordinatorClient(self._on_world_push, config.liveness, config.secret)
         self.metrics = DaemonMetrics(self)  # served only if the CLI asks (--metrics-port)
         self.ipc = IpcServer(config.ipc, self.metrics.observed(self.handle))
+        self.ipc.on_disconnect = self._client_gone
+        # Clients that took part in the world (called update_topology), by identity.
+        self._trainers: set[bytes] = set()
         self.world = WorldView(0, ())
         self.worlds: dict[int, WorldView] = {}
         self.data_addr: tuple[str, int] = ("", 0)
@@ -259,6 +262,7 @@ class Daemon:
             return {"world": world.to_wire()}
         local = local_size_of(req)
         if op == "update_topology":
+            self._trainers.add(ident)
             if local == 1:
                 return await self.update_topology()
             # This node's trainers agree first: the coordinator counts the node once.
@@ -375,6 +379,17 @@ class Daemon:
         count = _field(req, "count", int)
         offset = _field(req, "offset", int, 0)
         return self._buffer(_field(req, "shm", str)).array(dtype, count, offset)
+
+    def _client_gone(self, ident: bytes) -> None:
+        if ident not in self._trainers:
+            return
+        self._trainers.discard(ident)
+        if self._trainers or not self.config.leave_when_trainers_exit or self._stopping is not None:
+            return
+        # Nobody here will call the next barrier: staying a member would hold the
+        # other peers at it until their deadline.
+        log.warning("daemon %s: its last trainer disconnected; leaving the world", self.id)
+        self._background(self.stop())
 
     def _buffer(self, name: str) -> SharedBuffer:
         buf = self.buffers.get(name)

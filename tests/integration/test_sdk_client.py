@@ -4,6 +4,8 @@ and a daemon that dies under a waiting trainer."""
 from __future__ import annotations
 
 import signal
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -254,3 +256,36 @@ def test_without_retry_peer_loss_is_raised(tmp_path: Path) -> None:
         p.cluster.kill(p.cluster.daemons[1], signal.SIGKILL)
         with pytest.raises(PeerLost, match=p.cluster.daemons[1].peer_id):
             handle.wait()
+
+
+_TRAINER = """
+import sys, time, collnet_client
+comm = collnet_client.connect(sys.argv[1], timeout_s=60)
+comm.update_topology()
+print("joined", flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_killed_trainer_takes_its_daemon_out_of_the_world_when_asked(tmp_path: Path) -> None:
+    # --leave-when-trainers-exit: the others are not held at the next barrier.
+    flag = ["--leave-when-trainers-exit"]
+    with running_peers(2, tmp_path, extra_args=flag, admit=False) as p:
+        survivor, victim = p.comms[0], p.cluster.daemons[1]
+        trainer = subprocess.Popen(
+            [sys.executable, "-c", _TRAINER, victim.ipc], stdout=subprocess.PIPE, text=True
+        )
+        try:
+            world = survivor.update_topology(timeout_s=CALL_TIMEOUT_S)
+            assert trainer.stdout is not None and trainer.stdout.readline().strip() == "joined"
+            assert world.size == 2
+            trainer.send_signal(signal.SIGKILL)
+            trainer.wait(10)
+            # Daemon 1 leaves gracefully and exits: the survivor's barrier goes on alone.
+            world = survivor.update_topology(timeout_s=CALL_TIMEOUT_S)
+            assert world.peers == (survivor.peer_id,)
+            assert victim.proc.wait(30) == 0
+        finally:
+            if trainer.poll() is None:
+                trainer.kill()
+                trainer.wait()
