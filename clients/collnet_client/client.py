@@ -219,6 +219,7 @@ class Comm:
         self._starts: list[int] = []
         self._by_start: dict[int, SharedBuffer] = {}
         self._staging: list[tuple[SharedBuffer, npt.NDArray[Any]]] = []
+        self._staging_made: dict[str, SharedBuffer] = {}
         self.closed = False
         try:
             hello = self._call("hello", timeout_s=min(timeout_s, 10.0))
@@ -302,6 +303,9 @@ class Comm:
             if seg.nbytes >= nbytes:
                 return self._staging.pop(i)
         seg = SharedBuffer.create(nbytes)
+        # Every staging segment, pooled or lent to a request: close() frees them
+        # all, also those of requests that were never waited for.
+        self._staging_made[seg.name] = seg
         return seg, seg.array(np.uint8, nbytes)
 
     # -- collectives -------------------------------------------------------
@@ -526,6 +530,12 @@ class Comm:
                     if name in fetched:
                         src = staging[1][off : off + arr.nbytes].view(arr.dtype)
                         np.copyto(arr, src.reshape(arr.shape))
+        except CollnetError as exc:
+            if exc.fields.get("reply_pending"):
+                # The daemon may still fetch into the staging segment: never reuse
+                # it (close() frees it).
+                staging = None
+            raise
         finally:
             if staging is not None:
                 self._staging.append(staging)
@@ -558,7 +568,7 @@ class Comm:
         # Drop our references to the mapped arrays first, so a segment whose
         # arrays the caller no longer holds is unmapped right away.
         segments = [seg for seg, _ in self._segments.values()]
-        segments += [seg for seg, _ in self._staging]
+        segments += self._staging_made.values()
         # The daemon keeps segments mapped until told; unlinked pages stay
         # allocated while anyone maps them. Best effort: a gone daemon is fine.
         for seg in segments:
@@ -574,6 +584,7 @@ class Comm:
         self._starts.clear()
         self._by_start.clear()
         self._staging.clear()
+        self._staging_made.clear()
         for seg in segments:
             seg.close()
 

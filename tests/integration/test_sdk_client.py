@@ -140,6 +140,16 @@ def test_a_wait_that_times_out_leaves_the_collective_running(peers: Peers) -> No
         assert np.all(out == sum(range(WORLD)))
 
 
+def test_closing_a_comm_frees_the_staging_of_requests_never_waited_for(peers: Peers) -> None:
+    comm = peers.connect(0)
+    # Only this peer calls it: it stays pending until its (short) deadline.
+    comm.all_reduce_async(np.ones(1000, np.float32), tag=fresh_tag(), timeout_s=2.0)
+    names = list(comm._staging_made)
+    assert len(names) == 1 and Path("/dev/shm", names[0]).exists()
+    comm.close()
+    assert not Path("/dev/shm", names[0]).exists()
+
+
 def test_cancel_aborts_the_collective_on_every_peer(peers: Peers) -> None:
     tag = fresh_tag()
     started = [False] * WORLD
