@@ -20,7 +20,7 @@ import itertools
 import os
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
@@ -171,6 +171,8 @@ class _AllReduce:
     retries: int
     # The input as sent, kept only when retries are allowed (the daemon reduces in place).
     saved: npt.NDArray[Any] | None
+    # Puts the error-feedback residual back as it was if nothing was sent after all.
+    undo_feedback: Callable[[], None] | None = None
 
 
 # Requests that every trainer of a node makes, and the daemon answers once for all.
@@ -385,10 +387,11 @@ class Comm:
         else:
             assert host.array is not None
             view = host.array
+        undo_feedback = None
         if error_feedback:
             key = _memory_key(tensor) if feedback_key is None else feedback_key
             try:
-                self.feedback.apply(key, codec, view)
+                undo_feedback = self.feedback.apply(key, codec, view)
             except BaseException:
                 if staging is not None:
                     self._staging.append(staging)
@@ -413,6 +416,7 @@ class Comm:
             staging=staging,
             retries=retry,
             saved=view.copy() if retry > 0 else None,
+            undo_feedback=undo_feedback,
         )
         self._issue(req)
         return Handle(self, req)
@@ -460,6 +464,8 @@ class Comm:
                     # the caller's input, so a retry is correct as it stands.
                     if req.staging is not None:
                         exc.fields["buffer_modified"] = False
+                    if req.undo_feedback is not None:
+                        req.undo_feedback()
                     raise
             if req.staging is not None:
                 req.host.copy_from(req.view)

@@ -16,6 +16,7 @@ peer and stays; it is unbiased from step to step because the inputs change.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -34,11 +35,15 @@ class ErrorFeedback:
         self.block_size = block_size
         self.residuals: dict[Any, npt.NDArray[np.float32]] = {}
 
-    def apply(self, key: Any, codec_name: str, x: npt.NDArray[Any]) -> None:
-        """Add the residual kept under ``key`` to ``x`` in place and keep the new one."""
+    def apply(self, key: Any, codec_name: str, x: npt.NDArray[Any]) -> Callable[[], None] | None:
+        """Add the residual kept under ``key`` to ``x`` in place and keep the new one.
+
+        Returns what puts the residual back as it was, for a call whose
+        collective then failed: nothing was sent, so nothing was lost.
+        """
         base = codec_name.removesuffix("+lz4")
         if base not in LOSSY_CODECS:
-            return  # a lossless codec leaves nothing to feed back
+            return None  # a lossless codec leaves nothing to feed back
         if x.dtype != np.float32:
             raise InvalidArgument(
                 f"error feedback needs a float32 tensor, got {x.dtype}", codec=codec_name
@@ -47,10 +52,17 @@ class ErrorFeedback:
         residual = self.residuals.get(key)
         if residual is None or residual.shape != flat.shape:
             residual = self.residuals[key] = np.zeros(flat.shape, np.float32)
+        before = residual.copy()
         np.add(flat, residual, out=flat)
         codec = get_codec(base, block_size=self.block_size)
         sent = codec.decode(codec.encode(np.ascontiguousarray(flat)), flat.size)
         np.subtract(flat, sent, out=residual)
+
+        def undo() -> None:
+            if self.residuals.get(key) is residual:
+                np.copyto(residual, before)
+
+        return undo
 
     def forget(self, key: Any = None) -> None:
         """Drop one tensor's residual (or all): after a state sync they no longer apply."""

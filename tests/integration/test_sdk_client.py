@@ -212,6 +212,17 @@ def test_error_feedback_keeps_quantization_error_from_accumulating(peers: Peers)
     assert fed < plain / 3, (fed, plain)
 
 
+def test_a_failed_collective_leaves_the_error_feedback_residual_as_it_was(peers: Peers) -> None:
+    comm = peers.comms[0]
+    x = np.random.default_rng(2).uniform(-1, 1, 4096).astype(np.float32)
+    # Only this peer calls it: it fails at its deadline, having sent nothing.
+    with pytest.raises(Timeout):
+        comm.all_reduce(x, codec="uint4", tag=fresh_tag(), timeout_s=0.5,
+                        error_feedback=True, feedback_key="undo")  # fmt: skip
+    assert not np.any(comm.feedback.residuals["undo"])
+    comm.feedback.forget("undo")
+
+
 def test_error_feedback_on_an_integer_tensor_is_refused(peers: Peers) -> None:
     with pytest.raises(InvalidArgument, match="float32"):
         peers.comms[0].all_reduce(
