@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import collnet_client
 import numpy as np
 import pytest
 from cluster_harness import CALL_TIMEOUT_S, run_on_all, running_peers
@@ -69,6 +70,45 @@ def test_diloco_outer_step_is_nesterov_on_the_averaged_pseudo_gradient(
         m = np.float32(mu) * m + avg
         g = g - np.float32(lr) * (avg + np.float32(mu) * m)
     np.testing.assert_allclose(results[0][2], g, rtol=1e-5, atol=1e-6)
+
+
+def test_diloco_with_two_trainers_per_node_keeps_every_trainer_identical(
+    tmp_path: Path,
+) -> None:
+    # Each node's daemon meets its two trainers and crosses the network once.
+    torch.set_num_threads(1)
+    models = [_model() for _ in range(4)]
+
+    def one(rank: int, comm: Comm) -> list[str]:
+        model = models[rank]
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        d = DiLoCo(comm, model, opt, inner_steps=2, timeout_s=CALL_TIMEOUT_S)
+        d.start()
+        gen = torch.Generator().manual_seed(rank)
+        hashes = []
+        while d.round < 3:
+            x = torch.randn(16, 4, generator=gen)
+            loss = (model(x) - 1).pow(2).mean()
+            opt.zero_grad()
+            loss.backward()
+            outer = d.step()
+            if outer is not None:
+                assert outer.in_parity and outer.world == 2
+                hashes.append(outer.hash)
+        return hashes
+
+    with running_peers(2, tmp_path, admit=False) as p:
+        comms = [
+            collnet_client.connect(d.ipc, timeout_s=CALL_TIMEOUT_S, local_size=2)
+            for d in p.cluster.daemons
+            for _ in range(2)
+        ]
+        try:
+            results = run_on_all(comms, one)
+        finally:
+            for comm in comms:
+                comm.close()
+    assert len(results[0]) == 3 and all(r == results[0] for r in results)
 
 
 class _Outcome:
