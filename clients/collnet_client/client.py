@@ -31,6 +31,7 @@ import numpy.typing as npt
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
+from collnet.addresses import DEFAULT_IPC, DEFAULT_TCP_PORT, loopback_tcp
 from collnet.algo.ops import DTYPE_BY_NAME
 from collnet.codec.minmax import DEFAULT_BLOCK_SIZE
 from collnet.errors import CollnetError, DaemonUnavailable, InvalidArgument, PeerLost, Timeout
@@ -692,7 +693,9 @@ def connect(
     timeout_s: float = DEFAULT_TIMEOUT_S,
     local_size: int | None = None,
 ) -> Comm:
-    """Connect to the local daemon at ``address`` (default: ``$COLLNET_DAEMON``).
+    """Connect to the local daemon at ``address`` (default: ``$COLLNET_DAEMON``, else
+    the daemon's default ``ipc:///tmp/collnet-daemon.sock``, else its loopback
+    fallback ``tcp://127.0.0.1:29700``).
 
     ``local_size`` (default ``$COLLNET_LOCAL_SIZE``, else 1): how many trainers
     of this node share the daemon. Each of them calls every collective; the
@@ -706,6 +709,17 @@ def connect(
         except ValueError:
             raise InvalidArgument(f"COLLNET_LOCAL_SIZE must be an int, got {env!r}") from None
     address = address or os.environ.get("COLLNET_DAEMON")
-    if not address:
-        raise DaemonUnavailable("no daemon address given and COLLNET_DAEMON is not set")
-    return Comm(address, timeout_s, local_size)
+    if address:
+        return Comm(address, timeout_s, local_size)
+    # The defaults a daemon serves on: its ipc socket if this process can see
+    # it, else its loopback TCP fallback.
+    tried = []
+    for candidate in (DEFAULT_IPC, loopback_tcp(DEFAULT_TCP_PORT)):
+        try:
+            return Comm(candidate, timeout_s, local_size)
+        except DaemonUnavailable as exc:
+            tried.append(exc.message)
+    raise DaemonUnavailable(
+        "no address given, COLLNET_DAEMON not set, and no daemon at the defaults: "
+        + "; ".join(tried)
+    )

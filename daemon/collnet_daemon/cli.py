@@ -15,6 +15,7 @@ from typing import Any
 import click
 import uvloop
 
+from collnet.addresses import DEFAULT_IPC, DEFAULT_TCP_PORT
 from collnet_daemon.config import DaemonConfig, parse_hostport
 from collnet_daemon.logs import setup_logging
 
@@ -173,7 +174,21 @@ def coordinator(
 
 @main.command()
 @click.option("--coordinator", "coordinator_addr", required=True, help="HOST:PORT")
-@click.option("--ipc", required=True, help="Local API address, e.g. ipc:///tmp/collnet.sock")
+@click.option(
+    "--ipc",
+    default=DEFAULT_IPC,
+    show_default=True,
+    envvar="COLLNET_IPC",
+    help="Local API address for this node's trainers (ipc://PATH or tcp://127.0.0.1:PORT).",
+)
+@click.option(
+    "--ipc-tcp-port",
+    default=DEFAULT_TCP_PORT,
+    show_default=True,
+    envvar="COLLNET_IPC_TCP_PORT",
+    type=click.IntRange(0, 65535),
+    help="Also serve trainers on tcp://127.0.0.1:PORT (their fallback); 0: off.",
+)
 @click.option(
     "--listen",
     default="127.0.0.1:0",
@@ -218,6 +233,7 @@ def daemon(
     ctx: click.Context,
     coordinator_addr: str,
     ipc: str,
+    ipc_tcp_port: int,
     listen: str,
     advertise_host: str | None,
     connections: int,
@@ -248,6 +264,7 @@ def daemon(
         heartbeat_floor_s=heartbeat_floor_s,
         heartbeat_ceiling_s=heartbeat_ceiling_s,
         leave_when_trainers_exit=leave_when_trainers_exit,
+        ipc_tcp_port=ipc_tcp_port,
     )
     if peer_id:
         config.peer_id = peer_id

@@ -6,6 +6,7 @@ import secrets
 import socket
 from dataclasses import dataclass, field
 
+from collnet.addresses import DEFAULT_TCP_PORT
 from collnet.membership.liveness import Liveness
 
 
@@ -44,6 +45,8 @@ class DaemonConfig:
     # Leave the world (and stop) once every trainer that joined through this
     # daemon has disconnected, rather than keep the others waiting at barriers.
     leave_when_trainers_exit: bool = False
+    # Also serve trainers on tcp://127.0.0.1:PORT (0: only on ``ipc``).
+    ipc_tcp_port: int = DEFAULT_TCP_PORT
     peer_id: str = field(default_factory=default_peer_id)
     secret: bytes | None = field(default=None, repr=False)
 

@@ -33,8 +33,11 @@ DisconnectHandler = Callable[[bytes], None]
 
 
 class IpcServer:
-    def __init__(self, address: str, handler: Handler) -> None:
+    def __init__(self, address: str, handler: Handler, fallback: str | None = None) -> None:
         self.address = address
+        # A second, best-effort endpoint (tcp://127.0.0.1:PORT) for trainers
+        # that cannot reach the ipc:// path.
+        self.fallback = fallback
         self.handler = handler
         self.ctx = zmq.asyncio.Context()
         self.sock = self.ctx.socket(zmq.ROUTER)
@@ -52,6 +55,13 @@ class IpcServer:
 
     def start(self) -> None:
         self.sock.bind(self.address)
+        if self.fallback:
+            try:
+                self.sock.bind(self.fallback)
+            except zmq.ZMQError as exc:
+                # Another daemon on this machine holds it: trainers use the ipc path.
+                log.warning("ipc: not serving on %s too: %s", self.fallback, exc)
+                self.fallback = None
         self._loop = asyncio.ensure_future(self._serve())
         self._watch = asyncio.ensure_future(self._watch_disconnects())
 

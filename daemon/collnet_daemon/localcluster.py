@@ -164,6 +164,8 @@ class LocalCluster:
                 self.coordinator_addr,
                 "--ipc",
                 ipc,
+                "--ipc-tcp-port",
+                "0",  # many daemons on one machine: each on its own ipc path only
                 "--connections",
                 str(self.connections),
                 "--peer-id",

@@ -21,6 +21,7 @@ import numpy as np
 import numpy.typing as npt
 import xxhash
 
+from collnet.addresses import loopback_tcp
 from collnet.algo import ALGORITHMS, make_all_reduce
 from collnet.algo.actions import Schedule
 from collnet.algo.ops import DTYPE_BY_NAME, OPS, check_op
@@ -85,7 +86,8 @@ class Daemon:
         self.router.state = self.state
         self.coord = CoordinatorClient(self._on_world_push, config.liveness, config.secret)
         self.metrics = DaemonMetrics(self)  # served only if the CLI asks (--metrics-port)
-        self.ipc = IpcServer(config.ipc, self.metrics.observed(self.handle))
+        fallback = loopback_tcp(config.ipc_tcp_port) if config.ipc_tcp_port else None
+        self.ipc = IpcServer(config.ipc, self.metrics.observed(self.handle), fallback)
         self.ipc.on_disconnect = self._client_gone
         # Clients that took part in the world (called update_topology), by identity.
         self._trainers: set[bytes] = set()
