@@ -5,9 +5,11 @@
 # that training goes on, model hashes agree at every outer step, and failures
 # are typed errors within the bound.
 #
-#   deploy/churn/run.sh [--short] [--standin] [--keep-logs]
+#   deploy/churn/run.sh [--short] [--rev REV] [--standin] [--keep-logs]
 #
 #   --short      one round of disturbances (CI); default: two rounds
+#   --rev REV    build the images from git revision REV (git archive), not from
+#                the working tree (which may hold half-done edits)
 #   --standin    use deploy/trainer/standin_train.py instead of
 #                examples/diloco_train.py (plumbing only)
 #   --keep-logs  keep deploy/churn/logs/<run>/ even when the run passes
@@ -29,9 +31,11 @@ cd "$repo"
 short=0
 trainer=/opt/collnet-examples/diloco_train.py
 keep_logs=0
+rev=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --short) short=1 ;;
+    --rev) [ $# -ge 2 ] || { echo "run.sh: --rev needs a revision" >&2; exit 2; }; rev="$2"; shift ;;
     --standin) trainer=/opt/collnet-examples/standin_train.py ;;
     --keep-logs) keep_logs=1 ;;
     -h|--help) sed -n '2,25p' "$0"; exit 0 ;;
@@ -81,6 +85,7 @@ project="collnetchurn$$"
 compose=(docker-compose -f "$repo/deploy/docker-compose.yml" -p "$project")
 secret_dir=""
 churn_pid=""
+src_dir=""
 
 # shellcheck disable=SC2317  # called by the EXIT trap
 cleanup() {
@@ -98,6 +103,7 @@ cleanup() {
       || echo "run.sh: warning: docker-compose down failed (see $logdir/down.log)" >&2
   fi
   [ -n "$secret_dir" ] && rm -rf "$secret_dir"
+  [ -n "$src_dir" ] && rm -rf "$src_dir"
   if [ -n "$dockerd_pid" ]; then
     kill "$dockerd_pid" 2>/dev/null && wait "$dockerd_pid" 2>/dev/null
   fi
@@ -140,14 +146,26 @@ else
   say "pip download failed (see $logdir/wheelhouse.log): the build uses the index"
 fi
 
+context="$repo"
+if [ -n "$rev" ]; then
+  git -C "$repo" rev-parse --verify --quiet "$rev^{commit}" >/dev/null || die "no such revision: $rev"
+  src_dir="$(mktemp -d "${TMPDIR:-/var/tmp}/collnet-src.XXXXXX")"
+  git -C "$repo" archive "$rev" | tar -x -C "$src_dir"
+  rm -rf "$src_dir/deploy/wheelhouse"
+  cp -al "$repo/deploy/wheelhouse" "$src_dir/deploy/wheelhouse" 2>/dev/null \
+    || cp -a "$repo/deploy/wheelhouse" "$src_dir/deploy/wheelhouse"
+  context="$src_dir"
+  say "building from $rev ($(git -C "$repo" rev-parse --short "$rev"))"
+fi
+
 image=collnet:churn
 trainer_image=collnet-trainer:churn
 say "building $image from $base"
-docker build "${build_args[@]}" -t "$image" . > "$logdir/build.log" 2>&1 \
+docker build "${build_args[@]}" -t "$image" "$context" > "$logdir/build.log" 2>&1 \
   || { tail -n 30 "$logdir/build.log" >&2; die "docker build failed (log above)"; }
 say "building $trainer_image"
 docker build "${build_args[@]}" --build-arg "COLLNET_IMAGE=$image" \
-  -f deploy/trainer/Dockerfile -t "$trainer_image" . > "$logdir/build-trainer.log" 2>&1 \
+  -f "$context/deploy/trainer/Dockerfile" -t "$trainer_image" "$context" > "$logdir/build-trainer.log" 2>&1 \
   || { tail -n 30 "$logdir/build-trainer.log" >&2; die "trainer image build failed (log above)"; }
 if ! docker run --rm --network none --entrypoint test "$trainer_image" -f "$trainer"; then
   die "$trainer is not in the trainer image (examples/diloco_train.py missing from the tree? --standin runs the plumbing with a stand-in)"
