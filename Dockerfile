@@ -43,15 +43,16 @@ RUN set -eu; \
     fi
 
 RUN python3 -m venv /opt/collnet
+COPY deploy/build-env.sh /usr/local/bin/collnet-build-env
 COPY deploy/wheelhouse/ /wheels/
 # Dependencies first: this layer stays cached while only the source changes.
 COPY pyproject.toml setup.py README.md /src/
 RUN python3 -c 'import tomllib; print("\n".join(tomllib.load(open("/src/pyproject.toml", "rb"))["project"]["dependencies"]))' > /tmp/requirements.txt \
- && /opt/collnet/bin/pip install --quiet -r /tmp/requirements.txt
+ && collnet-build-env /opt/collnet/bin/pip install --quiet -r /tmp/requirements.txt
 COPY collnet /src/collnet
 COPY daemon /src/daemon
 COPY clients /src/clients
-RUN /opt/collnet/bin/pip install --quiet --no-deps /src \
+RUN collnet-build-env /opt/collnet/bin/pip install --quiet --no-deps /src \
  && /opt/collnet/bin/python -c 'import importlib.util as u; print("collnet build: C accelerator", "built" if u.find_spec("collnet.codec._minmax") else "NOT built (numpy path)")' \
  && /opt/collnet/bin/collnet --help >/dev/null
 
