@@ -465,6 +465,11 @@ class Churn:
                 f"{label}: {peer} not back in a world of {want} within {self.args.bound_s:.0f} s "
                 "(and its trainer did not fail either: a stall)"
             )
+            # Unstick the world so the next disturbance is judged on its own.
+            log(f"{label}: restarting {trainer} to go on")
+            self.cluster.docker("restart", "-t", "5", self.cluster.cid(trainer))
+            self.expect_progress(f"{label}: after restarting {trainer}", time.time(), want,
+                                 self.args.join_bound_s)  # fmt: skip
             return
         if not self.cluster.running(trainer):
             self.expect_trainer_exit(label, peer, since)
