@@ -12,13 +12,21 @@ Run by deploy/churn/run.sh once the cluster of deploy/docker-compose.yml is up
 and checks, from the trainers' progress lines (one JSON object per outer step):
 
   * training continues: after every disturbance each peer that should be live
-    reports a new outer step, in a world of the expected size, within the bound;
+    reports a new outer step, in a world of the expected size, within the bound
+    (--bound-s from the disturbance or the heal; --join-bound-s from starting a
+    container), and the round never goes back (shared state lost);
   * the model hash is equal on every peer that reported the same outer step at
     the same revision (and every live peer reports the final steps);
   * failures are typed: a trainer that exits does so non-zero within the bound
-    with a collnet error (PeerLost, DaemonUnavailable, ...) on stderr, and no
-    trainer prints a traceback of any other exception; daemons and the
-    coordinator never exit unless the test stopped them.
+    with a collnet error (PeerLost, DaemonUnavailable, ...) on stderr, no
+    trainer prints a traceback of any other exception, every failed round
+    names a collnet error; daemons and the coordinator never exit unless the
+    test stopped them.
+
+A trainer that exits is started again once its daemon is up, as a supervisor
+would (a member without a trainer stalls every barrier); a world that stalls
+is unstuck the same way after the violation is recorded, so each disturbance
+is judged on its own.
 
 Only the docker and docker-compose commands and the standard library are used.
 Prints a summary (and --json-out writes it); exits 1 on any violation.

@@ -44,18 +44,19 @@ while [ $# -gt 0 ]; do
   shift
 done
 
-t_start=$SECONDS
-logdir="$repo/deploy/churn/logs/$(date -u +%Y%m%dT%H%M%SZ)"
-mkdir -p "$logdir"
 say() { echo "[churn $(date -u +%H:%M:%S)] $*"; }
 die() { echo "run.sh: error: $*" >&2; exit 2; }
 skip() { echo "run.sh: cannot run Docker here: $*" >&2; exit 77; }
+[ "$(id -u)" = 0 ] || skip "not root (dockerd, apt-get and debootstrap need root)"
+
+t_start=$SECONDS
+logdir="$repo/deploy/churn/logs/$(date -u +%Y%m%dT%H%M%SZ)"
+mkdir -p "$logdir"
 phase_times=()
 phase() { phase_times+=("$1=$(( SECONDS - phase_start ))s"); phase_start=$SECONDS; }
 phase_start=$SECONDS
 
 # -- Docker -------------------------------------------------------------------
-[ "$(id -u)" = 0 ] || skip "not root (dockerd, apt-get and debootstrap need root)"
 if ! command -v dockerd >/dev/null || ! command -v docker-compose >/dev/null \
    || ! command -v debootstrap >/dev/null; then
   say "installing docker.io docker-compose debootstrap (apt)"
@@ -74,8 +75,11 @@ if ! docker info >/dev/null 2>&1; then
     kill -0 "$dockerd_pid" 2>/dev/null || break
     sleep 1
   done
-  docker info >/dev/null 2>&1 \
-    || { tail -n 20 "$logdir/dockerd.log" >&2; skip "dockerd did not start (log above)"; }
+  if ! docker info >/dev/null 2>&1; then
+    kill "$dockerd_pid" 2>/dev/null || true
+    tail -n 20 "$logdir/dockerd.log" >&2
+    skip "dockerd did not start (log above)"
+  fi
 fi
 # The legacy builder: it needs no buildx plugin and caches layers the same way.
 export DOCKER_BUILDKIT=0
