@@ -20,6 +20,7 @@
 #   COLLNET_CONNECTIONS, COLLNET_CHUNK_BYTES, COLLNET_CONNECT_TIMEOUT_S
 #   COLLNET_HEARTBEAT_INTERVAL_S, COLLNET_HEARTBEAT_FLOOR_S, COLLNET_HEARTBEAT_CEILING_S
 #   COLLNET_REJOIN_GRACE_S    coordinator only
+#   COLLNET_LEAVE_WHEN_TRAINERS_EXIT  daemon: 1 passes --leave-when-trainers-exit
 #   COLLNET_METRICS_PORT, COLLNET_METRICS_HOST   Prometheus endpoint (read by collnet itself)
 #   COLLNET_SECRET_FILE       shared secret file (read by collnet itself; default
 #                             /run/secrets/collnet_secret when that exists)
@@ -115,6 +116,7 @@ run_daemon() {
   opt --chunk-bytes "${COLLNET_CHUNK_BYTES:-}"
   opt --connect-timeout-s "${COLLNET_CONNECT_TIMEOUT_S:-}"
   heartbeat_opts
+  if truthy "${COLLNET_LEAVE_WHEN_TRAINERS_EXIT:-}"; then cmd+=(--leave-when-trainers-exit); fi
   extra_args
   printf 'daemon %s\n' "$ipc" > "$role_file"
   echo "collnet-entrypoint: ${cmd[*]} $*" >&2
