@@ -213,8 +213,9 @@ class CoordinatorState:
     leave = lost
 
     def _maybe_advance(self) -> list[Effect]:
-        # Members yet to reconnect after a restart cannot call: don't wait for them.
-        active_ids = [p.id for p in self.active if p.id not in self.unconfirmed]
+        # Members yet to reconnect after a restart are waited for too: they come
+        # back (and call) or expire (and are lost) within the rejoin grace.
+        active_ids = [p.id for p in self.active]
         if active_ids and not all(pid in self.waiting for pid in active_ids):
             return []
         if not active_ids and not any(pid in self.waiting for pid in self.pending):

@@ -191,6 +191,11 @@ class Router:
         self.settling: dict[Key, CollectiveRun] = {}
         # Shared-state transfers share the links; their frames go there.
         self.state: StateSync | None = None
+        # Sends an ABORT to a peer still sending data for a collective that
+        # failed here: it missed the failure (say, it was frozen), and would
+        # otherwise wait for its partners until its deadline.
+        self.on_late: Callable[[str, Key, CollnetError], None] | None = None
+        self._told: OrderedDict[tuple[str, Key], None] = OrderedDict()
 
     def _state_frame(self, meta: Any) -> StateSync | None:
         if type(meta) is list and meta and meta[0] == STATE_DATA:
@@ -237,6 +242,14 @@ class Router:
         except CollnetError as exc:
             self.abort_everywhere(run, exc)
 
+    def _tell_once(self, peer: str, key: Key, exc: CollnetError) -> None:
+        if self.on_late is None or (peer, key) in self._told:
+            return
+        self._told[(peer, key)] = None
+        while len(self._told) > 4096:
+            self._told.popitem(last=False)
+        self.on_late(peer, key, exc)
+
     def finish(self, run: CollectiveRun) -> None:
         self.runs.pop(run.key, None)
         exc = run.future.exception() if run.future.done() and not run.future.cancelled() else None
@@ -264,7 +277,9 @@ class Router:
         key, step, chunk, digest, offset, total = _parse_data_meta(meta)
         run = self.runs.get(key)
         if run is None:
-            if key in self.failed:
+            failed = self.failed.get(key)
+            if failed is not None:
+                self._tell_once(peer, key, failed)
                 return None  # late piece of a finished collective: read and drop
             if self.early_bytes + nbytes > self.max_early_bytes:
                 raise ProtocolError(

@@ -73,6 +73,7 @@ class Daemon:
         self.id = config.peer_id
         self.router = Router(config.max_early_bytes)
         self.router.on_peer_lost = self._on_link_lost
+        self.router.on_late = self._tell_late
         self.mesh = Mesh(
             self.id,
             config.connections,
@@ -102,6 +103,7 @@ class Daemon:
         self._stopping: asyncio.Future[None] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._topology_call: asyncio.Future[dict[str, Any]] | None = None
+        self._coord_up = asyncio.Event()
         # A refused sync_state's arrival at the barrier (carrying the error).
         self._refusal: asyncio.Future[None] | None = None
 
@@ -170,10 +172,12 @@ class Daemon:
             raise
         self.coord = coord
         self._set_world(WorldView.from_wire(reply["world"]))
+        self._coord_up.set()
         assert coord.lost is not None
         coord.lost.add_done_callback(lambda f: self._coordinator_lost(f.result()))
 
     def _coordinator_lost(self, exc: CollnetError) -> None:
+        self._coord_up.clear()
         if not self.stopped.is_set():
             # Collectives need no coordinator: keep serving them, and reconnect.
             log.warning("daemon %s: %s; reconnecting", self.id, exc.message)
@@ -225,6 +229,12 @@ class Daemon:
     def _on_world_push(self, world: WorldView) -> None:
         log.info("daemon %s: epoch %d, world %s", self.id, world.epoch, list(world.ids))
         self._set_world(world)
+
+    def _tell_late(self, peer: str, key: tuple[int, int | str], exc: CollnetError) -> None:
+        link = self.mesh.link_if_ready(peer)
+        if link is not None:
+            with contextlib.suppress(CollnetError):
+                link.send_control(FrameKind.ABORT, [key[0], key[1], exc.to_wire()])
 
     def _on_link_lost(self, peer: str, exc: CollnetError) -> None:
         # Links close routinely (a peer left, shutdown); failed collectives are
@@ -297,11 +307,32 @@ class Daemon:
         raise InvalidArgument(f"unknown request {op!r}")
 
     async def update_topology(self) -> dict[str, Any]:
-        if self._topology_call is None or self._topology_call.done():
-            self._topology_call = asyncio.ensure_future(
-                self.coord.call("update_topology", epoch=self.world.epoch)
-            )
-        reply = await asyncio.shield(self._topology_call)
+        # A daemon that lost the coordinator (a network cut, a coordinator
+        # restart) reconnects by itself: the barrier waits for that, bounded,
+        # rather than failing a trainer whose daemon is fine.
+        deadline = asyncio.get_running_loop().time() + self.config.collective_timeout_s
+        while True:
+            if not self._coord_up.is_set():
+                left = deadline - asyncio.get_running_loop().time()
+                try:
+                    await asyncio.wait_for(self._coord_up.wait(), max(0.0, left))
+                except TimeoutError:
+                    raise DaemonUnavailable(
+                        f"daemon {self.id}: no coordinator for "
+                        f"{self.config.collective_timeout_s:.0f}s"
+                    ) from None
+            if self._topology_call is None or self._topology_call.done():
+                self._topology_call = asyncio.ensure_future(
+                    self.coord.call("update_topology", epoch=self.world.epoch)
+                )
+                self._topology_call.add_done_callback(_quiet)  # its waiters re-raise it
+            try:
+                reply = await asyncio.shield(self._topology_call)
+            except DaemonUnavailable:
+                if self.stopped.is_set() or (self._coord_up.is_set() and self.coord.connected):
+                    raise
+                continue  # the coordinator went away mid-call: again once reconnected
+            break
         # The world the barrier agreed on, not a newer one a push brought meanwhile:
         # the other members run this round in that world.
         world = WorldView.from_wire(reply["world"])
@@ -476,6 +507,7 @@ class Daemon:
 
         async def links() -> dict[str, PeerLink]:
             by_rank = await self._connect_all(world) if world.size > 1 else {}
+            self._still_current(world, "sync_state")
             return {world.peers[r].id: link for r, link in by_rank.items()}
 
         async def barrier(name: str, arrived: Any) -> dict[str, Any]:
@@ -544,6 +576,22 @@ class Daemon:
                 )
                 self.mesh.drop(peer, "still writing into a failed collective")
 
+    def _still_current(self, world: WorldView, what: str) -> None:
+        """Raise ``PeerLost`` if members of ``world`` left it while ``what`` was being
+        set up (links take time): nobody would ever fail a collective registered
+        after the verdict that removed them, and its members would never send.
+        Among those that left may be this very peer (dropped while frozen)."""
+        if self.world.epoch == world.epoch:
+            return
+        gone = sorted(set(world.ids) - set(self.world.ids))
+        if gone:
+            raise PeerLost(
+                f"{what}: the world changed while it was being set up (epoch {world.epoch} "
+                f"-> {self.world.epoch}; lost {gone}): call update_topology, then retry",
+                peer=gone[0],
+                epoch=world.epoch,
+            )
+
     def _agreed_world(self, req: dict[str, Any]) -> tuple[WorldView, int]:
         """The world a collective request runs in, and this peer's rank there.
 
@@ -587,6 +635,7 @@ class Daemon:
             raise
         timeout_s = float(req.get("timeout_s") or self.config.collective_timeout_s)
         links = await self._connect_all(world) if world.size > 1 else {}
+        self._still_current(world, f"all_reduce {key}")
         run = CollectiveRun(key, world, rank, schedule, digest, links, self.router.finish)
         started = time.perf_counter()
         self.router.register(run)

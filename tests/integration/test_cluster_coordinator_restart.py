@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -68,3 +70,22 @@ def test_coordinator_restart_loses_no_revision_of_the_shared_state(tmp_path: Pat
         assert results[3].fetched == ("step", "w")
         for state in states:
             assert all(np.array_equal(state[k], model[k]) for k in model)
+
+
+def test_update_topology_waits_through_a_coordinator_restart(tmp_path: Path) -> None:
+    """Trainers in (or entering) the barrier while the coordinator is down are not
+    failed: their daemons reconnect and the barrier completes."""
+    with running_peers(3, tmp_path) as p:
+        before = p.comms[0].world
+        with ThreadPoolExecutor(3) as pool:
+            # A restart takes a moment: some calls land before the kill, some while
+            # the coordinator is down, all finish after it is back.
+            calls = [pool.submit(c.update_topology, 40.0) for c in p.comms[:2]]
+            time.sleep(0.3)
+            p.cluster.restart_coordinator()
+            calls.append(pool.submit(p.comms[2].update_topology, 40.0))
+            worlds = [f.result(timeout=60) for f in calls]
+        assert {w.peers for w in worlds} == {before.peers}
+        assert {w.epoch for w in worlds} == {before.epoch}
+        inputs = peer_inputs(3, 999, np.dtype(np.float32), "sum", seed=9)
+        assert_bit_identical(p.all_reduce(inputs, op="sum"))

@@ -8,6 +8,7 @@ survivors form a smaller world whose all-reduce is correct.
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 import time
@@ -21,7 +22,7 @@ from cluster_harness import (
     run_on_all_outcomes,
     running_peers,
 )
-from collnet_client import Comm, PeerLost
+from collnet_client import CollnetError, Comm, PeerLost
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -119,3 +120,52 @@ def test_frozen_peer_is_detected_by_heartbeats_and_fails_survivors_within_bound(
         assert isinstance(o, PeerLost), outcomes
         assert o.peer == victim, o
     assert max(delays) < FREEZE_BOUND_S, delays
+
+
+def test_a_peer_dropped_while_frozen_fails_its_pending_collective_when_it_thaws(
+    tmp_path: Path,
+) -> None:
+    """Frozen long enough to be removed, a peer's trainer still asks for an
+    all-reduce of the old epoch. On thawing its daemon must fail that call with a
+    typed error at once (the others left that world long ago), never leave it
+    waiting for partners who will not send, and come back as a joiner."""
+    with running_peers(3, tmp_path) as peers:
+        victim = peers.cluster.daemons[2]
+        frozen = peers.comms[2]
+        os.kill(victim.proc.pid, signal.SIGSTOP)
+        outcome: list[BaseException | None] = []
+
+        def reduce() -> None:
+            try:
+                frozen.all_reduce(np.ones(1 << 16, np.float32), tag="late", timeout_s=40.0)
+                outcome.append(None)
+            except CollnetError as exc:
+                outcome.append(exc)
+
+        waiter = threading.Thread(target=reduce)
+        try:
+            waiter.start()  # queued in its daemon's socket while it is frozen
+            survivors = peers.comms[:2]
+
+            def shrunk() -> bool:
+                return survivors[0].world.size == 2
+
+            deadline = time.monotonic() + FREEZE_BOUND_S + 5
+            while not shrunk():
+                assert time.monotonic() < deadline, "the frozen peer was never removed"
+                time.sleep(0.1)
+            run_on_all(survivors, lambda _r, c: c.update_topology(timeout_s=20.0))
+        finally:
+            os.kill(victim.proc.pid, signal.SIGCONT)
+        thawed = time.monotonic()
+        waiter.join(15.0)
+        assert not waiter.is_alive(), "the thawed peer's collective hung"
+        assert isinstance(outcome[0], PeerLost), outcome
+        assert time.monotonic() - thawed < 15.0
+        # It comes back as a pending peer and is admitted at the next barrier.
+        worlds = run_on_all(peers.comms, lambda _r, c: c.update_topology(timeout_s=30.0))
+        assert {w.size for w in worlds} == {3}
+        inputs = [np.full(1000, r + 1, np.float32) for r in range(3)]
+        results = peers.all_reduce(inputs, op="sum")
+        assert_bit_identical(results)
+        assert (results[0] == 6).all()

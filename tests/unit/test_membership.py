@@ -246,11 +246,18 @@ def test_rejoin_with_a_stale_or_foreign_world_is_a_plain_registration() -> None:
         s.rejoin(peer(0), WorldView(5, (peer(0), peer(1))))
 
 
-def test_barrier_does_not_wait_for_members_that_have_not_reconnected() -> None:
+def test_barrier_waits_for_members_until_they_reconnect_or_expire() -> None:
+    """After a restart, answering the members that came back first would let them
+    run ahead into their next collective while the late ones wait for them at
+    this barrier (a split): the barrier waits for every member of the world."""
     s = CoordinatorState()
-    s.rejoin(peer(0), WorldView(3, (peer(0), peer(1))))
-    got = replies(s.request_update("p0", 1, 3))
-    assert got["p0"].epoch == 3
+    s.rejoin(peer(0), WorldView(3, (peer(0), peer(1), peer(2))))
+    assert s.request_update("p0", 1, 3) == []
+    assert s.rejoin(peer(1), WorldView(3, (peer(0), peer(1), peer(2))))[0]
+    assert s.request_update("p1", 2, 3) == []
+    # p2 never comes back: once it expires, the barrier completes among the others.
+    got = replies(s.expire_unconfirmed())
+    assert set(got) == {"p0", "p1"} and got["p0"].ids == ("p0", "p1")
 
 
 def test_state_barrier_answers_all_members_with_every_payload() -> None:
