@@ -109,7 +109,7 @@ class DiLoCo:
         error_feedback: bool = False,
         streaming: bool = False,
         timeout_s: float | None = None,
-        sync_attempts: int = 5,
+        sync_attempts: int = 20,
         tag_prefix: str = "diloco",
     ) -> None:
         if inner_steps < 1:

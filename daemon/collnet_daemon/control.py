@@ -88,7 +88,7 @@ class CoordinatorClient:
         self, t: str, timeout_s: float | None = None, payload: bytes = b"", **fields: Any
     ) -> dict[str, Any]:
         """One request; a reply frame's payload, if any, is in the reply under ``payload``."""
-        if self.conn is None or self.conn.closed:
+        if not self.connected:
             raise DaemonUnavailable("not connected to the coordinator")
         rid = self._next_id
         self._next_id += 1
@@ -105,7 +105,10 @@ class CoordinatorClient:
 
     @property
     def connected(self) -> bool:
-        return self.conn is not None and not self.conn.closed
+        # A connection whose loss was reported may not be marked closed yet
+        # (EOF comes before connection_lost): a request sent on it would wait forever.
+        lost = self.lost is not None and self.lost.done()
+        return self.conn is not None and not self.conn.closed and not lost
 
     @property
     def rtt_s(self) -> float | None:

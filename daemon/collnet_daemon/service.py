@@ -306,16 +306,26 @@ class Daemon:
             return {}
         raise InvalidArgument(f"unknown request {op!r}")
 
+    async def _await_coordinator(self) -> None:
+        """Until this daemon is connected to the coordinator again (unbounded: the
+        caller bounds it)."""
+        while not (self._coord_up.is_set() and self.coord.connected):
+            if self._coord_up.is_set():
+                # The loss is known to the connection but not handled here yet.
+                await asyncio.sleep(0.02)
+            else:
+                await self._coord_up.wait()
+
     async def update_topology(self) -> dict[str, Any]:
         # A daemon that lost the coordinator (a network cut, a coordinator
         # restart) reconnects by itself: the barrier waits for that, bounded,
         # rather than failing a trainer whose daemon is fine.
         deadline = asyncio.get_running_loop().time() + self.config.collective_timeout_s
         while True:
-            if not self._coord_up.is_set():
+            if not (self._coord_up.is_set() and self.coord.connected):
                 left = deadline - asyncio.get_running_loop().time()
                 try:
-                    await asyncio.wait_for(self._coord_up.wait(), max(0.0, left))
+                    await asyncio.wait_for(self._await_coordinator(), max(0.0, left))
                 except TimeoutError:
                     raise DaemonUnavailable(
                         f"daemon {self.id}: no coordinator for "
@@ -517,7 +527,25 @@ class Daemon:
                 payload = arrived
             else:
                 fields["report"] = arrived
-            reply = await self.coord.call("barrier", payload=payload, **fields)
+            while True:
+                try:
+                    reply = await self.coord.call("barrier", payload=payload, **fields)
+                    break
+                except DaemonUnavailable:
+                    if self.stopped.is_set():
+                        raise
+                # The coordinator went away (restarted, or this daemon was cut off):
+                # once reconnected, call again if the world is the same, else the
+                # world changed under this sync (this peer may have been dropped).
+                await self._await_coordinator()
+                self._still_current(world, "sync_state")
+                if self.id not in self.world.ids:
+                    raise PeerLost(
+                        f"daemon {self.id} was removed from the world during sync_state: "
+                        "call update_topology, then retry",
+                        peer=self.id,
+                        epoch=world.epoch,
+                    )
             try:
                 blobs = msgpack.unpackb(reply.get("payload", b""), raw=False)
             except (ValueError, msgpack.UnpackException) as exc:

@@ -89,3 +89,23 @@ def test_update_topology_waits_through_a_coordinator_restart(tmp_path: Path) -> 
         assert {w.epoch for w in worlds} == {before.epoch}
         inputs = peer_inputs(3, 999, np.dtype(np.float32), "sum", seed=9)
         assert_bit_identical(p.all_reduce(inputs, op="sum"))
+
+
+def test_state_sync_rides_through_a_coordinator_restart(tmp_path: Path) -> None:
+    """A sync whose barrier is in flight when the coordinator restarts calls it
+    again once reconnected (same world), instead of failing the trainers."""
+    model = {"w": np.arange(1 << 16, dtype=np.float32)}
+    with running_peers(3, tmp_path) as p:
+        states = [{"w": model["w"].copy()} for _ in range(2)] + [
+            {"w": np.zeros(1 << 16, np.float32)}
+        ]
+        with ThreadPoolExecutor(3) as pool:
+            calls = [
+                pool.submit(c.sync_state, states[r], 2, 40.0) for r, c in enumerate(p.comms[:2])
+            ]
+            time.sleep(0.3)  # those two wait at the barrier for the third
+            p.cluster.restart_coordinator()
+            calls.append(pool.submit(p.comms[2].sync_state, states[2], 0, 40.0))
+            results = [f.result(timeout=60) for f in calls]
+        assert all(r.in_parity and r.revision == 2 for r in results)
+        assert np.array_equal(states[2]["w"], model["w"])
