@@ -605,20 +605,21 @@ class Daemon:
                 self.mesh.drop(peer, "still writing into a failed collective")
 
     def _still_current(self, world: WorldView, what: str) -> None:
-        """Raise ``PeerLost`` if members of ``world`` left it while ``what`` was being
-        set up (links take time): nobody would ever fail a collective registered
-        after the verdict that removed them, and its members would never send.
-        Among those that left may be this very peer (dropped while frozen)."""
+        """Raise ``PeerLost`` if the world moved on while ``what`` was being set up
+        (links take time). Nobody would fail a collective registered after the
+        verdict that changed the world, and its partners, in the new world, would
+        never send: a member left, or this very peer was dropped (frozen, cut
+        off) and admitted again, which leaves the member list looking the same."""
         if self.world.epoch == world.epoch:
             return
         gone = sorted(set(world.ids) - set(self.world.ids))
-        if gone:
-            raise PeerLost(
-                f"{what}: the world changed while it was being set up (epoch {world.epoch} "
-                f"-> {self.world.epoch}; lost {gone}): call update_topology, then retry",
-                peer=gone[0],
-                epoch=world.epoch,
-            )
+        raise PeerLost(
+            f"{what}: the world changed while it was being set up (epoch {world.epoch} "
+            f"-> {self.world.epoch}; lost {gone or 'none, but this peer was re-admitted'}): "
+            "call update_topology, then retry",
+            peer=gone[0] if gone else self.id,
+            epoch=world.epoch,
+        )
 
     def _agreed_world(self, req: dict[str, Any]) -> tuple[WorldView, int]:
         """The world a collective request runs in, and this peer's rank there.
