@@ -516,8 +516,7 @@ class Daemon:
         timeout_s = self._timeout_of(req)
 
         async def links() -> dict[str, PeerLink]:
-            by_rank = await self._connect_all(world) if world.size > 1 else {}
-            self._still_current(world, "sync_state")
+            by_rank = await self._links_for(world, "sync_state")
             return {world.peers[r].id: link for r, link in by_rank.items()}
 
         async def barrier(name: str, arrived: Any) -> dict[str, Any]:
@@ -604,6 +603,32 @@ class Daemon:
                 )
                 self.mesh.drop(peer, "still writing into a failed collective")
 
+    async def _links_for(
+        self, world: WorldView, what: str, key: tuple[int, int | str] | None = None
+    ) -> dict[int, PeerLink]:
+        """Links to every other member of ``world``, given up as soon as the world
+        moves on or another member aborts ``key``: a link to a peer that just died
+        would otherwise be awaited for the whole connect timeout."""
+        if world.size == 1:
+            return {}
+        task = asyncio.ensure_future(self._connect_all(world))
+        try:
+            while True:
+                done, _ = await asyncio.wait({task}, timeout=0.05)
+                if done:
+                    break
+                self._still_current(world, what)
+                aborted = self.router.early_aborts.get(key) if key is not None else None
+                if aborted is not None and world.rank_of(aborted[0]) is not None:
+                    raise aborted[1]
+        finally:
+            if not task.done():
+                task.cancel()
+                task.add_done_callback(_quiet)
+        links = task.result()
+        self._still_current(world, what)
+        return links
+
     def _still_current(self, world: WorldView, what: str) -> None:
         """Raise ``PeerLost`` if the world moved on while ``what`` was being set up
         (links take time). Nobody would fail a collective registered after the
@@ -663,8 +688,7 @@ class Daemon:
             self._abort_remote(key, world, exc)
             raise
         timeout_s = float(req.get("timeout_s") or self.config.collective_timeout_s)
-        links = await self._connect_all(world) if world.size > 1 else {}
-        self._still_current(world, f"all_reduce {key}")
+        links = await self._links_for(world, f"all_reduce {key}", key)
         run = CollectiveRun(key, world, rank, schedule, digest, links, self.router.finish)
         started = time.perf_counter()
         self.router.register(run)
