@@ -159,7 +159,14 @@ class StateSync:
                 fetched, sources, nbytes = await self.fetch(
                     manifests, reference, arrays, await links()
                 )
-                report = {"revision": reference.revision, "digest": reference.state_digest()}
+                # What this peer now holds: its own entries, and for what it fetched
+                # the digests just verified on arrival (the peers compare these).
+                held = dict(mine.entries)
+                held.update({name: reference.entries[name] for name in fetched})
+                report = {
+                    "revision": reference.revision,
+                    "digest": StateManifest(reference.revision, held).state_digest(),
+                }
             except CollnetError as exc:
                 # Tell the others: they would otherwise wait for this peer at the
                 # next barrier until their deadline.
@@ -185,7 +192,7 @@ class StateSync:
             "sources": sources,
             "bytes_fetched": nbytes,
             "in_parity": len(reached) == 1,
-            "state_digest": reference.state_digest(),
+            "state_digest": report["digest"],
             "peers": len(reports),
         }
 
