@@ -196,6 +196,9 @@ class Router:
         # otherwise wait for its partners until its deadline.
         self.on_late: Callable[[str, Key, CollnetError], None] | None = None
         self._told: OrderedDict[tuple[str, Key], None] = OrderedDict()
+        # Told when an ABORT arrives for a collective not started here yet (one
+        # being set up may be waiting for links it no longer needs).
+        self.on_early_abort: Callable[[], None] | None = None
 
     def _state_frame(self, meta: Any) -> StateSync | None:
         if type(meta) is list and meta and meta[0] == STATE_DATA:
@@ -352,6 +355,8 @@ class Router:
                 self.early_aborts[key] = (peer, remote)
                 while len(self.early_aborts) > 4096:
                     self.early_aborts.popitem(last=False)
+                if self.on_early_abort is not None:
+                    self.on_early_abort()
         elif frame.kind == FrameKind.HEARTBEAT:
             pass
         elif frame.kind == FrameKind.CONTROL and isinstance(frame.meta, dict) and self.state:

@@ -74,6 +74,10 @@ class Daemon:
         self.router = Router(config.max_early_bytes)
         self.router.on_peer_lost = self._on_link_lost
         self.router.on_late = self._tell_late
+        self.router.on_early_abort = self._news
+        # Set (and replaced) whenever the world moves on or an early ABORT
+        # arrives: what collectives waiting for their links watch.
+        self._changed = asyncio.Event()
         self.mesh = Mesh(
             self.id,
             config.connections,
@@ -209,9 +213,15 @@ class Daemon:
             log.warning("daemon %s: background task failed: %s", self.id, task.exception())
 
     # -- membership --------------------------------------------------------
+    def _news(self) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()
+
     def _set_world(self, world: WorldView) -> None:
         if world.epoch < self.world.epoch:
             return
+        if world.epoch > self.world.epoch:
+            self._news()
         gone = set(self.world.ids) - set(world.ids)
         self.world = world
         self.worlds[world.epoch] = world
@@ -614,8 +624,10 @@ class Daemon:
         task = asyncio.ensure_future(self._connect_all(world))
         try:
             while True:
-                done, _ = await asyncio.wait({task}, timeout=0.05)
-                if done:
+                news = asyncio.ensure_future(self._changed.wait())
+                done, _ = await asyncio.wait({task, news}, return_when=asyncio.FIRST_COMPLETED)
+                news.cancel()
+                if task in done:
                     break
                 self._still_current(world, what)
                 aborted = self.router.early_aborts.get(key) if key is not None else None
