@@ -375,12 +375,15 @@ class Daemon:
 
         async def action(reqs: list[dict[str, Any]]) -> None:
             try:
-                shape = [(r.get("count"), r.get("dtype"), r.get("reduce", "sum")) for r in reqs]
-                shape += [(r.get("codec", "none"), r.get("algo", "auto"), 0) for r in reqs]
-                if len(set(shape)) != 2:
+                shapes = {
+                    (r.get("count"), r.get("dtype"), r.get("reduce", "sum"), r.get("codec", "none"),
+                     r.get("algo", "auto"))
+                    for r in reqs
+                }  # fmt: skip
+                if len(shapes) != 1:
                     raise MismatchError(
                         f"this node's trainers disagree on all_reduce {tag!r} (count, dtype, "
-                        f"op, codec or algorithm): {sorted(set(map(str, shape)))[:4]}"
+                        f"op, codec or algorithm): {sorted(map(str, shapes))[:4]}"
                     )
                 arrays = [self._request_array(r) for r in reqs]
                 op = _field(reqs[0], "reduce", str, "sum")
