@@ -1,4 +1,5 @@
-# collnet: the coordinator, the peer daemon and the client SDK in one small image.
+# collnet: the coordinator, the peer daemon and the client SDK in one small image
+# (with the lab of `collnet up` / `collnet chaos`).
 #
 #   docker build -t collnet .                                   # python:3.11-slim
 #   docker build -t collnet --build-arg BASE_IMAGE=collnet-base:bookworm .
@@ -46,14 +47,16 @@ RUN python3 -m venv /opt/collnet
 COPY deploy/build-env.sh /usr/local/bin/collnet-build-env
 COPY deploy/wheelhouse/ /wheels/
 # Dependencies first: this layer stays cached while only the source changes.
-COPY pyproject.toml setup.py README.md /src/
+COPY pyproject.toml setup.py README.md LICENSE /src/
 RUN python3 -c 'import tomllib; print("\n".join(tomllib.load(open("/src/pyproject.toml", "rb"))["project"]["dependencies"]))' > /tmp/requirements.txt \
  && collnet-build-env /opt/collnet/bin/pip install --quiet -r /tmp/requirements.txt
 COPY collnet /src/collnet
 COPY daemon /src/daemon
+COPY lab /src/lab
 COPY clients /src/clients
 RUN collnet-build-env /opt/collnet/bin/pip install --quiet --no-deps /src \
  && /opt/collnet/bin/python -c 'import importlib.util as u; print("collnet build: C accelerator", "built" if u.find_spec("collnet.codec._minmax") else "NOT built (numpy path)")' \
+ && /opt/collnet/bin/collnet --version \
  && /opt/collnet/bin/collnet --help >/dev/null
 
 

@@ -4,8 +4,8 @@ What is measured
 ----------------
 * **collnet**: a ``LocalCluster`` (one coordinator and ``--peers`` daemon
   processes on 127.0.0.1, ``--connections`` TCP connections per neighbour)
-  and one trainer process per peer (``collnet_daemon.worker``, the demo's
-  worker, launched like ``collnet_daemon.up.run_workers`` does but failing
+  and one trainer process per peer (``collnet_lab.worker``, the demo's
+  worker, launched like ``collnet_lab.up.run_workers`` does but failing
   fast with every rank's stderr; results go through ``up.summarize``). Each worker
   all-reduces (sum) a float32 tensor of ``--size`` bytes once per codec in
   ``--codecs``; every timed call is preceded by a tiny star all-reduce that
@@ -74,8 +74,8 @@ from typing import Any
 import codec_speed
 import numpy as np
 import rawtcp
-from collnet_daemon.localcluster import LocalCluster, parse_size
-from collnet_daemon.up import summarize
+from collnet_lab.localcluster import LocalCluster, parse_size
+from collnet_lab.up import summarize
 
 from collnet import __version__ as collnet_version
 from collnet.codec.registry import CODEC_NAMES
@@ -218,7 +218,7 @@ def run_gloo(
 def run_workers(
     cluster: LocalCluster, nbytes: int, codecs: list[str], iters: int, algo: str, check: bool
 ) -> list[dict[str, Any]]:
-    """Like ``collnet_daemon.up.run_workers`` (same worker, same arguments), but fails fast.
+    """Like ``collnet_lab.up.run_workers`` (same worker, same arguments), but fails fast.
 
     If any rank exits non-zero the others are killed at once (they would
     otherwise sit in ``update_topology`` or a collective until their timeout)
@@ -229,7 +229,7 @@ def run_workers(
             [
                 sys.executable,
                 "-m",
-                "collnet_daemon.worker",
+                "collnet_lab.worker",
                 *("--ipc", d.ipc, "--rank", str(i), "--world", str(len(cluster.daemons))),
                 *("--nbytes", str(nbytes), "--codecs", ",".join(codecs)),
                 *("--iters", str(iters), "--algo", algo),

@@ -21,7 +21,7 @@ import time
 from typing import Any
 
 import numpy as np
-from collnet_daemon.localcluster import parse_size
+from collnet_lab.localcluster import parse_size
 
 from collnet.codec.registry import CODEC_NAMES, get_codec
 

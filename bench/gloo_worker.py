@@ -1,6 +1,6 @@
 """One rank of the torch.distributed gloo baseline (started by ``allreduce.py``).
 
-Mirrors ``collnet_daemon.worker``: the same deterministic float32 inputs
+Mirrors ``collnet_lab.worker``: the same deterministic float32 inputs
 (``peer_input``), for each requested size ``warmup`` untimed all-reduces and
 then ``iters`` timed ones, each preceded by a ``barrier()`` so the timing
 covers the collective and not the ranks' skew; the copy of the input into the
@@ -20,7 +20,7 @@ import time
 from typing import Any
 
 import numpy as np
-from collnet_daemon.worker import peer_input, reference_sum
+from collnet_lab.worker import peer_input, reference_sum
 
 EXIT_NO_TORCH = 3
 

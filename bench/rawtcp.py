@@ -26,7 +26,7 @@ import threading
 import time
 from typing import Any
 
-from collnet_daemon.localcluster import parse_size
+from collnet_lab.localcluster import parse_size
 
 CHUNK = 4 << 20
 

@@ -106,7 +106,7 @@ def worker(args: argparse.Namespace) -> int:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from collnet_daemon.localcluster import LocalCluster, parse_size
+    from collnet_lab.localcluster import LocalCluster, parse_size
 
     nbytes = parse_size(args.size)
     series = [s for s in SERIES if s != "sdk-staged" or not args.no_staged]

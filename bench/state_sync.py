@@ -27,7 +27,7 @@ from typing import Any
 import collnet_client
 import numpy as np
 from collnet_client import Comm
-from collnet_daemon.localcluster import LocalCluster, parse_size
+from collnet_lab.localcluster import LocalCluster, parse_size
 
 sys.path.insert(0, str(Path(__file__).parent))
 import rawtcp

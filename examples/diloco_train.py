@@ -3,7 +3,7 @@
 Two modes:
 
 * **launcher** (default): starts a local cluster (a coordinator and
-  ``--peers`` daemons, ``collnet_daemon.localcluster.LocalCluster``) and one
+  ``--peers`` daemons, ``collnet_lab.localcluster.LocalCluster``) and one
   trainer process per daemon, reads their progress, and checks the run: the
   loss went down below ``--loss-threshold`` and every peer held the same
   model hash after every outer step. ``--kill K`` SIGKILLs K daemons a third
@@ -255,7 +255,7 @@ class Trainer:
 
 
 def launch(args: argparse.Namespace) -> int:
-    from collnet_daemon.localcluster import LocalCluster
+    from collnet_lab.localcluster import LocalCluster
 
     passthrough = [
         "--outer-steps",

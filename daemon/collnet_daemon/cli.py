@@ -1,8 +1,18 @@
-"""The ``collnet`` command: coordinator, daemon and the local demo cluster."""
+"""The ``collnet`` command: coordinator, daemon, status, and the lab's commands.
+
+``coordinator``, ``daemon`` and ``status`` live here. ``up`` and ``chaos``
+belong to the lab (``collnet_lab.cli``), which drives daemons through the SDK
+and is not part of the daemon: ``main`` is a ``_LabGroup`` that names them in
+``_LAB_COMMANDS`` as module-path strings and imports that module with
+importlib only when one of them is run (``get_command``) or the command list
+is shown (``collnet --help``). So importing ``collnet_daemon`` (or running a
+daemon) loads neither ``collnet_lab`` nor ``collnet_client``.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import importlib
 import json
 import logging
 import os
@@ -103,7 +113,29 @@ def _metrics_address(addr: tuple[str, int] | None) -> dict[str, str]:
     return {} if addr is None else {"metrics": f"{addr[0]}:{addr[1]}"}
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+# The lab's subcommands: name -> "module:attribute" of its click command.
+_LAB_COMMANDS = {"chaos": "collnet_lab.cli:chaos", "up": "collnet_lab.cli:up"}
+
+
+class _LabGroup(click.Group):
+    """A group that also offers the lab's commands, imported only when needed."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *_LAB_COMMANDS})
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        target = _LAB_COMMANDS.get(cmd_name)
+        if target is None:
+            return super().get_command(ctx, cmd_name)
+        module, attr = target.split(":")
+        command = getattr(importlib.import_module(module), attr)
+        if not isinstance(command, click.Command):
+            raise TypeError(f"{target} is not a click command")
+        return command
+
+
+@click.group(cls=_LabGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="collnet", prog_name="collnet", message="%(prog)s %(version)s")
 @click.option(
     "--log-level",
     default="info",
@@ -295,114 +327,6 @@ def daemon(
         return 0 if graceful else 1
 
     sys.exit(uvloop.run(run()))
-
-
-@main.command()
-@click.option("--peers", default=4, show_default=True, type=click.IntRange(1, 16))
-@click.option("--size", default="32MiB", show_default=True, help="Tensor size per codec.")
-@click.option("--codecs", default="none,fp16,bf16,uint8,uint4", show_default=True)
-@click.option("--iters", default=3, show_default=True, type=click.IntRange(1, 100))
-@click.option("--connections", default=4, show_default=True, type=click.IntRange(1, 64))
-@click.option(
-    "--algo", default="auto", show_default=True, type=click.Choice(["auto", "ring", "star"])
-)
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-@click.pass_context
-def up(
-    ctx: click.Context,
-    peers: int,
-    size: str,
-    codecs: str,
-    iters: int,
-    connections: int,
-    algo: str,
-    as_json: bool,
-) -> None:
-    """Start a local cluster, all-reduce a tensor in every codec, check it, stop."""
-    from collnet_daemon.localcluster import parse_size
-    from collnet_daemon.up import run_demo
-
-    setup_logging(
-        "warning" if ctx.obj["log_level"] == "info" else ctx.obj["log_level"],
-        ctx.obj["log_json"],
-        "up",
-    )
-    ok = run_demo(
-        peers=peers,
-        nbytes=parse_size(size),
-        codecs=codecs.split(","),
-        iters=iters,
-        connections=connections,
-        algo=algo,
-        as_json=as_json,
-    )
-    sys.exit(0 if ok else 1)
-
-
-@main.command()
-@click.option("--peers", default=6, show_default=True, type=click.IntRange(2, 16))
-@click.option("--duration", default="60s", show_default=True, help="e.g. 60s, 2m, 500ms")
-@click.option("--seed", default=None, type=int, help="Seed of the chaos driver (default: random).")
-@click.option(
-    "--kill-every", default="3s", show_default=True, help="Mean interval between disturbances."
-)
-@click.option("--size", default="1MiB", show_default=True, help="Tensor size per all-reduce.")
-@click.option(
-    "--state-size", default="4MiB", show_default=True, help="Shared state synced every round."
-)
-@click.option("--connections", default=2, show_default=True, type=click.IntRange(1, 64))
-@click.option(
-    "--call-timeout", default="20s", show_default=True, help="Deadline of every call (a hang)."
-)
-@click.option(
-    "--quantized/--no-quantized", default=True, show_default=True, help="Every 4th round in uint8."
-)
-@click.option("--keep-logs", is_flag=True, help="Keep the cluster's logs (kept anyway on failure).")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-@click.pass_context
-def chaos(
-    ctx: click.Context,
-    peers: int,
-    duration: str,
-    seed: int | None,
-    kill_every: str,
-    size: str,
-    state_size: str,
-    connections: int,
-    call_timeout: str,
-    quantized: bool,
-    keep_logs: bool,
-    as_json: bool,
-) -> None:
-    """Checked all-reduces on a local cluster while peers are killed, frozen, added."""
-    from collnet_daemon import chaos as chaos_mod
-    from collnet_daemon.localcluster import parse_size
-
-    setup_logging(
-        "warning" if ctx.obj["log_level"] == "info" else ctx.obj["log_level"],
-        ctx.obj["log_json"],
-        "chaos",
-    )
-    try:
-        cfg = chaos_mod.ChaosConfig(
-            peers=peers,
-            duration_s=chaos_mod.parse_duration(duration),
-            seed=seed,
-            kill_every_s=chaos_mod.parse_duration(kill_every),
-            nbytes=parse_size(size),
-            state_bytes=parse_size(state_size),
-            connections=connections,
-            call_timeout_s=chaos_mod.parse_duration(call_timeout),
-            quantized=quantized,
-            keep_logs=keep_logs,
-        )
-    except ValueError as exc:
-        raise click.BadParameter(str(exc)) from None
-    if cfg.nbytes < 64 or cfg.nbytes % 4:
-        raise click.BadParameter(f"--size must be a multiple of 4 bytes, at least 64 ({size})")
-    if cfg.kill_every_s <= 0:
-        raise click.BadParameter("--kill-every must be positive")
-    sys.exit(chaos_mod.main(cfg, as_json))
 
 
 @main.command()

@@ -1,6 +1,6 @@
 """Churn: real daemons killed (-9), frozen (SIGSTOP), added and restarted under load.
 
-A chaos run (``collnet_daemon.chaos``) checks every completed all-reduce
+A chaos run (``collnet_lab.chaos``) checks every completed all-reduce
 against numpy over exactly the peers that took part and across those peers
 (bit-identical), times every failure from the kill or freeze that caused it,
 and counts calls that ran into their deadline (hangs) or waited with no
@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from collnet_daemon.chaos import (
+from collnet_lab.chaos import (
     FREEZE_DETECT_BOUND_S,
     KILL_DETECT_BOUND_S,
     ChaosConfig,

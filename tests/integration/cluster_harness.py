@@ -29,7 +29,7 @@ import collnet_client
 import ml_dtypes
 import numpy as np
 from collnet_client import Comm, World
-from collnet_daemon.localcluster import LocalCluster
+from collnet_lab.localcluster import LocalCluster
 
 T = TypeVar("T")
 

@@ -9,7 +9,7 @@ import sys
 import time
 from typing import Any
 
-from collnet_daemon.localcluster import LocalCluster
+from collnet_lab.localcluster import LocalCluster
 
 # Sanity bounds on |result - float64 reference| for inputs uniform in [-1, 1):
 # partial sums reach at most `world`, each of ~world quantization hops adds at
@@ -51,7 +51,7 @@ def run_workers(
             args += ["--iters", str(iters), "--algo", algo, *([] if check else ["--no-check"])]
             procs.append(
                 subprocess.Popen(
-                    [sys.executable, "-m", "collnet_daemon.worker", *args],
+                    [sys.executable, "-m", "collnet_lab.worker", *args],
                     stdout=out,
                     stderr=err,
                     stdin=subprocess.DEVNULL,
