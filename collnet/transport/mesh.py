@@ -112,6 +112,7 @@ class Mesh:
         connect_timeout_s: float = 10.0,
         liveness: Callable[[], Liveness] = Liveness,
         secret: bytes | None = None,
+        on_new_link: Callable[[PeerLink], None] | None = None,
     ) -> None:
         self.self_id = self_id
         self.k = connections
@@ -122,7 +123,7 @@ class Mesh:
         self.secret = secret
         self.links: dict[str, PeerLink] = {}
         # Told of every link as it is made (metrics count its bytes after it is gone).
-        self.on_new_link: Callable[[PeerLink], None] | None = None
+        self.on_new_link = on_new_link
         self._dialling: dict[str, asyncio.Task[PeerLink]] = {}
         self._server: asyncio.Server | None = None
 
