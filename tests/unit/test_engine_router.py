@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from routersim import RouterSim, world_of
 
 from collnet.codec.registry import get_codec
 from collnet.engine import Failed, Finished, Router, Run, SendAbort
@@ -22,7 +23,6 @@ from collnet.errors import (
     Timeout,
 )
 from collnet.wire.datalink import AbortMessage, DataPiece
-from routersim import RouterSim, world_of
 
 
 def _inputs(n: int, length: int, seed: int) -> list[np.ndarray]:
