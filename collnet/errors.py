@@ -4,11 +4,18 @@ Every error carries what a user needs to act on it (which peer, which
 collective, which epoch) and can be rebuilt on the far side of the daemon's
 IPC socket from ``kind`` and ``fields`` alone (see ``to_wire``/``from_wire``),
 so nothing is ever pickled.
+
+``buffer_modified`` says what a failed collective left in the caller's
+tensor: True when the daemon may have written into it (partial sums), False
+when it still holds the input, None when it does not apply. It is an
+attribute set at construction; code that learns better later (the SDK knows a
+staged tensor was never written back) raises a copy made by
+``with_buffer_modified`` rather than editing the error it caught.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Self
 
 
 class CollnetError(Exception):
@@ -16,19 +23,40 @@ class CollnetError(Exception):
 
     kind = "CollnetError"
 
-    def __init__(self, message: str, **fields: Any) -> None:
+    def __init__(self, message: str, *, buffer_modified: bool | None = None, **fields: Any) -> None:
         super().__init__(message)
         self.message = message
+        self.buffer_modified = buffer_modified
         self.fields = fields
 
+    def with_buffer_modified(self, buffer_modified: bool | None) -> Self:
+        """This error (same class, message and fields) saying ``buffer_modified``.
+
+        The copy keeps the traceback and cause, so raising it reads like
+        re-raising the original.
+        """
+        copy = type(self)(self.message, buffer_modified=buffer_modified, **self.fields)
+        copy.__cause__ = self.__cause__
+        copy.__suppress_context__ = self.__suppress_context__
+        return copy.with_traceback(self.__traceback__)
+
     def to_wire(self) -> dict[str, Any]:
-        return {"kind": self.kind, "message": self.message, "fields": self.fields}
+        fields = self.fields
+        if self.buffer_modified is not None:
+            fields = {**fields, "buffer_modified": self.buffer_modified}
+        return {"kind": self.kind, "message": self.message, "fields": fields}
 
     @staticmethod
     def from_wire(obj: dict[str, Any]) -> CollnetError:
         cls = _BY_KIND.get(str(obj.get("kind")), CollnetError)
-        fields = obj.get("fields") or {}
-        return cls(str(obj.get("message", "")), **(fields if isinstance(fields, dict) else {}))
+        fields = obj.get("fields")
+        fields = dict(fields) if isinstance(fields, dict) else {}
+        modified = fields.pop("buffer_modified", None)
+        return cls(
+            str(obj.get("message", "")),
+            buffer_modified=modified if isinstance(modified, bool) else None,
+            **fields,
+        )
 
 
 class ProtocolError(CollnetError):
@@ -72,6 +100,18 @@ class Timeout(CollnetError):
     kind = "Timeout"
 
 
+class WaitTimeout(Timeout):
+    """A wait in the SDK ran out of time before the daemon answered.
+
+    Only the caller's wait gave up: the request is still running in the
+    daemon (and may still succeed or fail). Wait again, or cancel it. A
+    ``Timeout`` that is not a ``WaitTimeout`` is the daemon's verdict: the
+    operation itself failed.
+    """
+
+    kind = "WaitTimeout"
+
+
 class MismatchError(CollnetError):
     """Peers disagree on a collective's shape, dtype, op, codec or algorithm."""
 
@@ -112,6 +152,7 @@ _BY_KIND: dict[str, type[CollnetError]] = {
         NonFiniteError,
         PeerLost,
         Timeout,
+        WaitTimeout,
         MismatchError,
         CollectiveAborted,
         DaemonUnavailable,

@@ -14,6 +14,7 @@ from collnet.errors import (
     PeerLost,
     ProtocolError,
     Timeout,
+    WaitTimeout,
 )
 from collnet_client.client import Comm, Handle, SyncResult, World, connect
 
@@ -30,6 +31,7 @@ __all__ = [
     "ProtocolError",
     "SyncResult",
     "Timeout",
+    "WaitTimeout",
     "World",
     "connect",
 ]

@@ -92,7 +92,7 @@ def _run_and_disturb(
         for i, o in enumerate(outcomes):
             if victim_joins and i == 2:
                 continue
-            assert isinstance(o, PeerLost) and o.fields.get("buffer_modified") is False, o
+            assert isinstance(o, PeerLost) and o.buffer_modified is False, o
             buf = inputs[i]
             assert buf is not None and np.all(buf == 1.0)
         delays = [f - t0 for i, f in enumerate(finished) if not (victim_joins and i == 2)]

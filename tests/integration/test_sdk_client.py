@@ -30,6 +30,7 @@ from collnet_client import (
     InvalidArgument,
     PeerLost,
     Timeout,
+    WaitTimeout,
 )
 
 pytestmark = pytest.mark.timeout(90)
@@ -61,7 +62,7 @@ def test_torch_cpu_tensors_are_reduced_in_place_like_numpy(peers: Peers) -> None
         shared = torch.from_numpy(comm.empty(inputs[rank].shape, np.float32))
         shared.copy_(torch.from_numpy(inputs[rank]))
         comm.all_reduce(shared, op="sum", tag=f"{tag}b", timeout_s=CALL_TIMEOUT_S)
-        assert comm._locate(shared.numpy()) is not None
+        assert comm.memory.locate(shared.numpy()) is not None
         return plain.clone(), shared.clone()
 
     results = run_on_all(peers.comms, one)
@@ -128,7 +129,7 @@ def test_a_wait_that_times_out_leaves_the_collective_running(peers: Peers) -> No
         h = comm.all_reduce_async(buf, tag=tag, timeout_s=CALL_TIMEOUT_S)
         if rank == 0:
             # Nobody else has started: this wait gives up, the collective goes on.
-            with pytest.raises(Timeout):
+            with pytest.raises(WaitTimeout):
                 h.wait(timeout_s=0.2)
             assert not h.done()
             started[0] = True
@@ -144,7 +145,7 @@ def test_closing_a_comm_frees_the_staging_of_requests_never_waited_for(peers: Pe
     comm = peers.connect(0)
     # Only this peer calls it: it stays pending until its (short) deadline.
     comm.all_reduce_async(np.ones(1000, np.float32), tag=fresh_tag(), timeout_s=2.0)
-    names = list(comm._staging_made)
+    names = list(comm.memory.staging_made)
     assert len(names) == 1 and Path("/dev/shm", names[0]).exists()
     comm.close()
     assert not Path("/dev/shm", names[0]).exists()
@@ -216,9 +217,11 @@ def test_a_failed_collective_leaves_the_error_feedback_residual_as_it_was(peers:
     comm = peers.comms[0]
     x = np.random.default_rng(2).uniform(-1, 1, 4096).astype(np.float32)
     # Only this peer calls it: it fails at its deadline, having sent nothing.
-    with pytest.raises(Timeout):
+    with pytest.raises(Timeout) as info:
         comm.all_reduce(x, codec="uint4", tag=fresh_tag(), timeout_s=0.5,
                         error_feedback=True, feedback_key="undo")  # fmt: skip
+    assert not isinstance(info.value, WaitTimeout)  # the daemon's verdict, not a wait's
+    assert info.value.buffer_modified is False  # staged: never written back
     assert not np.any(comm.feedback.residuals["undo"])
     comm.feedback.forget("undo")
 

@@ -1,0 +1,295 @@
+"""All-reduces in flight: from a caller's tensor to a request, and back.
+
+``AllReduces.start`` finds or makes the shared memory the daemon reduces
+(the caller's own bytes when they lie in SDK memory, else a staging copy),
+applies error feedback, sends the request and returns a ``Handle``.
+Finishing it writes a staged result back, retries on ``PeerLost`` as the
+caller allowed, and reports every failure as one typed error.
+
+Failure model, per request:
+
+- Success: the caller's tensor holds the result (a staged one is copied
+  back only then).
+- A failed collective: the error says ``buffer_modified``. A staged tensor
+  was never written back, so it still holds its input (False); one reduced
+  in place in SDK memory may hold partial sums (the daemon says True). The
+  error-feedback residual is put back as it was: nothing was sent.
+- ``WaitTimeout``: only this wait gave up. The request stays pending, its
+  staging still the daemon's; wait again or cancel.
+- ``retry=N``: on ``PeerLost``, agree on the new world and run the same
+  collective again from the original input (kept in a copy), up to N times.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from collnet.algo.ops import DTYPE_BY_NAME
+from collnet.errors import CollnetError, InvalidArgument, PeerLost, Timeout, WaitTimeout
+from collnet.wire.localapi import AllReduce, Cancel
+from collnet_client.feedback import ErrorFeedback
+from collnet_client.memory import SharedMemory, Staging
+from collnet_client.tensors import HostTensor, host_tensor, is_torch_tensor
+from collnet_client.transport import Transport
+from collnet_client.world import Agreement
+
+
+@dataclass
+class PendingAllReduce:
+    """One all-reduce as the SDK tracks it across retries."""
+
+    host: HostTensor
+    request: AllReduce  # as last sent: its epoch is the one it runs in
+    rid: int
+    # The host array the daemon reduces: a view of the caller's bytes, or staging.
+    view: npt.NDArray[Any]
+    staging: Staging | None
+    retries: int
+    # The input as sent, kept only when retries are allowed (the daemon reduces in place).
+    saved: npt.NDArray[Any] | None
+    # Puts the error-feedback residual back as it was if nothing was sent after all.
+    undo_feedback: Callable[[], None] | None = None
+
+    @property
+    def epoch(self) -> int:
+        assert self.request.epoch is not None  # the SDK always names it
+        return self.request.epoch
+
+
+class AllReduces:
+    """Starts all-reduces and sees each through; see the module docstring."""
+
+    def __init__(
+        self,
+        transport: Transport,
+        memory: SharedMemory,
+        agreement: Agreement,
+        feedback: ErrorFeedback,
+        local_size: int,
+    ) -> None:
+        self._transport = transport
+        self._memory = memory
+        self._agreement = agreement
+        self._feedback = feedback
+        self._local_size = local_size
+
+    def start(
+        self,
+        tensor: Any,
+        op: str,
+        codec: str,
+        algo: str,
+        tag: int | str | None,
+        timeout_s: float | None,
+        *,
+        retry: int,
+        error_feedback: bool,
+        feedback_key: Any,
+    ) -> Handle:
+        """Send the all-reduce of ``tensor``; see ``Comm.all_reduce_async``."""
+        host = host_tensor(tensor)
+        if DTYPE_BY_NAME.get(host.dtype.name) != host.dtype:
+            raise InvalidArgument(
+                f"unsupported dtype {host.dtype}; use one of {list(DTYPE_BY_NAME)}"
+            )
+        where = self._memory.locate(host.array) if host.array is not None else None
+        staging = None
+        if where is None:
+            staging = self._memory.stage(host.nbytes)
+            view = staging[1][: host.nbytes].view(host.dtype).reshape(host.shape)
+            host.copy_into(view)
+            where = (staging[0], 0)
+        else:
+            assert host.array is not None
+            view = host.array
+        undo_feedback = None
+        if error_feedback:
+            key = _memory_key(tensor) if feedback_key is None else feedback_key
+            try:
+                undo_feedback = self._feedback.apply(key, codec, view)
+            except BaseException:
+                if staging is not None:
+                    self._memory.unstage(staging)
+                raise
+        # Not checked here: a request the daemon refuses is also refused on the
+        # other peers at once (see collnet.wire.localapi).
+        request = AllReduce(
+            tag=self._agreement.next_tag() if tag is None else tag,
+            shm=where[0].name,
+            offset=where[1],
+            count=int(view.size),
+            dtype=host.dtype.name,
+            reduction=op,
+            codec=codec,
+            algo=algo,
+            epoch=self._agreement.epoch,
+            timeout_s=timeout_s,
+            local_size=self._local_size,
+        )
+        pending = PendingAllReduce(
+            host=host,
+            request=request,
+            rid=0,
+            view=view,
+            staging=staging,
+            retries=retry,
+            saved=view.copy() if retry > 0 else None,
+            undo_feedback=undo_feedback,
+        )
+        self._issue(pending)
+        return Handle(self, pending)
+
+    def _issue(self, pending: PendingAllReduce) -> None:
+        pending.request = dataclasses.replace(pending.request, epoch=self._agreement.epoch)
+        try:
+            pending.rid = self._transport.send(pending.request)
+        except BaseException:
+            self._unstage(pending)
+            raise
+
+    def _unstage(self, pending: PendingAllReduce) -> None:
+        staging, pending.staging = pending.staging, None
+        if staging is not None:
+            self._memory.unstage(staging)
+
+    def poll(self, pending: PendingAllReduce) -> bool:
+        return self._transport.poll(pending.rid)
+
+    def finish(self, pending: PendingAllReduce, timeout_s: float | None) -> None:
+        """Wait for ``pending``'s reply, retrying on PeerLost as it allows; write back.
+
+        A ``WaitTimeout`` leaves the request pending (and its staging the daemon's).
+        """
+        staged = pending.staging is not None
+        try:
+            while True:
+                try:
+                    self._transport.wait(pending.rid, timeout_s)
+                    break
+                except WaitTimeout:
+                    raise
+                except CollnetError as exc:
+                    failure = exc
+                    if isinstance(exc, PeerLost) and pending.retries > 0:
+                        try:
+                            self._retry(pending, timeout_s)
+                            continue
+                        except CollnetError as retry_failed:
+                            failure = retry_failed
+                    if pending.undo_feedback is not None:
+                        pending.undo_feedback()
+                    if staged:
+                        # Written back only on success: it still holds the caller's
+                        # input, so a retry is correct as it stands.
+                        failure = failure.with_buffer_modified(False)
+                    raise failure from None
+            if staged:
+                pending.host.copy_from(pending.view)
+        except WaitTimeout:
+            raise
+        except BaseException:
+            self._unstage(pending)
+            raise
+        self._unstage(pending)
+
+    def _retry(self, pending: PendingAllReduce, timeout_s: float | None) -> None:
+        """Run ``pending`` again, from its input, in the world agreed after a PeerLost."""
+        assert pending.saved is not None
+        pending.retries -= 1
+        np.copyto(pending.view, pending.saved)
+        # Another handle's retry may have agreed on the new world already.
+        if self._agreement.epoch == pending.epoch:
+            try:
+                self._agreement.update_topology(timeout_s)
+            except WaitTimeout as exc:
+                # The barrier goes on in the daemon, but this collective is over.
+                raise Timeout(
+                    f"{exc.message} (agreeing on the world to retry all_reduce "
+                    f"{pending.request.tag!r})",
+                    epoch=pending.epoch,
+                    tag=pending.request.tag,
+                ) from None
+        self._issue(pending)
+
+    def cancel(self, pending: PendingAllReduce, timeout_s: float) -> None:
+        """Ask the daemon to abort ``pending`` on every peer; no retry follows."""
+        pending.retries = 0
+        self._transport.call(Cancel(epoch=pending.epoch, tag=pending.request.tag), timeout_s)
+
+
+class Handle:
+    """An all-reduce in flight.
+
+    ``wait()`` returns the caller's tensor, reduced in place (or raises the
+    typed error of a failed collective); ``done()`` says whether ``wait()``
+    would return at once; ``cancel()`` aborts the collective on every peer.
+    Several handles may be in flight at once.
+    """
+
+    def __init__(self, all_reduces: AllReduces, pending: PendingAllReduce) -> None:
+        self._all_reduces = all_reduces
+        self._pending = pending
+        self._finished = False
+        self._error: CollnetError | None = None
+
+    @property
+    def tag(self) -> int | str:
+        return self._pending.request.tag
+
+    @property
+    def epoch(self) -> int:
+        return self._pending.epoch
+
+    def done(self) -> bool:
+        return self._finished or self._all_reduces.poll(self._pending)
+
+    def wait(self, timeout_s: float | None = None) -> Any:
+        """The reduced tensor, or the collective's error.
+
+        ``WaitTimeout`` (a ``Timeout``) when ``timeout_s`` ran out here rather
+        than the collective's own deadline: the collective goes on; wait
+        again, or ``cancel()``.
+        """
+        if not self._finished:
+            try:
+                self._all_reduces.finish(self._pending, timeout_s)
+            except WaitTimeout:
+                raise
+            except CollnetError as exc:
+                self._error = exc
+            self._finished = True
+        if self._error is not None:
+            raise self._error
+        return self._pending.host.original
+
+    def cancel(self, timeout_s: float = 30.0) -> bool:
+        """Abort this collective on every peer (they get ``CollectiveAborted``).
+
+        Returns True if it was aborted, False if it had finished first. When
+        it returns, the daemon no longer touches the tensor. A cancel that
+        races with completion may leave other peers finishing it: treat a
+        cancelled step as failed everywhere (call ``update_topology``, sync).
+        """
+        if self.done():
+            return False
+        self._all_reduces.cancel(self._pending, timeout_s)
+        try:
+            self.wait(timeout_s)
+        except WaitTimeout:
+            raise
+        except CollnetError:
+            return True
+        return False
+
+
+def _memory_key(tensor: Any) -> tuple[str, int, int]:
+    """Where ``tensor``'s bytes live: the default key of its error-feedback residual."""
+    if is_torch_tensor(tensor):
+        return (str(tensor.device), int(tensor.data_ptr()), int(tensor.nbytes))
+    return ("cpu", int(tensor.__array_interface__["data"][0]), int(tensor.nbytes))
