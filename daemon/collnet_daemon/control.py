@@ -1,10 +1,21 @@
-"""The daemon's control connection to the coordinator.
+"""The daemon's side of the coordinator: the control connection and its upkeep.
 
-Control messages are CONTROL frames whose metadata is a msgpack map with a
-type ``t``. Requests carry an ``id`` and are answered by ``{"t": "reply",
-"id", "ok", ...}``; the coordinator may also push ``{"t": "world"}`` when the
-world changes under the peer (a member was lost). The coordinator never sees
-tensor data.
+Control messages are CONTROL frames whose meta is a msgpack map with a type
+``t``; their typed home is ``collnet.wire.control`` (requests answered by
+replies carrying the request's ``id``, and the coordinator's ``WorldPush``
+when the world changes under a member). The coordinator never sees tensor
+data.
+
+``CoordinatorClient`` is one control connection: handshake, heartbeats, and
+requests matched to their replies. ``ControlPlane`` is what the daemon holds:
+one registered connection at a time, re-established for as long as the daemon
+runs. Failure model: collectives need no coordinator, so losing it fails
+nothing by itself; the daemon reconnects (0.2 s, doubling to 2 s between
+tries) and registers again, reporting the world it holds if it is a member,
+which is how a restarted coordinator (soft state) gets the world back.
+Meanwhile ``update_topology`` waits, bounded, for the reconnect and asks
+again; a barrier asks again once ``check`` says its world still stands; a
+plain request fails with ``DaemonUnavailable``.
 """
 
 from __future__ import annotations
@@ -12,14 +23,17 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from collnet.errors import CollnetError, DaemonUnavailable, ProtocolError
-from collnet.membership import WorldView, auth
+from collnet.membership import PeerInfo, WorldView, auth
 from collnet.membership.liveness import Liveness
 from collnet.transport.connection import FrameConnection
 from collnet.transport.heartbeat import Heartbeat
 from collnet.wire import Frame, FrameKind, Header, Limits
+from collnet.wire import control as wire
+from collnet_daemon.config import DaemonConfig
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +41,19 @@ log = logging.getLogger(__name__)
 # answer holding every member's): bounded, far below anything a data link takes.
 MAX_CONTROL_PAYLOAD = 64 << 20
 CONTROL_LIMITS = Limits(max_payload_bytes=MAX_CONTROL_PAYLOAD)
+
+
+def _quiet(fut: asyncio.Future[Any]) -> None:
+    if not fut.cancelled():
+        fut.exception()  # retrieved: its outcome matters to nobody here
+
+
+@dataclass
+class _Call:
+    """A request in flight: what its reply resolves, and how to read its answer."""
+
+    future: asyncio.Future[wire.Answer | wire.ErrorInfo]
+    answer: type[wire.Answer]
 
 
 class CoordinatorClient:
@@ -44,7 +71,7 @@ class CoordinatorClient:
         self._answered: asyncio.Future[None] | None = None
         self.conn: FrameConnection | None = None
         self.lost: asyncio.Future[CollnetError] | None = None
-        self._pending: dict[int, asyncio.Future[dict[str, Any]]] = {}
+        self._pending: dict[int, _Call] = {}
         self._next_id = 1
         self._heartbeat: Heartbeat | None = None
 
@@ -52,7 +79,7 @@ class CoordinatorClient:
         loop = asyncio.get_running_loop()
         self.lost = loop.create_future()
         try:
-            _, self.conn = await asyncio.wait_for(
+            _, conn = await asyncio.wait_for(
                 loop.create_connection(
                     lambda: FrameConnection(self, CONTROL_LIMITS, "coordinator"),
                     host,
@@ -62,7 +89,7 @@ class CoordinatorClient:
             )
         except (OSError, TimeoutError) as exc:
             raise DaemonUnavailable(f"cannot reach coordinator {host}:{port}: {exc}") from None
-        conn = self.conn
+        self.conn = conn
         # The handshake first: nothing else is accepted before it completes.
         self._answered = loop.create_future()
         conn.send(FrameKind.HELLO, self._initiator.hello({}))
@@ -85,23 +112,28 @@ class CoordinatorClient:
         self._heartbeat.start()
 
     async def call(
-        self, t: str, timeout_s: float | None = None, payload: bytes = b"", **fields: Any
-    ) -> dict[str, Any]:
-        """One request; a reply frame's payload, if any, is in the reply under ``payload``."""
-        if not self.connected:
+        self, request: wire.RequestBody, answer: type[wire.A], timeout_s: float | None = None
+    ) -> wire.A:
+        """One request and its answer (of type ``answer``); an error reply is raised."""
+        conn = self.conn
+        if conn is None or not self.connected:
             raise DaemonUnavailable("not connected to the coordinator")
         rid = self._next_id
         self._next_id += 1
-        fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
-        self._pending[rid] = fut
-        self.conn.send(FrameKind.CONTROL, {"t": t, "id": rid, **fields}, payload)
+        fut: asyncio.Future[wire.Answer | wire.ErrorInfo]
+        fut = asyncio.get_running_loop().create_future()
+        self._pending[rid] = _Call(fut, answer)
+        msg = wire.Request(rid, request)
+        conn.send(FrameKind.CONTROL, msg.to_wire(), msg.payload)
         try:
-            reply = await asyncio.wait_for(fut, timeout_s)
+            outcome = await asyncio.wait_for(fut, timeout_s)
         finally:
             self._pending.pop(rid, None)
-        if not reply.get("ok"):
-            raise CollnetError.from_wire(reply.get("error") or {})
-        return reply
+        if isinstance(outcome, wire.ErrorInfo):
+            raise outcome.exception()
+        if not isinstance(outcome, answer):  # on_frame parsed it as one
+            raise ProtocolError(f"expected {answer.__name__}, got {type(outcome).__name__}")
+        return outcome
 
     @property
     def connected(self) -> bool:
@@ -149,20 +181,24 @@ class CoordinatorClient:
             if self._heartbeat is not None:
                 self._heartbeat.on_frame(frame.meta)
             return
-        meta = frame.meta
-        if frame.kind != FrameKind.CONTROL or not isinstance(meta, dict):
+        if frame.kind != FrameKind.CONTROL:
             raise ProtocolError(f"unexpected {frame.kind.name} from the coordinator")
-        t = meta.get("t")
-        if t == "reply":
-            fut = self._pending.get(meta.get("id", -1))
-            if fut is not None and not fut.done():
-                if frame.payload:
-                    meta["payload"] = bytes(frame.payload)
-                fut.set_result(meta)
-        elif t == "world":
-            self.on_world(WorldView.from_wire(meta.get("world")))
-        else:
+        t = wire.message_type(frame.meta, "control message from the coordinator")
+        if t == wire.WorldPush.T:
+            self.on_world(wire.WorldPush.from_wire(frame.meta, frame.payload).world)
+            return
+        if t != wire.Reply.T:
             raise ProtocolError(f"unknown control message {t!r}")
+        call = self._pending.get(wire.Reply.id_of(frame.meta))
+        if call is None or call.future.done():
+            return  # its caller gave up on it
+        try:
+            reply = wire.Reply.from_wire(frame.meta, frame.payload, call.answer)
+        except ProtocolError as exc:
+            # A malformed answer fails its request; the connection itself is sound.
+            call.future.set_exception(exc)
+            return
+        call.future.set_result(reply.outcome)
 
     def on_lost(self, conn: FrameConnection, exc: CollnetError) -> None:
         if self._heartbeat is not None:
@@ -170,8 +206,199 @@ class CoordinatorClient:
         if self._answered is not None and not self._answered.done():
             self._answered.set_exception(exc)
         err = DaemonUnavailable(f"lost the coordinator: {exc.message}")
-        for fut in self._pending.values():
-            if not fut.done():
-                fut.set_exception(err)
+        for call in self._pending.values():
+            if not call.future.done():
+                call.future.set_exception(err)
         if self.lost is not None and not self.lost.done():
             self.lost.set_result(err)
+
+
+class ControlPlane:
+    """This daemon's side of the coordinator: one registered connection, re-established
+    until the daemon stops (see the module docstring for the failure model).
+
+    ``held()`` is the world this daemon holds now: a member reports it when it
+    registers again, and ``update_topology`` names its epoch. ``on_world`` gets
+    the world of every registration and of every push.
+    """
+
+    def __init__(
+        self,
+        config: DaemonConfig,
+        held: Callable[[], WorldView],
+        on_world: Callable[[WorldView], None],
+    ) -> None:
+        self.config = config
+        self.id = config.peer_id
+        self._held = held
+        self._on_world = on_world
+        self._me: PeerInfo | None = None
+        # The registered connection (replaced only by a successful registration).
+        self._client = CoordinatorClient(self._pushed, config.liveness, config.secret)
+        self._up = asyncio.Event()
+        self._stopping = False
+        self._topology_call: asyncio.Future[wire.WorldAnswer] | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    # -- lifecycle ---------------------------------------------------------
+    async def start(self, me: PeerInfo) -> WorldView:
+        """Connect, authenticate and register as ``me``; raises if that fails.
+        The registered world is also passed to ``on_world``."""
+        self._me = me
+        return await self._join()
+
+    def stop_reconnecting(self) -> None:
+        """The daemon is stopping: a lost coordinator stays lost, and calls it cut
+        off fail at once instead of waiting for a reconnect. ``leave`` still works."""
+        self._stopping = True
+
+    def close(self) -> None:
+        self._stopping = True
+        for task in list(self._tasks):
+            task.cancel()
+        self._client.close()
+
+    @property
+    def connected(self) -> bool:
+        """Registered, and that connection alive."""
+        return self._up.is_set() and self._client.connected
+
+    @property
+    def rtt_s(self) -> float | None:
+        """Smoothed heartbeat RTT to the coordinator (None before the first pong)."""
+        return self._client.rtt_s
+
+    async def wait_connected(self) -> None:
+        """Until this daemon is connected to the coordinator again (unbounded: the
+        caller bounds it)."""
+        while not (self._up.is_set() and self._client.connected):
+            if self._up.is_set():
+                # The loss is known to the connection but not handled here yet.
+                await asyncio.sleep(0.02)
+            else:
+                await self._up.wait()
+
+    async def _join(self) -> WorldView:
+        """Connect, authenticate and register; a member reports the world it holds,
+        which is how a restarted coordinator (soft state) gets the world back."""
+        assert self._me is not None, "start() first"
+        client = CoordinatorClient(self._pushed, self.config.liveness, self.config.secret)
+        await client.connect(*self.config.coordinator)
+        held = self._held()
+        register = wire.Register(self._me, held if self.id in held.ids else None)
+        try:
+            answer = await client.call(
+                register, wire.WorldAnswer, timeout_s=self.config.connect_timeout_s
+            )
+        except BaseException:
+            client.close()
+            raise
+        self._client = client
+        self._on_world(answer.world)
+        self._up.set()
+        assert client.lost is not None
+        client.lost.add_done_callback(lambda f: self._lost(f.result()))
+        return answer.world
+
+    def _pushed(self, world: WorldView) -> None:
+        log.info("daemon %s: epoch %d, world %s", self.id, world.epoch, list(world.ids))
+        self._on_world(world)
+
+    def _lost(self, exc: CollnetError) -> None:
+        self._up.clear()
+        if not self._stopping:
+            # Collectives need no coordinator: keep serving them, and reconnect.
+            log.warning("daemon %s: %s; reconnecting", self.id, exc.message)
+            task = asyncio.ensure_future(self._reconnect())
+            self._tasks.add(task)
+            task.add_done_callback(self._reconnect_done)
+
+    async def _reconnect(self) -> None:
+        delay_s = 0.2
+        while not self._stopping:
+            await asyncio.sleep(delay_s)
+            try:
+                await self._join()
+            except (CollnetError, OSError, TimeoutError) as exc:
+                log.debug("daemon %s: coordinator still unreachable: %s", self.id, exc)
+                delay_s = min(2.0, delay_s * 2)
+                continue
+            log.info(
+                "daemon %s: reconnected to the coordinator (epoch %d)", self.id, self._held().epoch
+            )
+            return
+
+    def _reconnect_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("daemon %s: background task failed: %s", self.id, task.exception())
+
+    # -- requests ----------------------------------------------------------
+    async def world(self, timeout_s: float) -> WorldView:
+        """The coordinator's current world, pending peers included."""
+        answer = await self._client.call(wire.GetWorld(), wire.WorldAnswer, timeout_s)
+        return answer.world
+
+    async def update_topology(self, timeout_s: float) -> WorldView:
+        """The membership barrier: the world it agreed on. Concurrent callers share
+        one call. A daemon that lost the coordinator (a network cut, a coordinator
+        restart) reconnects by itself: the barrier waits up to ``timeout_s`` for
+        that, rather than failing a trainer whose daemon is fine, and asks again."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while True:
+            if not self.connected:
+                left = deadline - loop.time()
+                try:
+                    await asyncio.wait_for(self.wait_connected(), max(0.0, left))
+                except TimeoutError:
+                    raise DaemonUnavailable(
+                        f"daemon {self.id}: no coordinator for {timeout_s:.0f}s"
+                    ) from None
+            if self._topology_call is None or self._topology_call.done():
+                self._topology_call = asyncio.ensure_future(
+                    self._client.call(wire.UpdateTopology(self._held().epoch), wire.WorldAnswer)
+                )
+                self._topology_call.add_done_callback(_quiet)  # its waiters re-raise it
+            try:
+                answer = await asyncio.shield(self._topology_call)
+            except DaemonUnavailable:
+                if self._stopping or self.connected:
+                    raise
+                continue  # the coordinator went away mid-call: again once reconnected
+            return answer.world
+
+    async def barrier(
+        self,
+        name: str,
+        epoch: int,
+        arrived: bytes | dict[str, Any],
+        check: Callable[[], None],
+    ) -> dict[str, bytes | dict[str, Any]]:
+        """Arrive at barrier ``name`` of ``epoch`` (see ``wire.Barrier``); what every
+        member arrived with, by peer id, decoded from the answer's msgpack payload.
+
+        Unbounded (the caller bounds it). If the coordinator goes away (restarted,
+        or this daemon was cut off), then once reconnected ``check()`` runs, which
+        raises if the world changed under the caller (this peer may have been
+        dropped); if it does not, the same barrier is called again."""
+        request = wire.Barrier(name, epoch, arrived)
+        while True:
+            try:
+                answer = await self._client.call(request, wire.BarrierAnswer)
+                return answer.payloads
+            except DaemonUnavailable:
+                if self._stopping:
+                    raise
+            await self.wait_connected()
+            check()
+
+    async def leave(self, timeout_s: float) -> bool:
+        """Announce a graceful leave; whether the coordinator took it (logged either way)."""
+        try:
+            await self._client.call(wire.Leave(), wire.Left, timeout_s)
+        except (CollnetError, TimeoutError) as exc:
+            log.warning("daemon %s: could not announce leave: %s", self.id, exc)
+            return False
+        log.info("daemon %s: left the world", self.id)
+        return True

@@ -1,9 +1,11 @@
 """The coordinator service: membership over TCP, no tensor data.
 
 A thin asyncio shell around ``collnet.membership.CoordinatorState``: each
-control connection is one peer; requests become state-machine events and the
-returned effects become replies and pushes. A closed control connection is a
-lost peer.
+control connection is one peer; requests (parsed once, into the types of
+``collnet.wire.control``) become state-machine events and the returned
+effects become replies and pushes. A closed control connection is a lost
+peer. The service also answers ``status`` (``CoordinatorService.status``):
+the view ``collnet status`` prints and the coordinator's metrics read.
 """
 
 from __future__ import annotations
@@ -11,10 +13,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Callable
-from typing import Any
-
-import msgpack
+from typing import Any, assert_never
 
 from collnet.errors import CollnetError, ProtocolError
 from collnet.membership import (
@@ -24,7 +25,6 @@ from collnet.membership import (
     PeerInfo,
     Push,
     Reply,
-    WorldView,
     auth,
 )
 from collnet.membership.coordinator import Effect
@@ -32,14 +32,10 @@ from collnet.membership.liveness import Liveness
 from collnet.transport.connection import FrameConnection
 from collnet.transport.heartbeat import Heartbeat
 from collnet.wire import Frame, FrameKind, Header
+from collnet.wire import control as wire
 from collnet_daemon.control import CONTROL_LIMITS
-from collnet_daemon.status import coordinator_status
 
 log = logging.getLogger(__name__)
-
-# Barriers peers may call: "state" carries a state manifest (as the frame's
-# payload), "synced" a small report of the state reached (in the metadata).
-BARRIERS = ("state", "synced")
 
 
 class CoordinatorService:
@@ -56,6 +52,7 @@ class CoordinatorService:
         self.conns: dict[str, FrameConnection] = {}
         self._server: asyncio.Server | None = None
         self.address: tuple[str, int] | None = None
+        self._started_s = time.monotonic()
 
     async def start(self, host: str, port: int) -> tuple[str, int]:
         loop = asyncio.get_running_loop()
@@ -94,23 +91,80 @@ class CoordinatorService:
             conn = self.conns.get(eff.peer)
             if conn is None or conn.closed:
                 continue
-            payload = b""
+            msg: wire.Reply | wire.WorldPush
             if isinstance(eff, Reply):
-                msg = {"t": "reply", "id": eff.request_id, "ok": True, "world": eff.world.to_wire()}
+                msg = wire.Reply(eff.request_id, wire.WorldAnswer(eff.world))
             elif isinstance(eff, Push):
-                msg = {"t": "world", "world": eff.world.to_wire()}
+                msg = wire.WorldPush(eff.world)
             elif isinstance(eff, Fail):
-                error = eff.error.to_wire()
-                msg = {"t": "reply", "id": eff.request_id, "ok": False, "error": error}
+                msg = wire.Reply(eff.request_id, wire.ErrorInfo.of(eff.error))
             elif isinstance(eff, BarrierReply):
-                msg = {"t": "reply", "id": eff.request_id, "ok": True, "epoch": self.state.epoch}
                 # The members' payloads are opaque here (the coordinator never
-                # interprets state): forwarded as one msgpack map of bytes.
-                payload = msgpack.packb(eff.payloads, use_bin_type=True)
+                # interprets state): forwarded as one msgpack map.
+                msg = wire.Reply(eff.request_id, wire.BarrierAnswer(self.state.epoch, eff.payloads))
                 if eff.name == "synced":
                     self.state.reported[eff.peer] = eff.payloads.get(eff.peer)
+            else:
+                assert_never(eff)
             with contextlib.suppress(CollnetError):
-                conn.send(FrameKind.CONTROL, msg, payload)
+                conn.send(FrameKind.CONTROL, msg.to_wire(), msg.payload)
+
+    def status(self) -> wire.CoordinatorStatus:
+        """The coordinator's view of the world: every registered peer with its state
+        (``active`` in ring order, ``pending``, or ``unconfirmed`` after a restart),
+        data address, control connection and its RTT, and what it reported at its
+        last shared-state sync."""
+        state = self.state
+        rows: list[tuple[PeerInfo, wire.PeerState, int | None]]
+        rows = [(p, "active", rank) for rank, p in enumerate(state.active)]
+        rows += [(p, "pending", None) for p in state.pending.values()]
+        peers = []
+        for info, kind, rank in rows:
+            conn = self.conns.get(info.id)
+            session = conn.handler if conn is not None else None
+            heartbeat = session.heartbeat if isinstance(session, _PeerSession) else None
+            revision, digest, error = _reported(state.reported.get(info.id))
+            peers.append(
+                wire.PeerStatus(
+                    info.id,
+                    "unconfirmed" if info.id in state.unconfirmed else kind,
+                    rank,
+                    f"{info.host}:{info.port}",
+                    conn is not None and not conn.closed,
+                    None if heartbeat is None else heartbeat.liveness.srtt_s,
+                    revision,
+                    digest,
+                    error,
+                )
+            )
+        return wire.CoordinatorStatus(
+            state.epoch,
+            state.world(),
+            tuple(peers),
+            ":".join(map(str, self.address or ("?", 0))),
+            round(time.monotonic() - self._started_s, 3),
+        )
+
+
+def coordinator_status(service: CoordinatorService) -> dict[str, Any]:
+    """``service.status()`` as its msgpack-safe map (what metrics read)."""
+    return service.status().to_wire()
+
+
+def _reported(report: Any) -> tuple[int | None, str | None, str | None]:
+    """(revision, state digest, sync error kind) from what a peer reported at its last
+    "synced" barrier: opaque to the coordinator, so only what has the right type."""
+    if not isinstance(report, dict):
+        return None, None, None
+    revision = report.get("revision")
+    digest = report.get("digest")
+    error = report.get("error")
+    kind = error.get("kind", "error") if isinstance(error, dict) else "error"
+    return (
+        revision if type(revision) is int and revision >= 0 else None,
+        digest.hex() if isinstance(digest, bytes) else digest if isinstance(digest, str) else None,
+        (kind if isinstance(kind, str) else "error") if "error" in report else None,
+    )
 
 
 class _PeerSession:
@@ -140,23 +194,20 @@ class _PeerSession:
             elif isinstance(frame.meta, dict) and isinstance(frame.meta.get("ping"), int):
                 conn.send(FrameKind.HEARTBEAT, {"pong": frame.meta["ping"]})
             return
-        meta = frame.meta
-        if frame.kind != FrameKind.CONTROL or not isinstance(meta, dict):
+        if frame.kind != FrameKind.CONTROL:
             raise ProtocolError(f"unexpected {frame.kind.name} frame on a control connection")
-        rid = meta.get("id")
-        if not isinstance(rid, int):
-            raise ProtocolError("control request without an integer id")
+        request = wire.Request.from_wire(frame.meta, frame.payload)
         try:
-            result = self._handle(conn, meta, rid, frame.payload)
+            answer = self._handle(conn, request)
         except ProtocolError:
             raise
         except CollnetError as exc:
-            conn.send(
-                FrameKind.CONTROL, {"t": "reply", "id": rid, "ok": False, "error": exc.to_wire()}
-            )
+            refusal = wire.Reply(request.id, wire.ErrorInfo.of(exc))
+            conn.send(FrameKind.CONTROL, refusal.to_wire())
             return
-        if result is not None:
-            conn.send(FrameKind.CONTROL, {"t": "reply", "id": rid, "ok": True, **result})
+        if answer is not None:
+            reply = wire.Reply(request.id, answer)
+            conn.send(FrameKind.CONTROL, reply.to_wire(), reply.payload)
 
     def _handshake(self, conn: FrameConnection, frame: Frame) -> None:
         # An unauthenticated connection may send nothing but this handshake.
@@ -171,21 +222,20 @@ class _PeerSession:
             self.responder.on_proof(frame.meta, who)
             self.authenticated = True
 
-    def _handle(
-        self, conn: FrameConnection, meta: dict[str, Any], rid: int, payload: memoryview
-    ) -> dict[str, Any] | None:
+    def _handle(self, conn: FrameConnection, request: wire.Request) -> wire.Answer | None:
+        """Perform ``request``; its answer, or None when the state machine answers
+        (later, through ``perform``)."""
         state = self.service.state
-        t = meta.get("t")
-        if t == "register":
+        body, rid = request.body, request.id
+        if isinstance(body, wire.Register):
             if self.peer_id is not None:
                 raise ProtocolError("register sent twice")
-            peer = PeerInfo.from_wire(meta.get("peer"))
-            claimed = meta.get("world")
+            peer = body.peer
             adopting = not state.active
-            if claimed is None:
+            if body.world is None:
                 state.register(peer)
             else:
-                member, effects = state.rejoin(peer, WorldView.from_wire(claimed))
+                member, effects = state.rejoin(peer, body.world)
                 if member:
                     log.info("peer %s rejoined at epoch %d", peer.id, state.epoch)
                     if adopting:
@@ -203,33 +253,28 @@ class _PeerSession:
             self.heartbeat.start()
             if peer.id in state.pending:
                 log.info("peer %s registered (data %s:%d), pending", peer.id, peer.host, peer.port)
-            return {"world": state.world().to_wire()}
-        if t == "status":  # for operators (`collnet status`): needs no registration
-            return {"status": coordinator_status(self.service)}
+            return wire.WorldAnswer(state.world())
+        if isinstance(body, wire.GetStatus):  # for operators: needs no registration
+            return wire.StatusAnswer(self.service.status())
         if self.peer_id is None:
-            raise ProtocolError(f"{t!r} before register")
-        if t == "update_topology":
-            epoch = meta.get("epoch", 0)
-            if not isinstance(epoch, int):
-                raise ProtocolError("update_topology epoch must be an integer")
+            raise ProtocolError(f"{body.T!r} before register")
+        if isinstance(body, wire.UpdateTopology):
             before = state.epoch
-            self.service.perform(state.request_update(self.peer_id, rid, epoch))
+            self.service.perform(state.request_update(self.peer_id, rid, body.epoch))
             if state.epoch != before:
                 log.info("epoch %d: world %s", state.epoch, list(state.world().ids))
             return None
-        if t == "barrier":
-            name, epoch = meta.get("name"), meta.get("epoch")
-            if name not in BARRIERS or not isinstance(epoch, int):
-                raise ProtocolError(f"bad barrier request {name!r} at epoch {epoch!r:.20}")
-            arrived = bytes(payload) if name == "state" else meta.get("report")
-            self.service.perform(state.request_barrier(self.peer_id, rid, name, epoch, arrived))
+        if isinstance(body, wire.Barrier):
+            self.service.perform(
+                state.request_barrier(self.peer_id, rid, body.name, body.epoch, body.arrived)
+            )
             return None
-        if t == "world":
-            return {"world": state.world().to_wire()}
-        if t == "leave":
+        if isinstance(body, wire.GetWorld):
+            return wire.WorldAnswer(state.world())
+        if isinstance(body, wire.Leave):
             self._drop("left")
-            return {}
-        raise ProtocolError(f"unknown control message {t!r}")
+            return wire.Left()
+        assert_never(body)
 
     def _silent(self, conn: FrameConnection, silent_s: float) -> None:
         # A frozen or cut-off peer: no socket error will ever come, so end it here.

@@ -33,7 +33,13 @@ DisconnectHandler = Callable[[bytes], None]
 
 
 class IpcServer:
-    def __init__(self, address: str, handler: Handler, fallback: str | None = None) -> None:
+    def __init__(
+        self,
+        address: str,
+        handler: Handler,
+        fallback: str | None = None,
+        on_disconnect: DisconnectHandler | None = None,
+    ) -> None:
         self.address = address
         # A second, best-effort endpoint (tcp://127.0.0.1:PORT) for trainers
         # that cannot reach the ipc:// path.
@@ -46,7 +52,7 @@ class IpcServer:
         # Told the identity of a client whose connection closed (exit, kill -9).
         # zmq reports a closed connection by its file descriptor only, and each
         # request says which descriptor it came in on (SRCFD): that maps the two.
-        self.on_disconnect: DisconnectHandler | None = None
+        self.on_disconnect = on_disconnect
         self._monitor = self.sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
         self._idents: dict[int, bytes] = {}
         self._tasks: set[asyncio.Task[None]] = set()

@@ -20,25 +20,23 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from collnet.algo import ALGORITHMS
-from collnet.algo.ops import DTYPE_BY_NAME
-from collnet.algo.select import choose_algorithm
 from collnet.codec.registry import CODEC_NAMES, LZ4_SUFFIX
 from collnet.errors import CollnetError
+from collnet.membership.world import WorldView
 from collnet.transport.link import PeerLink
+from collnet_daemon.coordinator import coordinator_status
 from collnet_daemon.exporter import MetricsServer
 from collnet_daemon.progress import Progress
-from collnet_daemon.status import coordinator_status
 
 if TYPE_CHECKING:
     from collnet_daemon.coordinator import CoordinatorService
-    from collnet_daemon.service import Daemon
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +55,7 @@ PROGRESS_BYTES = 256 << 20
 MAX_OP_LABELS = 32
 
 
-class _LinkTraffic:
+class LinkTraffic:
     """Bytes sent to and received from each peer, summed over every link it ever had."""
 
     def __init__(self) -> None:
@@ -118,14 +116,27 @@ class _Exported:
             await self.server.close()
 
 
-class DaemonMetrics(_Exported):
-    """The metrics of one ``Daemon``; ``observed`` wraps its request handler."""
+@dataclass(frozen=True, slots=True)
+class DaemonSnapshot:
+    """What the daemon's metrics read of it at scrape time."""
 
-    def __init__(self, daemon: Daemon) -> None:
+    peer_id: str
+    world: WorldView
+    collectives_in_flight: int
+    coordinator_connected: bool
+    coordinator_rtt_s: float | None
+    links: Mapping[str, PeerLink]
+
+
+class DaemonMetrics(_Exported):
+    """The metrics of one daemon: ``observed`` wraps its request handler,
+    ``collective`` times its collectives, ``traffic.track`` counts a new link,
+    and ``snapshot`` is read at every scrape."""
+
+    def __init__(self, snapshot: Callable[[], DaemonSnapshot]) -> None:
         super().__init__()
-        self.daemon = daemon
-        self.traffic = _LinkTraffic()
-        daemon.mesh.on_new_link = self.traffic.track
+        self.snapshot = snapshot
+        self.traffic = LinkTraffic()
         r = self.registry
         self.requests = Counter(
             "collnet_requests", "Requests from local clients, by op.", ["op"], registry=r
@@ -169,16 +180,13 @@ class DaemonMetrics(_Exported):
         return child
 
     def observed(self, handler: Handler) -> Handler:
-        """``handler`` counted: requests and failures by op, all-reduces timed."""
+        """``handler`` counted: requests and failures by op, and their durations."""
 
         async def handle(ident: bytes, req: dict[str, Any]) -> dict[str, Any]:
             op = _op_label(self._ops, req.get("op"))
             self._child(self.requests, op).inc()
             started = time.perf_counter()
             try:
-                if op == "all_reduce":
-                    with self._all_reduce(req):
-                        return await handler(ident, req)
                 return await handler(ident, req)
             except CollnetError as exc:
                 self._child(self.failures, op, exc.kind).inc()
@@ -193,22 +201,15 @@ class DaemonMetrics(_Exported):
         return handle
 
     @contextlib.contextmanager
-    def _all_reduce(self, req: dict[str, Any]) -> Iterator[None]:
-        world = self.daemon.world
-        dtype = DTYPE_BY_NAME.get(req.get("dtype"))  # type: ignore[arg-type]
-        count = req.get("count")
-        nbytes = count * dtype.itemsize if dtype is not None and isinstance(count, int) else 0
-        algo = req.get("algo", "auto")
-        algo = (
-            choose_algorithm(algo, world.size, nbytes, self.daemon.config.star_max_bytes)
-            if algo in ALGORITHMS
-            else "invalid"
-        )
-        codec = _codec_label(req.get("codec", "none"))
+    def collective(
+        self, op: str, key: tuple[int, int | str], algo: str, codec: str, nbytes: int, peers: int
+    ) -> Iterator[None]:
+        """Times collective ``key`` (successes only); big ones log progress."""
+        codec = _codec_label(codec)
         progress = None
         if nbytes >= PROGRESS_BYTES:
-            what = f"all_reduce {req.get('tag')!r} (epoch {req.get('epoch', world.epoch)}, "
-            progress = Progress(log, f"{what}{algo}, {codec}, {world.size} peers)", nbytes)
+            what = f"{op} {key[1]!r} (epoch {key[0]}, {algo}, {codec}, {peers} peers)"
+            progress = Progress(log, what, nbytes)
         started = time.perf_counter()
         try:
             yield
@@ -216,10 +217,8 @@ class DaemonMetrics(_Exported):
             if progress is not None:
                 progress.failed(exc)
             raise
-        self._child(self.collective_seconds, "all_reduce", algo, codec).observe(
-            time.perf_counter() - started
-        )
-        self._child(self.collective_bytes, "all_reduce", algo, codec).inc(nbytes)
+        self._child(self.collective_seconds, op, algo, codec).observe(time.perf_counter() - started)
+        self._child(self.collective_bytes, op, algo, codec).inc(nbytes)
         if progress is not None:
             progress.done()
 
@@ -231,24 +230,26 @@ class _DaemonCollector:
         self.metrics = metrics
 
     def collect(self) -> Iterable[Metric]:
-        daemon = self.metrics.daemon
+        daemon = self.metrics.snapshot()
         world = daemon.world
         yield _gauge("collnet_epoch", "Epoch of the world this daemon holds.", world.epoch)
         yield _gauge("collnet_world_size", "Active members of that world.", world.size)
         yield _gauge("collnet_pending_peers", "Peers waiting for admission.", len(world.pending))
         yield _gauge(
-            "collnet_member", "1 when this daemon is an active member.", daemon.id in world.ids
+            "collnet_member",
+            "1 when this daemon is an active member.",
+            daemon.peer_id in world.ids,
         )
         yield _gauge(
             "collnet_collectives_in_flight",
             "Collectives running on this daemon.",
-            len(daemon.router.runs),
+            daemon.collectives_in_flight,
         )
-        coord_rtt = daemon.coord.rtt_s
+        coord_rtt = daemon.coordinator_rtt_s
         yield _gauge(
             "collnet_coordinator_connected",
             "1 while the control connection to the coordinator is up.",
-            daemon.coord.connected,
+            daemon.coordinator_connected,
         )
         if coord_rtt is not None:
             yield _gauge(
@@ -284,7 +285,7 @@ class _DaemonCollector:
             "Receive throughput of each link measured while large pieces flowed.",
             labels=["peer"],
         )
-        for peer, link in sorted(daemon.mesh.links.items()):
+        for peer, link in sorted(daemon.links.items()):
             if link.failed or not link.ready.is_set():
                 continue
             up.add_metric([peer], 1)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, cast
 
-from collnet_daemon.metrics import _LinkTraffic
+from collnet_daemon.metrics import LinkTraffic
 
 
 @dataclass(eq=False)
@@ -23,7 +23,7 @@ class FakeLink:
 
 
 def test_a_link_that_dies_between_scrapes_still_counts_fully() -> None:
-    traffic = _LinkTraffic()
+    traffic = LinkTraffic()
     first = FakeLink("b")
     traffic.track(cast(Any, first))
     first.sent, first.received = 100, 40
@@ -45,7 +45,7 @@ def test_a_link_that_dies_between_scrapes_still_counts_fully() -> None:
 
 
 def test_a_link_made_and_failed_between_two_scrapes_is_counted() -> None:
-    traffic = _LinkTraffic()
+    traffic = LinkTraffic()
     link = FakeLink("c", sent=5, received=3, failed=True)
     traffic.track(cast(Any, link))
     traffic.update()

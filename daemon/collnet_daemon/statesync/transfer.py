@@ -14,10 +14,9 @@ A sync is two coordinator barriers around a transfer (the plan itself is
    without its holders; everyone learns whether all peers are in bit parity,
    or fails with the same typed error.
 
-On the data links a fetch is a CONTROL frame ``{"t": "fetch", "ranges":
-[[fid, fetch], ...]}``; the source answers each range with DATA frames whose
-metadata is ``["S", fid, offset, total]`` (striped like any message) or with
-``{"t": "fetch_error", "id": fid, "error"}``.
+On the data links a fetch is a ``FetchRequest``; the source answers each
+range with DATA frames (``StatePiece``, striped like any message) or with a
+``FetchRefused`` (``collnet.wire.datalink``).
 """
 
 from __future__ import annotations
@@ -29,7 +28,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Any
 
 import msgpack
 import numpy.typing as npt
@@ -52,12 +51,16 @@ from collnet.state import (
 )
 from collnet.transport.link import PeerLink
 from collnet.wire import FrameKind
+from collnet.wire.datalink import (
+    RANGES_PER_FETCH,
+    FetchRefused,
+    FetchRequest,
+    StatePiece,
+    state_head,
+)
+from collnet.wire.localreplies import SyncStateReply
 
 log = logging.getLogger(__name__)
-
-STATE_DATA: Final = "S"
-# Ranges per fetch message: keeps each request's metadata far below the frame limit.
-RANGES_PER_MESSAGE: Final = 128
 
 
 @dataclass
@@ -69,7 +72,7 @@ class Serving:
 
 
 # (barrier name, this peer's payload) -> every member's payload, by peer id.
-Barrier = Callable[[str, Any], Awaitable[dict[str, Any]]]
+Barrier = Callable[[str, Any], Awaitable[Mapping[str, Any]]]
 
 
 @dataclass
@@ -115,12 +118,9 @@ def check_declarations(manifests: Mapping[str, StateManifest], reference: StateM
 class StateSync:
     """Both sides of the transfer on one daemon; see the module docstring."""
 
-    def __init__(
-        self, me: str, chunk_bytes: int, link_of: Callable[[str], PeerLink | None]
-    ) -> None:
+    def __init__(self, me: str, chunk_bytes: int) -> None:
         self.me = me
         self.chunk_bytes = chunk_bytes
-        self.link_of = link_of
         self.serving: Serving | None = None
         self.pending: dict[int, _Pending] = {}
         self._fids = itertools.count(1)
@@ -134,7 +134,7 @@ class StateSync:
         arrays: Mapping[str, npt.NDArray[Any]],
         links: Callable[[], Awaitable[Mapping[str, PeerLink]]],
         barrier: Barrier,
-    ) -> dict[str, Any]:
+    ) -> SyncStateReply:
         """Bring ``arrays`` (described by ``mine``) to the world's reference state;
         the result for the client."""
         if self.serving is not None:
@@ -186,15 +186,15 @@ class StateSync:
                 nbytes / elapsed / 1e9,
                 reference.revision,
             )
-        return {
-            "revision": reference.revision,
-            "fetched": fetched,
-            "sources": sources,
-            "bytes_fetched": nbytes,
-            "in_parity": len(reached) == 1,
-            "state_digest": report["digest"],
-            "peers": len(reports),
-        }
+        return SyncStateReply(
+            revision=reference.revision,
+            fetched=tuple(fetched),
+            sources=tuple(sources),
+            bytes_fetched=nbytes,
+            in_parity=len(reached) == 1,
+            state_digest=report["digest"],
+            peers=len(reports),
+        )
 
     async def refuse(self, barrier: Barrier, exc: CollnetError) -> None:
         """This peer cannot take part (a bad request, say): it still arrives at the
@@ -221,13 +221,11 @@ class StateSync:
             return
         peer, wire = failures[0]
         err = CollnetError.from_wire(wire if isinstance(wire, dict) else {})
-        err.fields.setdefault("peer", peer)
-        # Fetched ranges overwrote the tensors they were for; nothing else did.
-        err.fields["buffer_modified"] = self._touched
+        message = err.message
         if peer != self.me:
-            err.message = f"state sync failed on peer {peer}: {err.message}"
-            err.args = (err.message,)
-        raise err
+            message = f"state sync failed on peer {peer}: {message}"
+        # Fetched ranges overwrote the tensors they were for; nothing else did.
+        raise type(err)(message, buffer_modified=self._touched, **{"peer": peer, **err.fields})
 
     # -- fetching ----------------------------------------------------------
     async def fetch(
@@ -253,19 +251,19 @@ class StateSync:
             sources,
         )
         mine: list[_Pending] = []
-        by_source: dict[str, list[list[Any]]] = {}
+        by_source: dict[str, list[tuple[int, Any]]] = {}
         for f in plan:
             dest = byte_view(arrays[f.name])[f.offset : f.offset + f.nbytes]
             fid = next(self._fids)
             p = self.pending[fid] = _Pending(f, dest.data, f.nbytes)
             mine.append(p)
-            by_source.setdefault(f.source_peer, []).append([fid, f.to_wire()])
+            by_source.setdefault(f.source_peer, []).append((fid, f.to_wire()))
         try:
             for source, ranges in by_source.items():
                 link = links[source]
-                for i in range(0, len(ranges), RANGES_PER_MESSAGE):
-                    chunk = ranges[i : i + RANGES_PER_MESSAGE]
-                    link.send_control(FrameKind.CONTROL, {"t": "fetch", "ranges": chunk})
+                for i in range(0, len(ranges), RANGES_PER_FETCH):
+                    request = FetchRequest(tuple(ranges[i : i + RANGES_PER_FETCH]))
+                    link.send_control(FrameKind.CONTROL, request.to_wire())
             await asyncio.gather(*(p.future for p in mine))
         finally:
             for fid in [fid for fid, p in self.pending.items() if p in mine]:
@@ -275,28 +273,26 @@ class StateSync:
             await asyncio.to_thread(verify, name, arrays[name], reference)
         return names, sources, total
 
-    def _pending_from(self, peer: str, fid: Any) -> _Pending | None:
-        p = self.pending.get(fid) if isinstance(fid, int) else None
+    def _pending_from(self, peer: str, fid: int) -> _Pending | None:
+        p = self.pending.get(fid)
         if p is not None and p.fetch.source_peer != peer:
             raise ProtocolError(f"{peer} answered state fetch {fid} addressed to another peer")
         return p
 
-    def data_sink(self, peer: str, meta: list[Any], nbytes: int) -> memoryview | None:
-        if len(meta) != 4 or not all(isinstance(v, int) for v in meta[1:]):
-            raise ProtocolError(f"bad state DATA metadata {meta!r:.80}")
-        _, fid, offset, total = meta
-        p = self._pending_from(peer, fid)
+    def data_sink(self, peer: str, piece: StatePiece, nbytes: int) -> memoryview | None:
+        p = self._pending_from(peer, piece.fid)
         if p is None:
             return None  # a fetch that already failed here: read and drop
+        offset, total = piece.offset, piece.total
         if total != p.fetch.nbytes or offset < 0 or offset + nbytes > total:
             raise ProtocolError(
                 f"{peer} sent bytes [{offset}, {offset + nbytes}) of {total} for state fetch "
-                f"{fid} of {p.fetch.nbytes} bytes"
+                f"{piece.fid} of {p.fetch.nbytes} bytes"
             )
         return p.dest[offset : offset + nbytes]
 
-    def on_data(self, peer: str, meta: list[Any], payload: memoryview) -> None:
-        p = self._pending_from(peer, meta[1])
+    def on_data(self, peer: str, piece: StatePiece, payload: memoryview) -> None:
+        p = self._pending_from(peer, piece.fid)
         if p is None or p.future.done():
             return
         p.remaining -= len(payload)
@@ -311,31 +307,22 @@ class StateSync:
                 )
 
     # -- serving -----------------------------------------------------------
-    def on_control(self, peer: str, meta: dict[str, Any]) -> None:
-        t = meta.get("t")
-        if t == "fetch":
-            ranges = meta.get("ranges")
-            if not isinstance(ranges, list) or not 0 < len(ranges) <= RANGES_PER_MESSAGE:
-                raise ProtocolError(f"bad state fetch request from {peer}")
-            parsed: list[tuple[int, Fetch]] = []
-            for item in ranges:
-                if not isinstance(item, list) or len(item) != 2 or not isinstance(item[0], int):
-                    raise ProtocolError(f"bad state fetch range from {peer}")
-                parsed.append((item[0], Fetch.from_wire(item[1])))
-            link = self.link_of(peer)
-            if link is None:
-                return  # not (or no longer) a usable link: the fetcher learns it from the loss
-            task = asyncio.ensure_future(self._serve(peer, link, parsed))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
-        elif t == "fetch_error":
-            p = self._pending_from(peer, meta.get("id"))
-            error = meta.get("error")
+    def on_control(
+        self, peer: str, message: FetchRequest | FetchRefused, link: PeerLink | None
+    ) -> None:
+        """A fetch request to serve over ``link`` (None: not, or no longer, usable:
+        the fetcher learns it from the loss), or a source's refusal."""
+        if isinstance(message, FetchRefused):
+            p = self._pending_from(peer, message.fid)
             if p is not None and not p.future.done():
-                remote = CollnetError.from_wire(error if isinstance(error, dict) else {})
-                p.future.set_exception(remote)
-        else:
-            raise ProtocolError(f"unknown control message {t!r:.40} on a data link")
+                p.future.set_exception(message.error)
+            return
+        parsed = [(fid, Fetch.from_wire(fetch)) for fid, fetch in message.ranges]
+        if link is None:
+            return
+        task = asyncio.ensure_future(self._serve(peer, link, parsed))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def _serve(self, peer: str, link: PeerLink, ranges: list[tuple[int, Fetch]]) -> None:
         for fid, fetch in ranges:
@@ -345,7 +332,7 @@ class StateSync:
                     raise MismatchError(f"{self.me} has no state sync in progress")
                 check_fetch(fetch, serving.manifest, self.me)
                 data = byte_view(serving.arrays[fetch.name])
-                link.send_data([STATE_DATA, fid], data[fetch.offset :][: fetch.nbytes].data)
+                link.send_data(state_head(fid), data[fetch.offset :][: fetch.nbytes].data)
                 # One range at a time: the views stay in the owner's tensor and
                 # are never buffered wholesale in user space.
                 await link.drain()
@@ -354,9 +341,7 @@ class StateSync:
                     return
                 log.warning("state fetch of %r by %s refused: %s", fetch.name, peer, exc)
                 with contextlib.suppress(CollnetError):
-                    link.send_control(
-                        FrameKind.CONTROL, {"t": "fetch_error", "id": fid, "error": exc.to_wire()}
-                    )
+                    link.send_control(FrameKind.CONTROL, FetchRefused(fid, exc).to_wire())
 
     def close(self) -> None:
         for task in list(self._tasks):
