@@ -30,7 +30,7 @@ class PeerInfo:
             or len(obj) != 3
             or not isinstance(obj[0], str)
             or not isinstance(obj[1], str)
-            or not isinstance(obj[2], int)
+            or type(obj[2]) is not int
         ):
             raise ProtocolError(f"bad peer record {obj!r}")
         return PeerInfo(obj[0], obj[1], obj[2])
@@ -67,7 +67,7 @@ class WorldView:
 
     @staticmethod
     def from_wire(obj: Any) -> WorldView:
-        if not isinstance(obj, dict) or not isinstance(obj.get("epoch"), int):
+        if not isinstance(obj, dict) or type(obj.get("epoch")) is not int:
             raise ProtocolError(f"bad world record {obj!r}")
         peers = obj.get("peers", [])
         pending = obj.get("pending", [])
