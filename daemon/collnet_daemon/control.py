@@ -34,6 +34,7 @@ from collnet.transport.heartbeat import Heartbeat
 from collnet.wire import Frame, FrameKind, Header, Limits
 from collnet.wire import control as wire
 from collnet_daemon.config import DaemonConfig
+from collnet_daemon.tasks import TaskSet, quiet
 
 log = logging.getLogger(__name__)
 
@@ -41,11 +42,6 @@ log = logging.getLogger(__name__)
 # answer holding every member's): bounded, far below anything a data link takes.
 MAX_CONTROL_PAYLOAD = 64 << 20
 CONTROL_LIMITS = Limits(max_payload_bytes=MAX_CONTROL_PAYLOAD)
-
-
-def _quiet(fut: asyncio.Future[Any]) -> None:
-    if not fut.cancelled():
-        fut.exception()  # retrieved: its outcome matters to nobody here
 
 
 @dataclass
@@ -238,7 +234,7 @@ class ControlPlane:
         self._up = asyncio.Event()
         self._stopping = False
         self._topology_call: asyncio.Future[wire.WorldAnswer] | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks = TaskSet(self._reconnect_failed)
 
     # -- lifecycle ---------------------------------------------------------
     async def start(self, me: PeerInfo) -> WorldView:
@@ -254,8 +250,7 @@ class ControlPlane:
 
     def close(self) -> None:
         self._stopping = True
-        for task in list(self._tasks):
-            task.cancel()
+        self._tasks.cancel()
         self._client.close()
 
     @property
@@ -309,9 +304,7 @@ class ControlPlane:
         if not self._stopping:
             # Collectives need no coordinator: keep serving them, and reconnect.
             log.warning("daemon %s: %s; reconnecting", self.id, exc.message)
-            task = asyncio.ensure_future(self._reconnect())
-            self._tasks.add(task)
-            task.add_done_callback(self._reconnect_done)
+            self._tasks.spawn(self._reconnect())
 
     async def _reconnect(self) -> None:
         delay_s = 0.2
@@ -328,10 +321,8 @@ class ControlPlane:
             )
             return
 
-    def _reconnect_done(self, task: asyncio.Task[None]) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.warning("daemon %s: background task failed: %s", self.id, task.exception())
+    def _reconnect_failed(self, exc: BaseException) -> None:
+        log.warning("daemon %s: background task failed: %s", self.id, exc)
 
     # -- requests ----------------------------------------------------------
     async def world(self, timeout_s: float) -> WorldView:
@@ -359,7 +350,7 @@ class ControlPlane:
                 self._topology_call = asyncio.ensure_future(
                     self._client.call(wire.UpdateTopology(self._held().epoch), wire.WorldAnswer)
                 )
-                self._topology_call.add_done_callback(_quiet)  # its waiters re-raise it
+                self._topology_call.add_done_callback(quiet)  # its waiters re-raise it
             try:
                 answer = await asyncio.shield(self._topology_call)
             except DaemonUnavailable:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from typing import Any
 
 from collnet.algo.actions import Schedule
@@ -39,18 +39,13 @@ from collnet.wire import Frame, FrameKind
 from collnet.wire.datalink import AbortMessage, Key, StatePiece, parse_control, parse_data
 from collnet_daemon.config import DaemonConfig
 from collnet_daemon.statesync import StateSync
+from collnet_daemon.tasks import TaskSet, quiet
 
 log = logging.getLogger(__name__)
 
 # How long a failed collective waits for pieces still landing in its buffer
 # before it cuts the links still writing.
 SETTLE_TIMEOUT_S = 1.0
-
-
-def quiet(fut: asyncio.Future[Any]) -> None:
-    """A done-callback for a future whose outcome matters to nobody here."""
-    if not fut.cancelled():
-        fut.exception()
 
 
 class Executor:
@@ -82,7 +77,7 @@ class Executor:
         # Set (and replaced) whenever the world moves on or an early ABORT
         # arrives: what collectives waiting for their links watch.
         self._changed = asyncio.Event()
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self._tasks = TaskSet(self._link_up_failed)
 
     @property
     def running(self) -> int:
@@ -226,25 +221,17 @@ class Executor:
         for peer in change.gone:
             self.mesh.drop(peer, "left the world")
         if change.member(self.me):
-            self._background(self.connect_all(change.world))
+            self._tasks.spawn(self.connect_all(change.world))
 
     def _news(self) -> None:
         self._changed.set()
         self._changed = asyncio.Event()
 
-    def _background(self, coro: Coroutine[Any, Any, Any]) -> None:
-        task = asyncio.ensure_future(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._background_done)
-
-    def _background_done(self, task: asyncio.Task[Any]) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.debug("daemon %s: linking up failed: %s", self.me, task.exception())
+    def _link_up_failed(self, exc: BaseException) -> None:
+        log.debug("daemon %s: linking up failed: %s", self.me, exc)
 
     async def close(self) -> None:
-        for task in list(self._tasks):
-            task.cancel()
+        self._tasks.cancel()
         await self.mesh.close()
 
     # -- performing the engine's actions -----------------------------------

@@ -13,25 +13,17 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass, field
-from typing import Any, Final, Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 import numpy as np
 import numpy.typing as npt
 
 from collnet.algo.ops import combine, finalize
-from collnet.errors import CollnetError, InvalidArgument, MismatchError, Timeout
+from collnet.errors import CollnetError, MismatchError, Timeout
+from collnet_daemon.tasks import TaskSet
 
 T = TypeVar("T")
 R = TypeVar("R")
-
-MAX_LOCAL_SIZE: Final = 256
-
-
-def local_size_of(req: dict[str, Any]) -> int:
-    size = req.get("local_size", 1)
-    if not isinstance(size, int) or isinstance(size, bool) or not 1 <= size <= MAX_LOCAL_SIZE:
-        raise InvalidArgument(f"local_size must be an int in [1, {MAX_LOCAL_SIZE}], got {size!r}")
-    return size
 
 
 @dataclass
@@ -53,7 +45,7 @@ class LocalGroups:
 
     def __init__(self) -> None:
         self.open: dict[Hashable, _Group[Any]] = {}
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks = TaskSet()
 
     async def run(
         self,
@@ -77,9 +69,7 @@ class LocalGroups:
         group.items.append(item)
         if len(group.items) == size:
             del self.open[key]
-            task = asyncio.ensure_future(self._perform(group, action))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self._tasks.spawn(self._perform(group, action))
         try:
             result: R = await asyncio.wait_for(asyncio.shield(group.done), timeout_s)
         except TimeoutError:

@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Coroutine
-from typing import Any
 
 from collnet.addresses import loopback_tcp
 from collnet.errors import DaemonUnavailable
@@ -38,6 +36,7 @@ from collnet_daemon.localgroup import LocalGroups
 from collnet_daemon.metrics import DaemonMetrics, DaemonSnapshot
 from collnet_daemon.statesync import StateSync
 from collnet_daemon.statesync.requests import SyncRequests
+from collnet_daemon.tasks import TaskSet
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +85,7 @@ class Daemon:
             self.buffers,
             self.local,
             adopt=self._adopt,
-            leave=lambda: self._background(self.stop()),
+            leave=self._leave_soon,
         )
         fallback = loopback_tcp(config.ipc_tcp_port) if config.ipc_tcp_port else None
         self.ipc = IpcServer(
@@ -101,7 +100,7 @@ class Daemon:
         # leave request), False when stopped without leaving.
         self.left = False
         self._stopping: asyncio.Future[None] | None = None
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self._tasks = TaskSet(self._background_failed)
 
     def snapshot(self) -> DaemonSnapshot:
         return DaemonSnapshot(
@@ -152,24 +151,17 @@ class Daemon:
         self.executor.fail_all(shutting_down)
         self.local.fail_all(shutting_down)
         self.state.close()
-        current = asyncio.current_task()
-        for task in list(self._tasks):
-            if task is not current:
-                task.cancel()
+        self._tasks.cancel()
         self.control.close()
         await self.ipc.close()
         await self.executor.close()
         self.buffers.close()
 
-    def _background(self, coro: Coroutine[Any, Any, Any]) -> None:
-        task = asyncio.ensure_future(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._background_done)
+    def _leave_soon(self) -> None:
+        self._tasks.spawn(self.stop())
 
-    def _background_done(self, task: asyncio.Task[Any]) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.warning("daemon %s: background task failed: %s", self.id, task.exception())
+    def _background_failed(self, exc: BaseException) -> None:
+        log.warning("daemon %s: background task failed: %s", self.id, exc)
 
     # -- membership --------------------------------------------------------
     def _adopt(self, world: WorldView) -> None:
@@ -185,4 +177,4 @@ class Daemon:
         # Nobody here will call the next barrier: staying a member would hold the
         # other peers at it until their deadline.
         log.warning("daemon %s: its last trainer disconnected; leaving the world", self.id)
-        self._background(self.stop())
+        self._leave_soon()

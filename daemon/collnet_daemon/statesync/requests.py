@@ -37,9 +37,10 @@ from collnet.wire.localreplies import SyncStateReply
 from collnet_daemon.buffers import SharedBuffers
 from collnet_daemon.config import DaemonConfig
 from collnet_daemon.control import ControlPlane
-from collnet_daemon.executor import Executor, quiet
+from collnet_daemon.executor import Executor
 from collnet_daemon.localgroup import LocalGroups
 from collnet_daemon.statesync.transfer import StateSync
+from collnet_daemon.tasks import quiet
 
 StateArrays = dict[str, npt.NDArray[Any]]
 

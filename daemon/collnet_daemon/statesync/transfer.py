@@ -59,6 +59,7 @@ from collnet.wire.datalink import (
     state_head,
 )
 from collnet.wire.localreplies import SyncStateReply
+from collnet_daemon.tasks import TaskSet
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +126,7 @@ class StateSync:
         self.pending: dict[int, _Pending] = {}
         self._fids = itertools.count(1)
         self._touched = False
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks = TaskSet()
 
     # -- one sync ----------------------------------------------------------
     async def sync(
@@ -320,9 +321,7 @@ class StateSync:
         parsed = [(fid, Fetch.from_wire(fetch)) for fid, fetch in message.ranges]
         if link is None:
             return
-        task = asyncio.ensure_future(self._serve(peer, link, parsed))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._tasks.spawn(self._serve(peer, link, parsed))
 
     async def _serve(self, peer: str, link: PeerLink, ranges: list[tuple[int, Fetch]]) -> None:
         for fid, fetch in ranges:
@@ -344,5 +343,4 @@ class StateSync:
                     link.send_control(FrameKind.CONTROL, FetchRefused(fid, exc).to_wire())
 
     def close(self) -> None:
-        for task in list(self._tasks):
-            task.cancel()
+        self._tasks.cancel()
