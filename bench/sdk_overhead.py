@@ -7,10 +7,10 @@ one trainer process per daemon (this script with ``--worker``). Every trainer
 runs, in ``--rounds`` rounds alternating ABBA, two series of ``--iters``
 all-reduces (op avg, float32, ``--size`` bytes, codec ``--codec``):
 
-* **daemon**: one ``bench_all_reduce`` IPC request; the daemon allocates the
-  buffer itself and runs the iterations through ``Daemon.all_reduce`` (the
-  same path a trainer's request takes), timing each inside the daemon: no
-  IPC, no client;
+* **daemon**: one ``comm.bench_all_reduce`` call (the ``bench_all_reduce``
+  IPC request); the daemon allocates the buffer itself and runs the
+  iterations through ``AllReduces.run`` (the same path a trainer's request
+  takes), timing each inside the daemon: no IPC, no client;
 * **sdk**: ``comm.all_reduce`` on an array from ``comm.empty`` (shared
   memory, zero copy), timed in the trainer around the call: request over
   pyzmq, the daemon's work, the reply;
@@ -84,17 +84,9 @@ def worker(args: argparse.Namespace) -> int:
             for series in order:
                 tag = f"{series}-{rnd}"
                 if series == "daemon":
-                    reply = comm._call(
-                        "bench_all_reduce",
-                        count=n,
-                        iters=args.iters,
-                        tag=tag,
-                        epoch=comm.epoch,
-                        reduce="avg",
-                        codec=args.codec,
-                        barrier=True,
+                    times = comm.bench_all_reduce(
+                        n, tag=tag, iters=args.iters, op="avg", codec=args.codec, barrier=True
                     )
-                    times = [float(t) for t in reply["times_s"]]
                 else:
                     times = via_sdk(shared if series == "sdk" else plain, tag)
                 out[series].append(times)

@@ -36,12 +36,11 @@ import numpy.typing as npt
 
 from collnet.addresses import DEFAULT_IPC, DEFAULT_TCP_PORT, loopback_tcp
 from collnet.errors import DaemonUnavailable, InvalidArgument
-from collnet.transport.shm import SharedBuffer
-from collnet.wire.localapi import Leave, Release, parse_request
+from collnet.wire.localapi import BenchAllReduce, Leave, Release
 from collnet.wire.localreplies import SyncStateReply
 from collnet_client.feedback import ErrorFeedback
 from collnet_client.handles import AllReduces, Handle
-from collnet_client.memory import SharedMemory, Staging
+from collnet_client.memory import SharedMemory
 from collnet_client.sharedstate import StateSync
 from collnet_client.transport import Transport
 from collnet_client.world import Agreement, World
@@ -228,6 +227,46 @@ class Comm:
         """
         return self._state.sync(named_tensors, revision, timeout_s)
 
+    # -- measurement -------------------------------------------------------
+    def bench_all_reduce(
+        self,
+        count: int,
+        *,
+        tag: int | str,
+        iters: int = 5,
+        dtype: npt.DTypeLike = np.float32,
+        op: str = "sum",
+        codec: str = "none",
+        algo: str = "auto",
+        barrier: bool = True,
+        timeout_s: float | None = None,
+    ) -> list[float]:
+        """Time ``iters`` all-reduces run inside the daemons, without this SDK; seconds each.
+
+        The daemon allocates a buffer of ``count`` elements of ``dtype`` and
+        reduces it as it would a trainer's all-reduce (in the epoch this
+        trainer agreed to), timing each one itself: no IPC, no copies, so
+        comparing with ``all_reduce`` gives what the SDK costs. Every member
+        calls it with the same arguments. The collectives are tagged
+        ``{tag}-{i}``; with ``barrier``, a one-element star all-reduce
+        (``{tag}-b{i}``) precedes each, so a time covers one collective, not
+        the peers' skew. ``timeout_s`` bounds the wait for the whole series
+        (default: the Comm's); each collective has the daemon's own deadline.
+        """
+        request = BenchAllReduce(
+            tag=tag,
+            count=count,
+            iters=iters,
+            dtype=np.dtype(dtype).name,
+            reduction=op,
+            codec=codec,
+            algo=algo,
+            barrier=barrier,
+            epoch=self.epoch,
+        )
+        reply = self._transport.call(request, timeout_s)
+        return [float(t) for t in reply["times_s"]]
+
     # -- lifecycle ---------------------------------------------------------
     def leave(self) -> None:
         self._transport.call(Leave(), timeout_s=10.0)
@@ -249,22 +288,6 @@ class Comm:
         self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.close()
-
-    # -- for code outside the SDK that still reaches into it (bench/, tests);
-    # -- to go once it uses ``comm.memory`` and the typed requests.
-    def _call(self, op: str, timeout_s: float | None = None, **fields: Any) -> dict[str, Any]:
-        return self._transport.call(parse_request({"op": op, **fields}), timeout_s)
-
-    def _locate(self, arr: npt.NDArray[Any]) -> tuple[SharedBuffer, int] | None:
-        return self.memory.locate(arr)
-
-    @property
-    def _segments(self) -> dict[int, tuple[SharedBuffer, npt.NDArray[Any]]]:
-        return self.memory.segments
-
-    @property
-    def _staging(self) -> list[Staging]:
-        return self.memory.pool
 
 
 def connect(

@@ -454,7 +454,7 @@ def test_bad_ipc_requests_get_a_typed_error_reply_and_the_daemon_keeps_serving(
 def test_shared_memory_out_of_range_is_refused(peers: Peers, dealer: zmq.Socket[bytes]) -> None:
     with collnet_client.connect(peers.cluster.daemons[0].ipc, timeout_s=CALL_TIMEOUT_S) as comm:
         arr = comm.empty(16, np.float32)
-        seg_name = comm._locate(arr)[0].name  # type: ignore[index]
+        seg_name = comm.memory.locate(arr)[0].name  # type: ignore[index]
         body = _req(op="all_reduce", shm=seg_name, offset=32, count=16, dtype="float32", tag="oob")
         reply = _ipc_reply(dealer, body)
         del arr

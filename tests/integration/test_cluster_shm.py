@@ -27,8 +27,8 @@ def test_daemon_unmaps_a_closed_clients_segments(tmp_path: Path) -> None:
             comm.all_reduce(arr, tag="shm-1")
             staged = np.ones(1000, np.float32)
             comm.all_reduce(staged, tag="shm-2")
-            names = [seg.name for seg, _ in comm._segments.values()]
-            names += [seg.name for seg, _ in comm._staging]
+            names = [seg.name for seg, _ in comm.memory.segments.values()]
+            names += [seg.name for seg, _ in comm.memory.pool]
             assert len(names) == 2
             assert all(name in _maps(daemon.proc.pid) for name in names)
             del arr

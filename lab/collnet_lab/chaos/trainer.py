@@ -14,7 +14,7 @@ import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
 import xxhash
@@ -42,38 +42,14 @@ EXPECTED_ERRORS = (PeerLost, Timeout, DaemonUnavailable, CollectiveAborted)
 
 
 class _OwnDaemonGone(Exception):
-    """The trainer's own daemon was killed (or exited): the trainer ends with it."""
+    """The trainer's own daemon was killed (or exited): the trainer ends with it.
 
-
-# The ignore is for a mypy run that cannot see the SDK (clients/ not on its
-# path, where Comm is Any); with the SDK visible there is nothing to ignore.
-class _TrainerComm(Comm):  # type: ignore[misc, unused-ignore]
-    """A ``Comm`` whose waits also end when this harness knows the daemon is gone.
-
-    The SDK cannot tell a dead daemon from a slow one: it would wait out the
-    whole call timeout. A trainer would die with its node; here it is a thread,
-    so its wait is cut short once its daemon was killed or has exited.
+    Raised by ``Trainer._failed`` for any failure once ``Node.gone()``. That
+    includes the ``DaemonUnavailable`` with which the SDK cuts short a call
+    once ``Node.gone()`` (its ``daemon_gone``): the daemon was doomed (killed,
+    frozen then killed, or the run is stopping) or has exited. ``gone()``
+    never turns false again, so ``_failed`` sees what the SDK saw.
     """
-
-    def __init__(self, address: str, timeout_s: float, gone: Callable[[], bool]) -> None:
-        self._gone = gone
-        super().__init__(address, timeout_s)
-
-    def _wait_reply(self, rid: int, timeout_s: float | None) -> dict[str, Any]:
-        limit = self.timeout_s if timeout_s is None else timeout_s
-        deadline = time.monotonic() + limit
-        while True:
-            with self._lock:
-                if rid not in self._replies:
-                    self._drain(50)
-                if rid in self._replies:
-                    break
-            if self._gone():
-                raise _OwnDaemonGone
-            if time.monotonic() > deadline:
-                raise Timeout(f"no reply from the daemon at {self.address} within {limit:.1f}s")
-        reply: dict[str, Any] = super()._wait_reply(rid, 0.0)
-        return reply
 
 
 @dataclass
@@ -102,7 +78,7 @@ class Trainer:
         self.run = run
         self.node = node
         self.peer = node.peer_id
-        self.comm: _TrainerComm | None = None
+        self.comm: Comm | None = None
         # What it is doing, for the split-barrier monitor: "barrier" (in
         # update_topology), "reduce" (in the all-reduce of ``key``) or "other";
         # since when; and the last round it took part in.
@@ -140,7 +116,10 @@ class Trainer:
         run, cfg, rec = self.run, self.run.cfg, self.run.rec
         timeout = cfg.call_timeout_s
         try:
-            self.comm = comm = _TrainerComm(self.node.daemon.ipc, timeout, self.node.gone)
+            # A trainer would die with its node; here it is a thread, so the SDK
+            # asks ``gone`` while it waits and gives up once its daemon was killed
+            # or has exited, instead of waiting out the call timeout.
+            self.comm = comm = Comm(self.node.daemon.ipc, timeout, daemon_gone=self.node.gone)
         except CollnetError as exc:
             if self.node.gone():
                 raise _OwnDaemonGone from exc
