@@ -26,15 +26,20 @@ Failure model:
   its tags).
 
 Pieces may arrive before their collective starts here (a faster peer began
-first): they are read into a stash bounded by ``max_early_bytes`` and
-replayed at start.
+first): they are read into a stash (``collnet.engine.early``) that charges
+each piece what it really holds, per sending peer and in total, and replayed
+at start. The router knows the world this peer holds (``world_is``), which
+bounds what it keeps for collectives not started here: a key of an older
+epoch can never start here (its pieces are read and dropped, its early
+ABORTs ignored), and in the current epoch only members may send any.
+Errors that arrive in ABORTs are kept in a compact copy, so what a remote
+party makes this peer remember is small.
 """
 
 from __future__ import annotations
 
 import logging
 from collections import OrderedDict
-from dataclasses import dataclass
 from typing import TypeVar
 
 from collnet.algo.actions import Abort
@@ -44,6 +49,7 @@ from collnet.engine.actions import (
     SendAbort,
     Settled,
 )
+from collnet.engine.early import EarlyBuffer, EarlyStash
 from collnet.engine.run import Run
 from collnet.errors import (
     CollectiveAborted,
@@ -62,10 +68,9 @@ V = TypeVar("V")
 
 # Bounds of what the router remembers of collectives that are not running.
 MAX_REMEMBERED = 4096
-
-
-class _EarlyBuffer(bytearray):
-    """Bytes of a piece that arrived before its collective started here."""
+# Of an error that came in an ABORT, what is kept.
+MAX_REMOTE_MESSAGE_CHARS = 1000
+MAX_REMOTE_FIELDS = 16
 
 
 class _Discarded(bytearray):
@@ -75,11 +80,21 @@ class _Discarded(bytearray):
     failed collective is still waiting to settle."""
 
 
-@dataclass(slots=True)
-class _Early:
-    peer: str
-    piece: DataPiece
-    payload: bytearray
+def _compact(error: CollnetError) -> CollnetError:
+    """``error`` as it came from a remote party, cut to a size worth remembering."""
+    fields = {
+        k: v
+        for k, v in list(error.fields.items())[:MAX_REMOTE_FIELDS]
+        if isinstance(k, str)
+        and len(k) <= 64
+        and (
+            v is None or isinstance(v, bool | int | float) or (isinstance(v, str) and len(v) <= 256)
+        )
+    }
+    message = error.message[:MAX_REMOTE_MESSAGE_CHARS]
+    if message is error.message and fields == error.fields:
+        return error  # already small: the common case costs no copy
+    return type(error)(message, buffer_modified=error.buffer_modified, **fields)
 
 
 def _remember(cache: OrderedDict[Key, V], key: Key, value: V) -> None:
@@ -91,18 +106,25 @@ def _remember(cache: OrderedDict[Key, V], key: Key, value: V) -> None:
 class Router:
     """Routes one peer's data-plane events to its collectives; see the module docstring."""
 
-    def __init__(self, me: str, max_early_bytes: int = 1 << 30) -> None:
+    def __init__(
+        self, me: str, max_early_bytes: int = 1 << 30, max_early_bytes_per_peer: int | None = None
+    ) -> None:
         self.me = me
-        self.max_early_bytes = max_early_bytes
         self.runs: dict[Key, Run] = {}
-        self.early_bytes = 0
-        self._early: dict[Key, list[_Early]] = {}
+        self.early = EarlyStash(max_early_bytes, max_early_bytes_per_peer)
+        # The world this peer holds (epoch 0: none yet, so every key is "later").
+        self.world = WorldView(0, ())
         self._failed: OrderedDict[Key, CollnetError] = OrderedDict()
         # ABORTs for collectives not started here yet, with their sender.
         self._early_aborts: OrderedDict[Key, tuple[str, CollnetError]] = OrderedDict()
         # Failed runs whose in-flight pieces have not landed yet.
         self._settling: dict[Key, Run] = {}
         self._told: OrderedDict[tuple[str, Key], None] = OrderedDict()
+
+    @property
+    def early_bytes(self) -> int:
+        """What the early pieces held here cost (payload and overhead)."""
+        return self.early.total
 
     # -- queries -----------------------------------------------------------
     def failed(self, key: Key) -> CollnetError | None:
@@ -134,8 +156,7 @@ class Router:
         aborted = self._early_aborts.pop(key, None)
         if prior is None and aborted is not None and run.ranks.get(aborted[0]) is not None:
             prior = aborted[1]
-        items = self._early.pop(key, [])
-        self.early_bytes -= sum(len(item.payload) for item in items)
+        items = self.early.take(key)
         if prior is not None:
             return run.fail(prior)
         self.runs[key] = run
@@ -143,7 +164,7 @@ class Router:
         for item in items:
             if run.done:
                 break
-            out += self._replay(run, item)
+            out += self._replay(run, item.peer, item.piece, item.payload)
         return out
 
     def expire(self, key: Key, timeout_s: float) -> list[EngineAction]:
@@ -202,6 +223,14 @@ class Router:
                 out += self._abort_everywhere(run, error) if tell_others else self._fail(run, error)
         return out
 
+    def world_is(self, world: WorldView) -> None:
+        """This peer now holds ``world``: keys of older epochs can never start here
+        (a request for an old epoch is refused), so their early pieces go."""
+        if world.epoch < self.world.epoch:
+            return
+        self.world = world
+        self.early.drop_before(world.epoch)
+
     def fail_all(self, error: CollnetError) -> list[EngineAction]:
         out: list[EngineAction] = []
         for run in list(self.runs.values()):
@@ -218,13 +247,13 @@ class Router:
             failed = self._failed.get(piece.key)
             if failed is not None:
                 return memoryview(_Discarded(nbytes)), self._tell_once(peer, piece.key, failed)
-            if self.early_bytes + nbytes > self.max_early_bytes:
-                raise ProtocolError(
-                    f"{peer} sent {self.early_bytes + nbytes} bytes for collectives "
-                    f"not started here (limit {self.max_early_bytes})"
-                )
-            self.early_bytes += nbytes
-            return memoryview(_EarlyBuffer(nbytes)), []
+            epoch = piece.key[0]
+            if epoch < self.world.epoch:
+                # Can never start here: read and drop, keep nothing.
+                return memoryview(_Discarded(nbytes)), []
+            if epoch == self.world.epoch and peer not in self.world.ids:
+                raise ProtocolError(f"{peer} sent data for {piece.key} but is not in epoch {epoch}")
+            return memoryview(self.early.reserve(peer, piece, nbytes)), []
         src = run.ranks.get(peer)
         if src is None:
             raise ProtocolError(
@@ -241,17 +270,14 @@ class Router:
         run = self.runs.get(key)
         if isinstance(payload.obj, _Discarded):
             return []
-        if isinstance(payload.obj, _EarlyBuffer):
-            # Read before the collective started here; it may have started
-            # while the bytes were arriving, so decide only now.
-            item = _Early(peer, piece, payload.obj)
-            if run is not None:
-                self.early_bytes -= len(item.payload)
-                return self._replay(run, item)
-            if key in self._failed:
-                self.early_bytes -= len(item.payload)
-            else:
-                self._early.setdefault(key, []).append(item)
+        if isinstance(payload.obj, EarlyBuffer):
+            # Read before the collective started here; it may have started (or
+            # failed, or the world moved on) while the bytes were arriving, so
+            # decide only now.
+            if run is not None or key in self._failed or key[0] < self.world.epoch:
+                self.early.release(peer, piece, len(payload))
+                return [] if run is None else self._replay(run, peer, piece, payload.obj)
+            self.early.keep(peer, piece, payload.obj)
             return []
         if run is None:
             zombie = self._settling.get(key)
@@ -270,7 +296,7 @@ class Router:
 
     def on_abort(self, peer: str, message: AbortMessage) -> list[EngineAction]:
         key = message.key
-        remote = message.error
+        remote = _compact(message.error)
         if not isinstance(remote, MismatchError | PeerLost):
             remote = CollectiveAborted(
                 f"collective {key} aborted by {peer}: {remote.message}", peer=peer
@@ -280,8 +306,10 @@ class Router:
             if run.ranks.get(peer) is None:
                 raise ProtocolError(f"{peer} sent ABORT for {key} but is not in epoch {key[0]}")
             return self._fail(run, remote)
-        if key in self._failed:
+        if key in self._failed or key[0] < self.world.epoch:
             return []
+        if key[0] == self.world.epoch and peer not in self.world.ids:
+            return []  # it could never be honoured (see aborted_early)
         _remember(self._early_aborts, key, (peer, remote))
         return [AbortedEarly(key)]
 
@@ -298,8 +326,7 @@ class Router:
         # of the affected collectives are told, or they would wait for a
         # partner that will never send until their deadline.
         out += self.members_gone({peer}, reason, tell_others=True)
-        for key in [k for k, items in self._early.items() if any(i.peer == peer for i in items)]:
-            self.early_bytes -= sum(len(i.payload) for i in self._early.pop(key))
+        self.early.drop_peer(peer)
         return out
 
     # -- the failure path --------------------------------------------------
@@ -348,18 +375,20 @@ class Router:
             actions = [SendAbort(peer, message) for peer in run.others()] + actions
         return actions
 
-    def _replay(self, run: Run, item: _Early) -> list[EngineAction]:
-        src = run.ranks.get(item.peer)
+    def _replay(
+        self, run: Run, peer: str, piece: DataPiece, payload: bytearray
+    ) -> list[EngineAction]:
+        src = run.ranks.get(peer)
         if src is None:
             # Bytes from a non-member (a stranger, or a peer of another world) have no
             # place in this collective and must not cost its members the collective.
-            log.warning("collective %s: dropped early data from non-member %s", run.key, item.peer)
+            log.warning("collective %s: dropped early data from non-member %s", run.key, peer)
             return []
         try:
-            view = run.sink(src, item.piece, len(item.payload))
-            view[:] = item.payload
-            run.piece_done(item.peer)
-            return self._after(run, run.received(src, item.piece, len(item.payload)))
+            view = run.sink(src, piece, len(payload))
+            view[:] = payload
+            run.piece_done(peer)
+            return self._after(run, run.received(src, piece, len(payload)))
         except CollnetError as exc:
             return self._abort_everywhere(run, exc)
 

@@ -71,6 +71,7 @@ class RouterSim:
     rng: random.Random
     stripes: int = 3
     max_early_bytes: int = 1 << 30
+    max_early_bytes_per_peer: int | None = None
     routers: dict[str, Router] = field(default_factory=dict)
     in_flight: list[Piece] = field(default_factory=list)
     outcomes: dict[tuple[str, Key], Outcome] = field(default_factory=dict)
@@ -82,7 +83,7 @@ class RouterSim:
 
     def __post_init__(self) -> None:
         for peer in self.world.ids:
-            self.routers[peer] = Router(peer, self.max_early_bytes)
+            self.routers[peer] = Router(peer, self.max_early_bytes, self.max_early_bytes_per_peer)
 
     # -- driving -----------------------------------------------------------
     def start(

@@ -14,6 +14,7 @@ from routersim import RouterSim, world_of
 
 from collnet.codec.registry import get_codec
 from collnet.engine import Failed, Finished, Router, Run, SendAbort
+from collnet.engine.early import KEY_OVERHEAD_BYTES, MAX_EARLY_KEYS, PIECE_OVERHEAD_BYTES
 from collnet.errors import (
     CollectiveAborted,
     MismatchError,
@@ -241,17 +242,17 @@ def _star(rank: int, world: int, buf: np.ndarray) -> object:
 
 
 def test_early_data_is_bounded() -> None:
-    router = Router("p0", max_early_bytes=1000)
+    router = Router("p0", max_early_bytes=3000)
     router.data_sink("p1", DataPiece((1, 1), 0, 0, 7, 0, 600), 600)
-    with pytest.raises(ProtocolError, match="limit 1000"):
-        router.data_sink("p1", DataPiece((1, 2), 0, 0, 7, 0, 600), 600)
+    with pytest.raises(ProtocolError, match="limit 3000"):
+        router.data_sink("p2", DataPiece((1, 2), 0, 0, 7, 0, 1800), 1800)
 
 
 def test_early_data_of_a_lost_peer_is_released() -> None:
     router = Router("p0")
     view, _ = router.data_sink("p1", DataPiece((1, 1), 0, 0, 7, 0, 600), 600)
     router.on_data("p1", DataPiece((1, 1), 0, 0, 7, 0, 600), view)
-    assert router.early_bytes == 600
+    assert router.early_bytes == 600 + PIECE_OVERHEAD_BYTES + KEY_OVERHEAD_BYTES
     router.link_lost("p1", "reset")
     assert router.early_bytes == 0
 
@@ -302,3 +303,132 @@ def test_a_codec_that_cannot_encode_this_peers_data_fails_every_member() -> None
     assert isinstance(sim.error("p1", (1, 1)), NonFiniteError)
     for peer in ("p0", "p2"):
         assert isinstance(sim.error(peer, (1, 1)), CollectiveAborted)
+
+
+# -- what early data and early ABORTs may cost -------------------------------------
+
+
+def _early_piece(router: Router, peer: str, key: tuple[int, int | str], nbytes: int = 1) -> None:
+    piece = DataPiece(key, 0, 0, 7, 0, nbytes)
+    view, _ = router.data_sink(peer, piece, nbytes)
+    router.on_data(peer, piece, view)
+
+
+def test_tiny_early_pieces_are_charged_what_they_hold_not_their_payload() -> None:
+    router = Router("p0", max_early_bytes=1 << 30, max_early_bytes_per_peer=100_000)
+    kept = 0
+    with pytest.raises(ProtocolError, match="per peer"):
+        for _ in range(100_000):
+            _early_piece(router, "p1", (1, "t"))
+            kept += 1
+    # Payload alone would have allowed 100 000 one-byte pieces.
+    assert kept == (100_000 - KEY_OVERHEAD_BYTES - 1) // (PIECE_OVERHEAD_BYTES + 2)
+    assert router.early.held("p1") == router.early_bytes <= 100_000
+
+
+def test_one_peer_over_its_own_limit_leaves_room_for_the_others() -> None:
+    router = Router("p0", max_early_bytes=40_000, max_early_bytes_per_peer=20_000)
+    with pytest.raises(ProtocolError, match="p1 sent"):
+        for _ in range(1000):
+            _early_piece(router, "p1", (1, "t"), 100)
+    router.link_lost("p1", "protocol error")  # what the executor does on ProtocolError
+    assert router.early_bytes == 0 and router.early.held("p1") == 0
+    for _ in range(20):
+        _early_piece(router, "p2", (1, "t"), 100)
+    assert router.early.held("p2") == router.early_bytes > 2000
+
+
+def test_the_number_of_early_keys_is_bounded() -> None:
+    router = Router("p0")
+    for tag in range(MAX_EARLY_KEYS):
+        _early_piece(router, "p1", (1, tag))
+    with pytest.raises(ProtocolError, match="collectives not started here"):
+        _early_piece(router, "p1", (1, "one more"))
+    _early_piece(router, "p1", (1, 5))  # a key already held still takes pieces
+
+
+def test_a_long_tag_is_charged_for_every_piece_that_holds_it() -> None:
+    router = Router("p0")
+    tag = "x" * 10_000
+    _early_piece(router, "p1", (1, tag))
+    _early_piece(router, "p1", (1, tag))
+    assert router.early_bytes == 2 * (1 + PIECE_OVERHEAD_BYTES + len(tag)) + (
+        KEY_OVERHEAD_BYTES + len(tag)
+    )
+
+
+def test_pieces_still_being_read_from_a_lost_peer_are_released() -> None:
+    router = Router("p0")
+    router.data_sink("p1", DataPiece((1, 1), 0, 0, 7, 0, 600), 600)  # never lands
+    assert router.early_bytes > 600
+    router.link_lost("p1", "reset")
+    assert router.early_bytes == 0
+
+
+def test_early_data_of_an_older_epoch_is_read_and_dropped() -> None:
+    router = Router("p0")
+    _early_piece(router, "p1", (1, "t"), 100)
+    router.world_is(world_of(3, epoch=2))
+    assert router.early_bytes == 0  # epoch 1 can never start here any more
+    piece = DataPiece((1, "u"), 0, 0, 7, 0, 100)
+    view, actions = router.data_sink("p1", piece, 100)
+    assert actions == [] and len(view) == 100
+    assert router.on_data("p1", piece, view) == [] and router.early_bytes == 0
+
+
+def test_early_data_from_a_non_member_of_the_current_epoch_is_a_protocol_error() -> None:
+    router = Router("p0")
+    router.world_is(world_of(3, epoch=2))
+    with pytest.raises(ProtocolError, match="not in epoch 2"):
+        router.data_sink("stranger", DataPiece((2, "t"), 0, 0, 7, 0, 8), 8)
+    _early_piece(router, "p1", (2, "t"))  # a member's is kept
+    _early_piece(router, "stranger", (3, "t"))  # a later epoch's world is not known yet
+    assert router.early.held("p1") > 0 and router.early.held("stranger") > 0
+
+
+def test_a_piece_whose_epoch_passed_while_it_was_read_is_not_kept() -> None:
+    router = Router("p0")
+    piece = DataPiece((1, "t"), 0, 0, 7, 0, 64)
+    view, _ = router.data_sink("p1", piece, 64)
+    router.world_is(world_of(3, epoch=2))
+    router.on_data("p1", piece, view)
+    assert router.early_bytes == 0 and len(router.early) == 0
+
+
+def test_early_aborts_that_could_never_be_honoured_are_not_kept() -> None:
+    router = Router("p0")
+    router.world_is(world_of(3, epoch=2))
+    error = CollectiveAborted("old")
+    assert router.on_abort("p1", AbortMessage((1, "t"), error)) == []
+    assert router.on_abort("stranger", AbortMessage((2, "t"), error)) == []
+    assert router.aborted_early((1, "t"), world_of(3, epoch=1)) is None
+    assert router.aborted_early((2, "t"), world_of(3, epoch=2)) is None
+
+
+def test_an_error_from_an_abort_is_remembered_in_a_compact_copy() -> None:
+    router = Router("p0")
+    huge = MismatchError(
+        "m" * 60_000, peer="p1", blob="b" * 60_000, **{f"f{i}": i for i in range(99)}
+    )
+    router.on_abort("p1", AbortMessage((1, "t"), huge))
+    kept = router.aborted_early((1, "t"), world_of(3))
+    assert isinstance(kept, MismatchError)
+    assert len(kept.message) <= 1000 and "blob" not in kept.fields and len(kept.fields) <= 16
+    assert kept.fields["peer"] == "p1"
+
+
+def test_a_stranger_flooding_early_data_loses_its_link_and_the_members_go_on() -> None:
+    sim = RouterSim(world_of(3), random.Random(3), max_early_bytes_per_peer=50_000)
+    router = sim.routers["p1"]
+    with pytest.raises(ProtocolError):
+        for i in range(10_000):
+            _early_piece(router, "stranger", (1, "t"), 1 + i % 7)
+    router.link_lost("stranger", "protocol error")
+    bufs = _inputs(3, 200, 3)
+    expected = np.sum(bufs, axis=0, dtype=np.float32)
+    _all_reduce(sim, bufs, tag="t")
+    sim.run()
+    for r in range(3):
+        assert isinstance(sim.outcome(f"p{r}", (1, "t")), Finished)
+        np.testing.assert_array_equal(bufs[r], expected)
+    assert router.early_bytes == 0
