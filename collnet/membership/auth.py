@@ -8,6 +8,12 @@ initiator checks it and answers with
 The role labels keep one side's proof from being replayed as the other's,
 fresh nonces on both sides keep old proofs from being replayed at all, and
 proofs are compared in constant time.
+
+This proves knowledge of the secret only, once, at the start: it binds no
+peer id (anyone with the secret can claim any id) and the frames after it
+travel in plaintext, with neither confidentiality nor integrity. It is for
+trusted networks; across the internet use TLS (``collnet.transport.tls``),
+under which the handshake still runs if a secret is also configured.
 """
 
 from __future__ import annotations
@@ -95,21 +101,23 @@ class Initiator:
 
 
 class Responder:
-    """The accepting side of a handshake; ``secret=None`` admits loopback peers only."""
+    """The accepting side of a handshake; ``secret=None`` admits loopback peers only,
+    unless the connection is ``certified`` (TLS proved who the peer is)."""
 
-    def __init__(self, secret: bytes | None, remote_host: object) -> None:
+    def __init__(self, secret: bytes | None, remote_host: object, certified: bool = False) -> None:
         self.secret = secret
         self.remote_host = remote_host
+        self.certified = certified
         self.nonce = new_nonce() if secret is not None else b""
         self._theirs = b""
 
     def on_hello(self, meta: dict[str, Any], who: str) -> tuple[dict[str, Any], bool]:
         """The answer to send, and whether the peer is authenticated already."""
         if self.secret is None:
-            if not is_loopback(self.remote_host):
+            if not self.certified and not is_loopback(self.remote_host):
                 raise AuthError(
-                    f"{who} connects from {self.remote_host}, but with no shared secret "
-                    "configured only loopback peers are accepted"
+                    f"{who} connects from {self.remote_host}, but with neither TLS nor a "
+                    "shared secret configured only loopback peers are accepted"
                 )
             if "nonce" in meta:
                 raise AuthError(f"{who} expects a shared secret; none is configured here")
