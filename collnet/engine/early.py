@@ -9,8 +9,11 @@ hundreds of bytes. Every piece is charged its payload plus a measured
 per-piece overhead (plus its tag, which each piece holds its own copy of),
 every distinct key a per-key overhead; the charge counts against the sending
 peer's own limit, so one peer cannot take the whole budget, and against the
-total. The number of distinct keys is bounded too. A piece over any limit is
-a ``ProtocolError``: its link is dropped and what that peer had stashed is
+total. A peer that is not in the world this peer holds (neither active nor
+pending) has a much smaller limit: it may be a member admitted a moment ago
+whose world has not arrived here yet, but most likely it is nobody. The
+number of distinct keys is bounded too. A piece over any limit is a
+``ProtocolError``: its link is dropped and what that peer had stashed is
 released with it.
 
 Invariants: ``total`` is the sum of ``held(peer)`` over every peer; both go
@@ -35,6 +38,8 @@ PIECE_OVERHEAD_BYTES = 512
 KEY_OVERHEAD_BYTES = 512
 # Collectives that may have early pieces at once (a ring has a handful).
 MAX_EARLY_KEYS = 4096
+# What a peer outside the world held here may have stashed.
+MAX_STRANGER_BYTES = 64 << 20
 
 
 class EarlyBuffer(bytearray):
@@ -84,9 +89,12 @@ class EarlyStash:
     def __len__(self) -> int:
         return len(self._slots)
 
-    def reserve(self, peer: str, piece: DataPiece, nbytes: int) -> EarlyBuffer:
-        """A buffer for ``nbytes`` of ``piece`` from ``peer``, charged now; over a
-        limit, ``ProtocolError`` (its link is dropped by whoever reads it)."""
+    def reserve(
+        self, peer: str, piece: DataPiece, nbytes: int, stranger: bool = False
+    ) -> EarlyBuffer:
+        """A buffer for ``nbytes`` of ``piece`` from ``peer`` (``stranger``: not in
+        the world held here), charged now; over a limit, ``ProtocolError`` (its
+        link is dropped by whoever reads it)."""
         cost = piece_cost(piece, nbytes)
         new_key = piece.key not in self._slots
         if new_key:
@@ -96,10 +104,12 @@ class EarlyStash:
                 )
             cost += key_cost(piece.key)
         held = self._held.get(peer, 0)
-        if held + cost > self.max_bytes_per_peer:
+        limit = min(self.max_bytes_per_peer, MAX_STRANGER_BYTES if stranger else self.max_bytes)
+        if held + cost > limit:
+            whose = "a peer outside the world" if stranger else "per peer"
             raise ProtocolError(
                 f"{peer} sent {held + cost} bytes (payload and overhead) for collectives "
-                f"not started here (limit {self.max_bytes_per_peer} per peer)"
+                f"not started here (limit {limit} {whose})"
             )
         if self.total + cost > self.max_bytes:
             raise ProtocolError(

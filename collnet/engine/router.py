@@ -253,7 +253,9 @@ class Router:
                 return memoryview(_Discarded(nbytes)), []
             if epoch == self.world.epoch and peer not in self.world.ids:
                 raise ProtocolError(f"{peer} sent data for {piece.key} but is not in epoch {epoch}")
-            return memoryview(self.early.reserve(peer, piece, nbytes)), []
+            world = self.world
+            stranger = peer not in world.ids and peer not in world.pending
+            return memoryview(self.early.reserve(peer, piece, nbytes, stranger)), []
         src = run.ranks.get(peer)
         if src is None:
             raise ProtocolError(

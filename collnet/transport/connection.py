@@ -9,7 +9,16 @@ which can be swapped (a data connection starts with a handshake handler and
 is then attached to its peer link).
 
 Bad input closes only this connection: the handler's ``on_lost`` learns the
-typed error, and the error is logged once.
+typed error, and the error is logged once (within the remote host's budget of
+lines, ``collnet.transport.loglimit``).
+
+What a peer can make us queue is bounded. Payloads of DATA frames are views
+of tensors (their memory is the caller's, held until ``drain``); every other
+frame is a copy (a pong, an ABORT, a refusal), and those still queued may
+not exceed ``MAX_COPIED_BACKLOG_BYTES``: a peer that keeps asking and never
+reads loses the connection (``PeerLost``). ``stalled_s`` tells the link how
+long bytes have been queued without any reaching the kernel, so a peer that
+stops reading altogether is dropped like a dead one.
 """
 
 from __future__ import annotations
@@ -17,15 +26,20 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+from collections import deque
 from typing import Any, Protocol
 
 from collnet.errors import AuthError, CollnetError, PeerLost, ProtocolError
+from collnet.transport.loglimit import REMOTE, host_of
 from collnet.wire import Frame, FrameKind, FrameReader, Header, Limits, encode_frame
 
 log = logging.getLogger(__name__)
 
 # Large kernel buffers keep long fat pipes full; the kernel clamps to its max.
 SOCKET_BUFFER_BYTES = 8 << 20
+# Copied frames (everything but DATA payloads) queued for a peer that is not
+# reading them: past this the connection is dropped.
+MAX_COPIED_BACKLOG_BYTES = 16 << 20
 
 
 class ConnectionHandler(Protocol):
@@ -64,6 +78,12 @@ class FrameConnection(asyncio.BufferedProtocol):
         self._lost_reported = False
         self.bytes_received = 0
         self.bytes_sent = 0
+        # Copied frames not yet written: (bytes_sent at their end, their size).
+        self._copies: deque[tuple[int, int]] = deque()
+        self._copied_backlog = 0
+        # What stalled_s saw last: bytes written, and since when.
+        self._written_seen = 0
+        self._progress_s = 0.0
 
     # -- asyncio callbacks -------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -126,7 +146,28 @@ class FrameConnection(asyncio.BufferedProtocol):
             self.transport.writelines((head, body))
         else:
             self.transport.write(head)
-        self.bytes_sent += len(head) + len(body)
+        size = len(head) + len(body)
+        self.bytes_sent += size
+        if kind != FrameKind.DATA:
+            self._count_copy(size)
+
+    def queued_bytes(self) -> int:
+        """Bytes handed to ``send`` that have not reached the kernel yet."""
+        if self.transport is None or self.closed:
+            return 0
+        return int(self.transport.get_write_buffer_size())
+
+    def stalled_s(self, now_s: float, restart: bool = False) -> float:
+        """How long bytes have been queued here without any reaching the kernel
+        (0 while the queue is empty or moving; ``restart``: count from now on);
+        call it periodically."""
+        queued = self.queued_bytes()
+        written = self.bytes_sent - queued
+        if restart or not queued or written != self._written_seen:
+            self._written_seen = written
+            self._progress_s = now_s
+            return 0.0
+        return now_s - self._progress_s
 
     async def drain(self) -> None:
         """Wait until every queued byte has been handed to the kernel."""
@@ -148,9 +189,37 @@ class FrameConnection(asyncio.BufferedProtocol):
     def _sink(self, header: Header, meta: Any) -> memoryview | None:
         return self.handler.payload_sink(self, header, meta)
 
+    def _count_copy(self, size: int) -> None:
+        """A copied frame of ``size`` bytes was queued; drop a peer that lets too
+        many of them pile up (only frames that are not DATA are tracked, so the
+        data path does no work here)."""
+        written = self.bytes_sent - self.queued_bytes()
+        copies = self._copies
+        while copies and copies[0][0] <= written:
+            self._copied_backlog -= copies.popleft()[1]
+        if self.bytes_sent > written:
+            copies.append((self.bytes_sent, size))
+            self._copied_backlog += size
+        if self._copied_backlog > MAX_COPIED_BACKLOG_BYTES:
+            exc = PeerLost(
+                f"connection {self.label} is not reading: {self._copied_backlog} bytes of "
+                "answers and control frames queued",
+                peer=self.label,
+            )
+            self._fail(exc)
+            raise exc
+
     def _fail(self, exc: CollnetError) -> None:
         if not self._lost_reported:
-            log.warning("connection %s (%s): %s: %s", self.label, self.peername, exc.kind, exc)
+            REMOTE.warning(
+                log,
+                host_of(self.peername),
+                "connection %s (%s): %s: %s",
+                self.label,
+                self.peername,
+                exc.kind,
+                exc,
+            )
         self._report_lost(exc)
         if isinstance(exc, AuthError):
             self.close()  # flush our last handshake frame so the far side sees the mismatch too

@@ -6,6 +6,13 @@ the receiver straight to its offset in the destination buffer, so the pieces
 may arrive in any order and reassembly costs no copy. The link fails as a
 whole: losing any of its connections loses the link, and the router learns it
 once, as a typed ``PeerLost``.
+
+A peer that stops reading is treated as a failed one: at every heartbeat the
+link asks each connection how long its queued bytes have gone without any
+reaching the kernel (``FrameConnection.stalled_s``), and past the failure
+detector's ceiling the link fails with ``PeerLost`` naming the peer, so its
+collectives fail and a ``drain`` waiting on it ends. The check runs per
+heartbeat, never per piece sent.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ from collnet.membership.liveness import Liveness
 from collnet.topology.throughput import ThroughputMeter
 from collnet.transport.connection import FrameConnection
 from collnet.transport.heartbeat import Heartbeat
+from collnet.transport.loglimit import REMOTE, host_of
 from collnet.wire import Frame, FrameKind, Header
 
 log = logging.getLogger(__name__)
@@ -60,12 +68,10 @@ class PeerLink:
         self.error: CollnetError | None = None
         self._next = 0
         self.heartbeat = Heartbeat(
-            lambda meta: self.send_control(FrameKind.HEARTBEAT, meta),
-            self.bytes_received,
-            self._silent,
-            liveness or Liveness(),
+            self._beat, self.bytes_received, self._silent, liveness or Liveness()
         )
         self.rx_meter = ThroughputMeter()
+        self._checked_s = time.monotonic()
 
     def bytes_received(self) -> int:
         return sum(c.bytes_received for c in self.conns if c is not None)
@@ -75,6 +81,32 @@ class PeerLink:
 
     def _silent(self, silent_s: float) -> None:
         self.fail(PeerLost(f"no sign of life from {self.peer} for {silent_s:.1f}s", peer=self.peer))
+
+    def _beat(self, meta: dict[str, Any]) -> None:
+        """A heartbeat frame to send; before each ping (not each pong), drop a peer
+        that has read nothing for too long."""
+        if "ping" in meta:
+            self._check_reading(time.monotonic())
+        self.send_control(FrameKind.HEARTBEAT, meta)
+
+    def _check_reading(self, now: float) -> None:
+        liveness = self.heartbeat.liveness
+        # Our own loop stalled since the last look (a long reduction): the queue
+        # could not move, and that is not the peer's doing.
+        ours = now - self._checked_s > 2 * liveness.interval_s
+        self._checked_s = now
+        for conn in self.conns:
+            if conn is None:
+                continue
+            stalled_s = conn.stalled_s(now, restart=ours)
+            if stalled_s > liveness.ceiling_s:
+                self.fail(
+                    PeerLost(
+                        f"{self.peer} read nothing of {conn.queued_bytes()} queued bytes "
+                        f"for {stalled_s:.1f}s",
+                        peer=self.peer,
+                    )
+                )
 
     @property
     def failed(self) -> bool:
@@ -159,10 +191,18 @@ class PeerLink:
     def on_lost(self, conn: FrameConnection, exc: CollnetError) -> None:
         if isinstance(exc, ProtocolError):
             # Garbage from a peer costs only its link, never the daemon.
-            log.warning("link %s: dropping after protocol error: %s", self.peer, exc)
+            REMOTE.warning(
+                log,
+                host_of(conn.peername),
+                "link %s: dropping after protocol error: %s",
+                self.peer,
+                exc,
+            )
         self.fail(exc if isinstance(exc, PeerLost) else PeerLost(str(exc), peer=self.peer))
 
-    def fail(self, exc: CollnetError) -> None:
+    def fail(self, exc: CollnetError, flush: bool = False) -> None:
+        """The link is lost (``flush``: what was queued is still sent before the
+        connections close, say a last refusal); the router learns it once."""
         if self.error is not None:
             return
         self.error = exc
@@ -170,7 +210,7 @@ class PeerLink:
         self.heartbeat.stop()
         for c in self.conns:
             if c is not None:
-                c.abort()
+                c.close() if flush else c.abort()
         self.router.on_link_lost(self.peer, exc)
 
     def close(self) -> None:

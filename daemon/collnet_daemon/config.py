@@ -37,7 +37,11 @@ class DaemonConfig:
     codec_block_size: int = 256
     collective_timeout_s: float = 300.0
     connect_timeout_s: float = 10.0
+    # Pieces that arrive before their collective starts here, charged what they
+    # hold in memory (payload and overhead): in all, and from any one peer (a
+    # ring's predecessor sends up to a 1/N segment of the tensor early).
     max_early_bytes: int = 1 << 30
+    max_early_bytes_per_peer: int = 768 << 20
     drain_timeout_s: float = 30.0
     heartbeat_interval_s: float = 0.5
     heartbeat_floor_s: float = 2.0

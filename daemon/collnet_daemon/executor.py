@@ -34,9 +34,17 @@ from collnet.errors import CollnetError, PeerLost, ProtocolError, Timeout
 from collnet.membership.peer import PeerMembership, WorldChange
 from collnet.membership.world import WorldView
 from collnet.transport.link import PeerLink
+from collnet.transport.loglimit import REMOTE
 from collnet.transport.mesh import Mesh
 from collnet.wire import Frame, FrameKind
-from collnet.wire.datalink import AbortMessage, Key, StatePiece, parse_control, parse_data
+from collnet.wire.datalink import (
+    AbortMessage,
+    FetchRequest,
+    Key,
+    StatePiece,
+    parse_control,
+    parse_data,
+)
 from collnet_daemon.config import DaemonConfig
 from collnet_daemon.statesync import StateSync
 from collnet_daemon.tasks import TaskSet, quiet
@@ -61,7 +69,7 @@ class Executor:
         self.me = config.peer_id
         self.membership = membership
         self.state = state
-        self.engine = Router(self.me, config.max_early_bytes)
+        self.engine = Router(self.me, config.max_early_bytes, config.max_early_bytes_per_peer)
         self.mesh = Mesh(
             self.me,
             config.connections,
@@ -211,6 +219,7 @@ class Executor:
     def world_changed(self, change: WorldChange) -> None:
         """A new world was adopted: fail what the departed took part in, drop their
         links, and link up with the new members."""
+        self.engine.world_is(change.world)
         if change.moved:
             self._news()
         if change.gone:
@@ -291,13 +300,24 @@ class Executor:
         elif frame.kind == FrameKind.HEARTBEAT:
             pass
         elif frame.kind == FrameKind.CONTROL:
-            self.state.on_control(peer, parse_control(frame.meta), self.mesh.link_if_ready(peer))
+            message = parse_control(frame.meta)
+            if isinstance(message, FetchRequest) and peer not in self.membership.world.ids:
+                # Refused before any work, and the link closed: serving (or even
+                # refusing range by range) is an amplifier for anyone with a link.
+                self.state.refuse_stranger(peer, message, self.mesh.links.get(peer))
+                return
+            self.state.on_control(peer, message, self.mesh.link_if_ready(peer))
         else:
             raise ProtocolError(f"unexpected {frame.kind.name} frame on a data link")
 
     def on_link_lost(self, peer: str, exc: CollnetError) -> None:
         self.perform(self.engine.link_lost(peer, exc.message))
         self.state.on_link_lost(peer, exc)
+        # A failed link is of no use to anyone: the table holds only live ones, so
+        # ids a stranger claims leave nothing behind (a member is dialled again).
+        link = self.mesh.links.get(peer)
+        if link is not None and link.failed:
+            self.mesh.drop(peer)
         # Links close routinely (a peer left, shutdown); failed collectives are
         # logged by the engine, so this is only informational.
-        log.info("daemon %s: link to %s closed: %s", self.me, peer, exc.message)
+        REMOTE.info(log, peer, "daemon %s: link to %s closed: %s", self.me, peer, exc.message)

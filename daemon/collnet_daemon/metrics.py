@@ -9,10 +9,12 @@ Nothing here runs on the data path. Bytes per peer come from the byte
 counters every ``FrameConnection`` keeps anyway and are read at scrape time;
 a link is tracked from the moment the mesh makes it until it has failed and
 its final counts are taken, so a link that dies between two scrapes still
-counts fully. RTT and bandwidth are the heartbeat's smoothed RTT and the
-link's ``ThroughputMeter``. Requests are observed by wrapping the IPC handler:
-one histogram observation and a few counter increments per request, with the
-labelled children cached.
+counts fully. A peer's series last while it is a member of the world (active
+or pending) or has a live link: ids a stranger claims leave nothing behind,
+and a member that left stops being listed. RTT and bandwidth are the
+heartbeat's smoothed RTT and the link's ``ThroughputMeter``. Requests are
+observed by wrapping the IPC handler: one histogram observation and a few
+counter increments per request, with the labelled children cached.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -54,21 +56,45 @@ PROGRESS_BYTES = 256 << 20
 # Request names come from clients: past this many distinct ones, "other".
 MAX_OP_LABELS = 32
 
+# Peers gone from the world and from every link whose series wait for a scrape.
+MAX_RETIRED_SERIES = 256
+
 
 class LinkTraffic:
-    """Bytes sent to and received from each peer, summed over every link it ever had."""
+    """Bytes sent to and received from each peer, summed over every link it ever had.
 
-    def __init__(self) -> None:
+    A peer that is neither a member (``members``) nor on a live link is shown
+    at one more scrape, with its final counts, and then forgotten; where nobody
+    scrapes, at most ``MAX_RETIRED_SERIES`` such peers are kept."""
+
+    def __init__(self, members: Callable[[], Collection[str]] = frozenset) -> None:
+        self.members = members
         self.sent: dict[str, int] = {}
         self.received: dict[str, int] = {}
         self._links: dict[PeerLink, tuple[int, int]] = {}
+        # Peers shown at the last scrape with no live link and no membership.
+        self._retired: set[str] = set()
 
     def track(self, link: PeerLink) -> None:
+        self._fold()
+        unkept = self._unkept()
+        for peer in unkept[: max(0, len(unkept) - MAX_RETIRED_SERIES)]:
+            self._forget(peer)
         self._links.setdefault(link, (0, 0))
         self.sent.setdefault(link.peer, 0)
         self.received.setdefault(link.peer, 0)
 
     def update(self) -> None:
+        """At a scrape: take every link's counts, and forget the peers that were
+        shown retired at the previous one."""
+        self._fold()
+        unkept = self._unkept()
+        for peer in unkept:
+            if peer in self._retired:
+                self._forget(peer)
+        self._retired = {peer for peer in unkept if peer in self.sent}
+
+    def _fold(self) -> None:
         for link, (sent0, received0) in list(self._links.items()):
             sent, received = link.bytes_sent(), link.bytes_received()
             self.sent[link.peer] += sent - sent0
@@ -78,6 +104,16 @@ class LinkTraffic:
                 del self._links[link]
             else:
                 self._links[link] = (sent, received)
+
+    def _unkept(self) -> list[str]:
+        """Peers with no live link that are not members, oldest first."""
+        keep = {link.peer for link in self._links}
+        keep.update(self.members())
+        return [peer for peer in self.sent if peer not in keep]
+
+    def _forget(self, peer: str) -> None:
+        del self.sent[peer], self.received[peer]
+        self._retired.discard(peer)
 
 
 def _op_label(seen: set[str], op: object) -> str:
@@ -136,7 +172,7 @@ class DaemonMetrics(_Exported):
     def __init__(self, snapshot: Callable[[], DaemonSnapshot]) -> None:
         super().__init__()
         self.snapshot = snapshot
-        self.traffic = LinkTraffic()
+        self.traffic = LinkTraffic(self._members)
         r = self.registry
         self.requests = Counter(
             "collnet_requests", "Requests from local clients, by op.", ["op"], registry=r
@@ -171,6 +207,10 @@ class DaemonMetrics(_Exported):
         r.register(_DaemonCollector(self))
         self._ops: set[str] = set()
         self._children: dict[tuple[Any, ...], Any] = {}
+
+    def _members(self) -> set[str]:
+        world = self.snapshot().world
+        return {*world.ids, *world.pending}
 
     def _child(self, metric: Any, *labels: str) -> Any:
         key = (id(metric), *labels)

@@ -14,7 +14,12 @@ from routersim import RouterSim, world_of
 
 from collnet.codec.registry import get_codec
 from collnet.engine import Failed, Finished, Router, Run, SendAbort
-from collnet.engine.early import KEY_OVERHEAD_BYTES, MAX_EARLY_KEYS, PIECE_OVERHEAD_BYTES
+from collnet.engine.early import (
+    KEY_OVERHEAD_BYTES,
+    MAX_EARLY_KEYS,
+    MAX_STRANGER_BYTES,
+    PIECE_OVERHEAD_BYTES,
+)
 from collnet.errors import (
     CollectiveAborted,
     MismatchError,
@@ -316,6 +321,7 @@ def _early_piece(router: Router, peer: str, key: tuple[int, int | str], nbytes: 
 
 def test_tiny_early_pieces_are_charged_what_they_hold_not_their_payload() -> None:
     router = Router("p0", max_early_bytes=1 << 30, max_early_bytes_per_peer=100_000)
+    router.world_is(world_of(3))
     kept = 0
     with pytest.raises(ProtocolError, match="per peer"):
         for _ in range(100_000):
@@ -328,6 +334,7 @@ def test_tiny_early_pieces_are_charged_what_they_hold_not_their_payload() -> Non
 
 def test_one_peer_over_its_own_limit_leaves_room_for_the_others() -> None:
     router = Router("p0", max_early_bytes=40_000, max_early_bytes_per_peer=20_000)
+    router.world_is(world_of(3))
     with pytest.raises(ProtocolError, match="p1 sent"):
         for _ in range(1000):
             _early_piece(router, "p1", (1, "t"), 100)
@@ -432,3 +439,12 @@ def test_a_stranger_flooding_early_data_loses_its_link_and_the_members_go_on() -
         assert isinstance(sim.outcome(f"p{r}", (1, "t")), Finished)
         np.testing.assert_array_equal(bufs[r], expected)
     assert router.early_bytes == 0
+
+
+def test_a_peer_outside_the_world_may_stash_far_less_than_a_member() -> None:
+    router = Router("p0")
+    router.world_is(world_of(3))
+    _early_piece(router, "p1", (2, "t"), MAX_STRANGER_BYTES)  # a member, ahead of us
+    with pytest.raises(ProtocolError, match="outside the world"):
+        _early_piece(router, "nobody", (2, "t"), MAX_STRANGER_BYTES)
+    _early_piece(router, "nobody", (2, "t"), 1000)  # a joiner's first piece is fine

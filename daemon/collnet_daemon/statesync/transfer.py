@@ -17,6 +17,13 @@ A sync is two coordinator barriers around a transfer (the plan itself is
 On the data links a fetch is a ``FetchRequest``; the source answers each
 range with DATA frames (``StatePiece``, striped like any message) or with a
 ``FetchRefused`` (``collnet.wire.datalink``).
+
+Serving is bounded by who asks: a request from a peer that is not a member of
+the world this daemon holds is refused before any work, with one answer, and
+its link is closed (``refuse_stranger``); a member's requests are served one
+range at a time, at most ``MAX_QUEUED_RANGES`` of them queued per peer, and
+refusals are logged within the peer's budget of lines
+(``collnet.transport.loglimit``).
 """
 
 from __future__ import annotations
@@ -50,6 +57,7 @@ from collnet.state import (
     verify,
 )
 from collnet.transport.link import PeerLink
+from collnet.transport.loglimit import REMOTE
 from collnet.wire import FrameKind
 from collnet.wire.datalink import (
     RANGES_PER_FETCH,
@@ -62,6 +70,10 @@ from collnet.wire.localreplies import SyncStateReply
 from collnet_daemon.tasks import TaskSet
 
 log = logging.getLogger(__name__)
+
+# Ranges one peer may have waiting to be served (an honest fetcher asks for a
+# state's size / 8 MiB ranges per sync: 2**17 is a 1 TiB state from one holder).
+MAX_QUEUED_RANGES = 1 << 17
 
 
 @dataclass
@@ -127,6 +139,8 @@ class StateSync:
         self._fids = itertools.count(1)
         self._touched = False
         self._tasks = TaskSet()
+        # Ranges each peer has waiting to be served.
+        self._queued: dict[str, int] = {}
 
     # -- one sync ----------------------------------------------------------
     async def sync(
@@ -318,12 +332,45 @@ class StateSync:
             if p is not None and not p.future.done():
                 p.future.set_exception(message.error)
             return
+        queued = self._queued.get(peer, 0) + len(message.ranges)
+        if queued > MAX_QUEUED_RANGES:
+            raise ProtocolError(
+                f"{peer} has more than {MAX_QUEUED_RANGES} state fetch ranges waiting"
+            )
         parsed = [(fid, Fetch.from_wire(fetch)) for fid, fetch in message.ranges]
         if link is None:
             return
+        self._queued[peer] = queued
         self._tasks.spawn(self._serve(peer, link, parsed))
 
+    def refuse_stranger(self, peer: str, message: FetchRequest, link: PeerLink | None) -> None:
+        """A fetch from ``peer``, which is not a member of the world this daemon
+        holds: one refusal, the link closed, no range looked at."""
+        error = MismatchError(
+            f"{self.me} serves no state to {peer}: not a member of the world it holds"
+        )
+        REMOTE.warning(log, peer, "state fetch refused, link closed: %s", error.message)
+        if link is None:
+            return
+        with contextlib.suppress(CollnetError):
+            link.send_control(
+                FrameKind.CONTROL, FetchRefused(message.ranges[0][0], error).to_wire()
+            )
+        link.fail(PeerLost(f"link to {peer} closed: {error.message}", peer=peer), flush=True)
+
     async def _serve(self, peer: str, link: PeerLink, ranges: list[tuple[int, Fetch]]) -> None:
+        try:
+            await self._serve_ranges(peer, link, ranges)
+        finally:
+            left = self._queued.get(peer, 0) - len(ranges)
+            if left > 0:
+                self._queued[peer] = left
+            else:
+                self._queued.pop(peer, None)
+
+    async def _serve_ranges(
+        self, peer: str, link: PeerLink, ranges: list[tuple[int, Fetch]]
+    ) -> None:
         for fid, fetch in ranges:
             try:
                 serving = self.serving
@@ -338,7 +385,9 @@ class StateSync:
             except CollnetError as exc:
                 if link.failed:
                     return
-                log.warning("state fetch of %r by %s refused: %s", fetch.name, peer, exc)
+                REMOTE.warning(
+                    log, peer, "state fetch of %r by %s refused: %s", fetch.name, peer, exc
+                )
                 with contextlib.suppress(CollnetError):
                     link.send_control(FrameKind.CONTROL, FetchRefused(fid, exc).to_wire())
 
