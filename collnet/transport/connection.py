@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 SOCKET_BUFFER_BYTES = 8 << 20
 # Copied frames (everything but DATA payloads) queued for a peer that is not
 # reading them: past this the connection is dropped.
-MAX_COPIED_BACKLOG_BYTES = 16 << 20
+MAX_COPIED_BACKLOG_BYTES = 4 << 20
 
 
 class ConnectionHandler(Protocol):
@@ -82,7 +82,7 @@ class FrameConnection(asyncio.BufferedProtocol):
         self._copies: deque[tuple[int, int]] = deque()
         self._copied_backlog = 0
         # What stalled_s saw last: bytes written, and since when.
-        self._written_seen = 0
+        self._written_seen = -1  # so that the first look starts the clock
         self._progress_s = 0.0
 
     # -- asyncio callbacks -------------------------------------------------
@@ -111,6 +111,8 @@ class FrameConnection(asyncio.BufferedProtocol):
         try:
             frames = self._reader.buffer_updated(nbytes)
             for frame in frames:
+                if self.closed:
+                    break  # a frame before these closed us: the rest are not ours to act on
                 self.handler.on_frame(self, frame)
         except CollnetError as exc:
             self._fail(exc)
@@ -198,7 +200,12 @@ class FrameConnection(asyncio.BufferedProtocol):
         while copies and copies[0][0] <= written:
             self._copied_backlog -= copies.popleft()[1]
         if self.bytes_sent > written:
-            copies.append((self.bytes_sent, size))
+            if copies and copies[-1][0] == self.bytes_sent - size:
+                # Right behind the previous copy: one entry for the run of them, so
+                # a flood of small answers costs no bookkeeping per frame.
+                copies[-1] = (self.bytes_sent, copies[-1][1] + size)
+            else:
+                copies.append((self.bytes_sent, size))
             self._copied_backlog += size
         if self._copied_backlog > MAX_COPIED_BACKLOG_BYTES:
             exc = PeerLost(
