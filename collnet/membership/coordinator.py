@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from collnet.errors import CollnetError, InvalidArgument, PeerLost, ProtocolError
+from collnet.membership.bounds import MAX_WORLD_PEERS, check_claim
 from collnet.membership.world import PeerInfo, WorldView
 
 
@@ -100,6 +101,9 @@ class CoordinatorState:
     def register(self, peer: PeerInfo) -> list[Effect]:
         if self.is_known(peer.id):
             raise InvalidArgument(f"peer id {peer.id!r} is already registered")
+        if len(self.active) + len(self.pending) >= MAX_WORLD_PEERS:
+            # Every world this coordinator sends must parse on every daemon.
+            raise InvalidArgument(f"the world is full ({MAX_WORLD_PEERS} peers)")
         self.pending[peer.id] = peer
         return []
 
@@ -112,17 +116,25 @@ class CoordinatorState:
         removes those that never do. A report that does not match the world
         held here makes the daemon a plain (pending) registration. Returns
         whether the peer is an active member again, and the effects.
+
+        ``peer`` is what the connection's identity registered (the caller
+        decides who that is), so a world is taken back only from one of its
+        members, and only within ``bounds.check_claim``: a world out of bounds
+        (an epoch near 2**64, say, after which no epoch bump could be encoded)
+        raises ``ProtocolError`` and changes nothing here.
         """
         if peer.id in self.pending or (self.is_known(peer.id) and peer.id not in self.unconfirmed):
             raise InvalidArgument(f"peer id {peer.id!r} is already registered")
         effects: list[Effect] = []
         if peer.id in world.ids:
+            check_claim(peer, world)
             if not self.active and world.epoch >= self.epoch:
                 self.epoch = world.epoch
                 self.active = list(world.peers)
                 self.unconfirmed = set(world.ids) - {peer.id}
                 return True, []
-            if peer.id in self.unconfirmed and world.epoch == self.epoch:
+            held = next((p for p in self.active if p.id == peer.id), None)
+            if peer.id in self.unconfirmed and world.epoch == self.epoch and held == peer:
                 self.unconfirmed.discard(peer.id)
                 return True, []
         if peer.id in self.unconfirmed:

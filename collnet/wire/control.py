@@ -28,6 +28,7 @@ from typing import Any, ClassVar, Final, Literal, Self, TypeAlias, TypeVar
 import msgpack
 
 from collnet.errors import CollnetError, ProtocolError
+from collnet.membership.bounds import epoch_from_wire, peer_from_wire, world_from_wire
 from collnet.membership.world import PeerInfo, WorldView
 
 BARRIER_NAMES: Final = ("state", "synced")
@@ -71,26 +72,13 @@ def _no_payload(payload: Payload, what: str) -> None:
         raise ProtocolError(f"{what} carries no payload, got {len(payload)} bytes")
 
 
-def _peer(obj: Any, what: str) -> PeerInfo:
-    ok = isinstance(obj, list) and len(obj) == 3 and isinstance(obj[0], str)
-    if not (ok and isinstance(obj[1], str) and type(obj[2]) is int and 0 <= obj[2] <= 0xFFFF):
-        raise ProtocolError(f"{what}: bad peer record {obj!r:.80}; expected [id, host, port]")
-    return PeerInfo(obj[0], obj[1], obj[2])
+def _epoch(msg: dict[str, Any], what: str) -> int:
+    return epoch_from_wire(msg.get("epoch"), what)
 
 
-def _world(obj: Any, what: str) -> WorldView:
-    what = f"{what}: world"
-    world = _map(obj, what)
-    peers, pending = world.get("peers"), world.get("pending")
-    if not isinstance(peers, list) or not isinstance(pending, list):
-        raise ProtocolError(f"{what}: 'peers' and 'pending' must be lists")
-    if not all(isinstance(p, str) for p in pending):
-        raise ProtocolError(f"{what}: 'pending' must list peer ids (strings)")
-    members = tuple(_peer(p, what) for p in peers)
-    ids = [p.id for p in members] + pending
-    if len(set(ids)) != len(ids):
-        raise ProtocolError(f"{what} names a peer twice")
-    return WorldView(_get(world, "epoch", what, int), members, tuple(pending))
+# Peer records and worlds are checked against ``collnet.membership.bounds``.
+_peer = peer_from_wire
+_world = world_from_wire
 
 
 def _refuse_ext(code: int, data: bytes) -> Any:
@@ -203,7 +191,7 @@ class UpdateTopology(_Message):
     @staticmethod
     def from_wire(msg: dict[str, Any], payload: Payload = b"") -> UpdateTopology:
         _no_payload(payload, "update_topology")
-        return UpdateTopology(_get(msg, "epoch", "update_topology", int))
+        return UpdateTopology(_epoch(msg, "update_topology"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -234,7 +222,7 @@ class Barrier(_Message):
         if name not in BARRIER_NAMES:
             raise ProtocolError(f"bad barrier request {name!r:.20}: no such barrier")
         what = f"barrier {name!r}"
-        epoch = _get(msg, "epoch", what, int)
+        epoch = _epoch(msg, what)
         if name == "state":
             if "report" in msg:
                 raise ProtocolError(f"{what} carries its manifest as payload, not 'report'")
@@ -333,7 +321,7 @@ class BarrierAnswer(_Message):
         payloads = _unpack_map(payload, "barrier answer")
         if not all(isinstance(v, bytes | dict) for v in payloads.values()):
             raise ProtocolError("barrier answer: each member's entry must be bytes or a map")
-        return BarrierAnswer(_get(msg, "epoch", "barrier answer", int), payloads)
+        return BarrierAnswer(_epoch(msg, "barrier answer"), payloads)
 
 
 @dataclass(frozen=True, slots=True)
@@ -405,7 +393,7 @@ class CoordinatorStatus:
             raise ProtocolError(f"{what}: 'peers' must be a list")
         coord = _map(status.get("coordinator"), f"{what}: coordinator")
         return CoordinatorStatus(
-            _get(status, "epoch", what, int),
+            _epoch(status, what),
             _world(status.get("world"), what),
             tuple(PeerStatus.from_wire(p) for p in peers),
             _get(coord, "address", f"{what}: coordinator", str),

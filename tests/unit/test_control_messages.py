@@ -13,14 +13,19 @@ from hypothesis import strategies as st
 
 from collnet.errors import CollnetError, InvalidArgument, PeerLost, ProtocolError
 from collnet.membership import PeerInfo, WorldView
+from collnet.membership.bounds import MAX_EPOCH, MAX_WORLD_PEERS
 from collnet.wire import FrameKind, FrameReader, Limits, frame_bytes
 from collnet.wire import control as wire
 
 FAST = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
-ids = st.text(min_size=1, max_size=12)
+ids = st.from_regex(r"[A-Za-z0-9][A-Za-z0-9._-]{0,11}", fullmatch=True)
 u64 = st.integers(0, 2**63 - 1)
-peers = st.builds(PeerInfo, ids, st.text(max_size=20), st.integers(0, 0xFFFF))
+epochs = st.integers(0, MAX_EPOCH)
+hosts = st.sampled_from(["h", "10.0.0.1", "::1", "fe80::1%eth0", "node_3.example.org."]) | (
+    st.from_regex(r"[a-z0-9]([a-z0-9-]{0,8}[a-z0-9])?(\.[a-z0-9]{1,5}){0,3}", fullmatch=True)
+)
+peers = st.builds(PeerInfo, ids, hosts, st.integers(1, 0xFFFF))
 
 
 @st.composite
@@ -28,7 +33,7 @@ def worlds(draw: st.DrawFn) -> WorldView:
     members = draw(st.lists(peers, max_size=5, unique_by=lambda p: p.id))
     taken = {p.id for p in members}
     pending = draw(st.lists(ids.filter(lambda i: i not in taken), max_size=3, unique=True))
-    return WorldView(draw(u64), tuple(members), tuple(pending))
+    return WorldView(draw(epochs), tuple(members), tuple(pending))
 
 
 # msgpack-safe opaque values, as a report or an error's fields may hold.
@@ -41,12 +46,12 @@ opaque = st.recursive(
 )  # fmt: skip
 reports = st.dictionaries(st.text(max_size=8), opaque, max_size=4)
 errors = st.builds(wire.ErrorInfo, st.text(max_size=12), st.text(max_size=30), reports)
-barriers = st.builds(wire.Barrier, st.just("state"), u64, st.binary(max_size=64)) | st.builds(
-    wire.Barrier, st.just("synced"), u64, reports
+barriers = st.builds(wire.Barrier, st.just("state"), epochs, st.binary(max_size=64)) | st.builds(
+    wire.Barrier, st.just("synced"), epochs, reports
 )
 bodies = st.one_of(
     st.builds(wire.Register, peers, st.none() | worlds()),
-    st.builds(wire.UpdateTopology, u64),
+    st.builds(wire.UpdateTopology, epochs),
     barriers,
     st.just(wire.GetWorld()),
     st.just(wire.Leave()),
@@ -66,7 +71,7 @@ peer_status = st.builds(
 )
 statuses = st.builds(
     wire.CoordinatorStatus,
-    u64,
+    epochs,
     worlds(),
     st.lists(peer_status, max_size=4).map(tuple),
     st.text(max_size=20),
@@ -75,7 +80,9 @@ statuses = st.builds(
 answers = st.one_of(
     st.builds(wire.WorldAnswer, worlds()),
     st.builds(
-        wire.BarrierAnswer, u64, st.dictionaries(ids, st.binary(max_size=16) | reports, max_size=4)
+        wire.BarrierAnswer,
+        epochs,
+        st.dictionaries(ids, st.binary(max_size=16) | reports, max_size=4),
     ),
     st.just(wire.Left()),
     st.builds(wire.StatusAnswer, statuses),
@@ -183,8 +190,8 @@ BAD_REQUESTS: list[tuple[Any, bytes, str]] = [
     ({"t": "dance", "id": 1}, b"", "unknown control message"),
     ({"t": 7, "id": 1}, b"", "type 't'"),
     ({"id": 1}, b"", "type 't'"),
-    ({"t": "register", "id": 1, "peer": ["a", "h", True]}, b"", "bad peer record"),
-    ({"t": "register", "id": 1, "peer": ["a", "h", 70000]}, b"", "bad peer record"),
+    ({"t": "register", "id": 1, "peer": ["a", "h", True]}, b"", "bad port"),
+    ({"t": "register", "id": 1, "peer": ["a", "h", 70000]}, b"", "bad port"),
     ({"t": "register", "id": 1, "peer": ["a", "h"]}, b"", "bad peer record"),
     ({"t": "register", "id": 1, "peer": ["a", "h", 1]}, b"x", "carries no payload"),
     ({"t": "register", "id": 1, "peer": ["a", "h", 1], "world": 3}, b"", "must be a map"),
@@ -336,3 +343,86 @@ def test_arbitrary_maps_parse_or_raise_protocol_error_only(
     ):
         with contextlib.suppress(ProtocolError):
             parse()
+
+
+# -- bounds: peer ids, data addresses, epochs and world sizes ------------------
+def _register(peer: Any, world: Any = None) -> dict[str, Any]:
+    msg = {"t": "register", "id": 1, "peer": peer}
+    return msg if world is None else {**msg, "world": world}
+
+
+@pytest.mark.parametrize(
+    ("record", "why"),
+    [
+        (["", "h", 1], "bad peer id"),
+        (["a" * 65, "h", 1], "bad peer id"),
+        (["-a", "h", 1], "bad peer id"),
+        (["a\nWARNING forged line", "h", 1], "bad peer id"),
+        (["a\x1b[31m", "h", 1], "bad peer id"),
+        (["a/b", "h", 1], "bad peer id"),
+        ([7, "h", 1], "bad peer id"),
+        (["a", "", 1], "bad host"),
+        (["a", "two words", 1], "bad host"),
+        (["a", "-lead.example", 1], "bad host"),
+        (["a", "trail-.example", 1], "bad host"),
+        (["a", "a..b", 1], "bad host"),
+        (["a", "x" * 254, 1], "bad host"),
+        (["a", "h\r\n", 1], "bad host"),
+        (["a", b"h", 1], "bad host"),
+        (["a", "h", 0], "bad port"),
+        (["a", "h", 65536], "bad port"),
+        (["a", "h", -1], "bad port"),
+        (["a", "h", "80"], "bad port"),
+    ],
+)
+def test_peer_records_out_of_bounds_are_protocol_errors(record: list[Any], why: str) -> None:
+    with pytest.raises(ProtocolError, match=why):
+        wire.Request.from_wire(_register(record))
+    # The same record inside a claimed world is refused just the same.
+    world = {"epoch": 1, "peers": [["a", "h", 1], record], "pending": []}
+    with pytest.raises(ProtocolError, match=why):
+        wire.Request.from_wire(_register(["a", "h", 1], world))
+
+
+@pytest.mark.parametrize("epoch", [MAX_EPOCH + 1, 2**63, 2**64 - 1])
+def test_epochs_past_2_53_are_refused_wherever_they_appear(epoch: int) -> None:
+    world = {**GOOD_WORLD, "epoch": epoch}
+    for meta in (
+        _register(["a", "h", 1], world),
+        {"t": "update_topology", "id": 1, "epoch": epoch},
+        {"t": "barrier", "id": 1, "name": "synced", "epoch": epoch, "report": {}},
+    ):
+        with pytest.raises(ProtocolError, match=r"'epoch' must be an integer in \[0, 2\*\*53\)"):
+            wire.Request.from_wire(*through_a_frame(meta, b""))
+    with pytest.raises(ProtocolError, match="epoch"):
+        wire.WorldPush.from_wire({"t": "world", "world": world})
+    ok = wire.Request.from_wire(_register(["a", "h", 1], {**GOOD_WORLD, "epoch": MAX_EPOCH}))
+    assert isinstance(ok.body, wire.Register) and ok.body.world is not None
+    assert ok.body.world.epoch == MAX_EPOCH
+
+
+def test_a_world_names_at_most_max_world_peers() -> None:
+    members = [[f"p{i}", "10.0.0.1", 1 + i] for i in range(MAX_WORLD_PEERS)]
+    full = {"epoch": 1, "peers": members[:-1], "pending": [members[-1][0]]}
+    assert wire.WorldPush.from_wire({"t": "world", "world": full}).world.size == MAX_WORLD_PEERS - 1
+    over = {**full, "pending": [members[-1][0], "one-more"]}
+    with pytest.raises(ProtocolError, match="names 1025 peers"):
+        wire.WorldPush.from_wire({"t": "world", "world": over})
+    with pytest.raises(ProtocolError, match="bad pending peer id"):
+        wire.WorldPush.from_wire({"t": "world", "world": {**GOOD_WORLD, "pending": ["x\n"]}})
+
+
+@FAST
+@given(st.text(max_size=70), st.text(max_size=260), st.integers(-5, 70000))
+def test_any_peer_record_parses_within_bounds_or_is_a_protocol_error(
+    peer_id: str, host: str, port: int
+) -> None:
+    try:
+        got = wire.Request.from_wire(_register([peer_id, host, port])).body
+    except ProtocolError:
+        return
+    assert isinstance(got, wire.Register)
+    assert got.peer == PeerInfo(peer_id, host, port)
+    # What gets past the boundary is safe to log and to key on as it is.
+    assert 1 <= len(peer_id) <= 64 and peer_id.isascii() and peer_id.isprintable()
+    assert " " not in host and host.isprintable() and 1 <= port <= 0xFFFF

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from hypothesis import settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
@@ -17,6 +17,7 @@ from collnet.membership import (
     Reply,
     WorldView,
 )
+from collnet.membership.bounds import EPOCH_HEADROOM, MAX_EPOCH, MAX_WORLD_PEERS
 
 
 def peer(i: int) -> PeerInfo:
@@ -244,6 +245,90 @@ def test_rejoin_with_a_stale_or_foreign_world_is_a_plain_registration() -> None:
     assert "p3" in s.world().pending
     with pytest.raises(InvalidArgument):
         s.rejoin(peer(0), WorldView(5, (peer(0), peer(1))))
+
+
+BAD_CLAIMS = [
+    pytest.param(WorldView(2**64 - 1, (peer(0), peer(1))), "out of range", id="epoch-2**64-1"),
+    pytest.param(WorldView(MAX_EPOCH, (peer(0), peer(1))), "out of range", id="no-headroom"),
+    pytest.param(
+        WorldView(3, tuple(peer(i) for i in range(MAX_WORLD_PEERS + 1))), "at most", id="too-big"
+    ),
+    pytest.param(WorldView(3, (peer(0), peer(0))), "twice", id="member-twice"),
+    pytest.param(
+        WorldView(3, (peer(0), PeerInfo("bad\nid", "h", 1))), "bad member", id="bad-member-id"
+    ),
+    pytest.param(
+        WorldView(3, (peer(0), PeerInfo("p1", "h", 0))), "bad member", id="bad-member-port"
+    ),
+    pytest.param(
+        WorldView(3, (PeerInfo("p0", "10.9.9.9", 1), peer(1))), "registered", id="not-its-record"
+    ),
+]
+
+
+@pytest.mark.parametrize(("world", "why"), BAD_CLAIMS)
+def test_a_claimed_world_out_of_bounds_is_refused_and_changes_nothing(
+    world: WorldView, why: str
+) -> None:
+    """Finding 4: a rejoining peer claiming epoch 2**64 - 1 wedged the coordinator
+    (no later epoch bump could be encoded). Such a claim is a ProtocolError now,
+    and the coordinator goes on as if it never came."""
+    s = CoordinatorState()
+    s.register(PeerInfo("newbie", "127.0.0.1", 1))
+    before = s.world()
+    with pytest.raises(ProtocolError, match=why):
+        s.rejoin(peer(0), world)
+    assert s.world() == before and not s.unconfirmed and not s.is_known("p0")
+    # Still working: the joiner is admitted and the epoch bump is a plain +1.
+    assert replies(s.request_update("newbie", 1, 0))["newbie"].epoch == 1
+    assert s.rejoin(peer(0), WorldView(0, (peer(0),))) == (False, [])  # stale: pending
+
+
+def test_a_claim_is_adopted_only_from_a_member_with_its_registered_record() -> None:
+    world = WorldView(9, (peer(0), peer(1)))
+    s = CoordinatorState()
+    # A peer the claimed world does not name cannot hand it over.
+    assert s.rejoin(peer(5), world) == (False, [])
+    assert s.world().epoch == 0 and s.world().pending == ("p5",)
+    assert s.rejoin(peer(0), world) == (True, [])
+    assert s.world().epoch == 9 and s.unconfirmed == {"p1"}
+    # A claim whose record of the claimant is not what it registers is refused...
+    moved = PeerInfo("p1", "127.0.0.1", 1)
+    with pytest.raises(ProtocolError, match=r"registered 127\.0\.0\.1:1"):
+        s.rejoin(moved, world)
+    assert s.unconfirmed == {"p1"}
+    # ...and one that holds it elsewhere than the adopted world does is not this
+    # world: p1 is not confirmed, it is out of it and pending.
+    member, effects = s.rejoin(moved, WorldView(9, (peer(0), moved)))
+    assert member is False and s.world().ids == ("p0",) and "p1" in s.world().pending
+    assert [e.peer for e in effects if isinstance(e, Push)] == ["p0"]
+
+
+def test_registrations_stop_at_max_world_peers() -> None:
+    s = CoordinatorState()
+    for i in range(MAX_WORLD_PEERS):
+        s.register(PeerInfo(f"q{i}", "127.0.0.1", 1))
+    with pytest.raises(InvalidArgument, match="world is full"):
+        s.register(peer(0))
+    s.lost("q0")
+    assert s.register(peer(0)) == []
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(0, 2**64 - 1), st.integers(1, 6))
+def test_any_adopted_epoch_leaves_room_for_every_later_bump(epoch: int, n: int) -> None:
+    world = WorldView(epoch, tuple(peer(i) for i in range(n)))
+    s = CoordinatorState()
+    try:
+        adopted, _ = s.rejoin(peer(0), world)
+    except ProtocolError:
+        assert epoch > MAX_EPOCH - EPOCH_HEADROOM
+        assert s.epoch == 0 and not s.active
+        return
+    assert adopted and s.epoch == epoch <= MAX_EPOCH - EPOCH_HEADROOM
+    for i in range(1, n):
+        s.lost(f"p{i}")
+    assert s.epoch == epoch + n - 1 <= MAX_EPOCH
 
 
 def test_barrier_waits_for_members_until_they_reconnect_or_expire() -> None:
