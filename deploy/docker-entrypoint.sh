@@ -15,6 +15,9 @@
 #                             daemon data links 0.0.0.0:29500)
 #   COLLNET_COORDINATOR       daemon: coordinator HOST:PORT (required)
 #   COLLNET_IPC               daemon: local API address (ipc:///run/collnet/daemon.sock)
+#   COLLNET_IPC_GROUP, COLLNET_IPC_TCP_PORT, COLLNET_IPC_TOKEN_FILE   daemon: who may use
+#                             the local API (read by collnet itself; default: uid 10001 only,
+#                             no TCP fallback; see docs/operations.md)
 #   COLLNET_ADVERTISE_HOST    daemon: host other daemons dial (default: this container's IP)
 #   COLLNET_PEER_ID           daemon: stable peer id (default: the container hostname)
 #   COLLNET_CONNECTIONS, COLLNET_CHUNK_BYTES, COLLNET_CONNECT_TIMEOUT_S

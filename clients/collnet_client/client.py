@@ -69,6 +69,7 @@ class Comm:
         local_size: int = 1,
         *,
         daemon_gone: Callable[[], bool] | None = None,
+        token_file: str | None = None,
     ) -> None:
         if not isinstance(local_size, int) or isinstance(local_size, bool) or local_size < 1:
             raise InvalidArgument(f"local_size must be a positive int, got {local_size!r}")
@@ -76,7 +77,9 @@ class Comm:
         # Trainers on this node sharing the daemon (one per GPU, say): their
         # collectives are reduced in the daemon first and cross the network once.
         self.local_size = local_size
-        self._transport = Transport(address, timeout_s, daemon_gone=daemon_gone)
+        self._transport = Transport(
+            address, timeout_s, daemon_gone=daemon_gone, token_file=token_file
+        )
         hello = self._transport.hello
         self.peer_id: str = hello.peer
         self.feedback = ErrorFeedback(hello.codec_block_size)
@@ -294,10 +297,14 @@ def connect(
     address: str | None = None,
     timeout_s: float = DEFAULT_TIMEOUT_S,
     local_size: int | None = None,
+    token_file: str | None = None,
 ) -> Comm:
     """Connect to the local daemon at ``address`` (default: ``$COLLNET_DAEMON``, else
     the daemon's default ``ipc:///tmp/collnet-daemon.sock``, else its loopback
-    fallback ``tcp://127.0.0.1:29700``).
+    fallback ``tcp://127.0.0.1:29700``, if the daemon serves one).
+
+    A TCP address needs the daemon's token: read from ``token_file`` (default
+    ``$COLLNET_IPC_TOKEN_FILE``, else ``/tmp/collnet-daemon.sock.token``).
 
     ``local_size`` (default ``$COLLNET_LOCAL_SIZE``, else 1): how many trainers
     of this node share the daemon. Each of them calls every collective; the
@@ -312,13 +319,13 @@ def connect(
             raise InvalidArgument(f"COLLNET_LOCAL_SIZE must be an int, got {env!r}") from None
     address = address or os.environ.get("COLLNET_DAEMON")
     if address:
-        return Comm(address, timeout_s, local_size)
+        return Comm(address, timeout_s, local_size, token_file=token_file)
     # The defaults a daemon serves on: its ipc socket if this process can see
-    # it, else its loopback TCP fallback.
+    # it, else its loopback TCP fallback (if the daemon was told to serve one).
     tried = []
     for candidate in (DEFAULT_IPC, loopback_tcp(DEFAULT_TCP_PORT)):
         try:
-            return Comm(candidate, timeout_s, local_size)
+            return Comm(candidate, timeout_s, local_size, token_file=token_file)
         except DaemonUnavailable as exc:
             tried.append(exc.message)
     raise DaemonUnavailable(

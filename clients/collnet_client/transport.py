@@ -16,6 +16,12 @@ Failure model:
   with ``DaemonUnavailable`` instead of waiting out its timeout. A daemon
   restarted at the same address is another peer (the world and the
   collectives died with the old one), so the connection stays lost.
+- A daemon's TCP endpoint (its loopback fallback) takes only requests that
+  carry its token: the SDK reads it from ``token_file`` (default
+  ``$COLLNET_IPC_TOKEN_FILE``, else the file next to the default ipc socket)
+  and sends it as the first frame of every request. Without it the daemon
+  answers ``AuthError``. The ipc socket needs no token: the daemon checks
+  the connecting process's user.
 - ``daemon_gone``, when given, is asked while waiting (every 50 ms or so):
   for a supervisor that knows the daemon is gone before the connection
   closes (a frozen daemon, one about to be killed). A true answer fails the
@@ -36,7 +42,8 @@ import msgpack
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from collnet.errors import CollnetError, DaemonUnavailable, WaitTimeout
+from collnet.addresses import DEFAULT_IPC, token_file_for
+from collnet.errors import AuthError, CollnetError, DaemonUnavailable, WaitTimeout
 from collnet.wire.localapi import Hello, Request
 from collnet.wire.localreplies import HelloReply
 
@@ -54,6 +61,7 @@ class Transport:
         timeout_s: float,
         *,
         daemon_gone: Callable[[], bool] | None = None,
+        token_file: str | None = None,
     ) -> None:
         self.address = address
         self.timeout_s = timeout_s  # the default deadline of every wait
@@ -62,6 +70,8 @@ class Transport:
         if path != address and not path.startswith("@") and not os.path.exists(path):
             # zmq would wait for the socket to appear: fail now, not after the hello timeout.
             raise DaemonUnavailable(f"no daemon listens at {address} ({path} does not exist)")
+        # Frames sent before each request's body: the token, on TCP.
+        self._head, token_path = _token_frames(address, token_file)
         self._ctx: zmq.Context[Any] = zmq.Context.instance()
         self._sock = self._ctx.socket(zmq.DEALER)
         self._sock.setsockopt(zmq.LINGER, 0)
@@ -85,6 +95,11 @@ class Transport:
         except WaitTimeout:
             self.close()
             raise DaemonUnavailable(f"no daemon answers at {address}") from None
+        except AuthError as exc:
+            self.close()
+            if token_path is None:
+                raise
+            raise AuthError(f"{exc.message} (the token read from {token_path})") from None
         except BaseException:
             self.close()
             raise
@@ -99,14 +114,16 @@ class Transport:
         rid = next(self._ids)
         body = msgpack.packb({"id": rid, **request.to_wire()}, use_bin_type=True)
         with self._lock:
-            self._sock.send(body)
+            self._sock.send_multipart([*self._head, body])
         return rid
 
     def post(self, request: Request) -> None:
         """Send ``request`` if the socket takes it now; nobody waits for the reply."""
         msg = {"id": next(self._ids), **request.to_wire()}
         with contextlib.suppress(zmq.ZMQError), self._lock:
-            self._sock.send(msgpack.packb(msg, use_bin_type=True), zmq.NOBLOCK)
+            self._sock.send_multipart(
+                [*self._head, msgpack.packb(msg, use_bin_type=True)], zmq.NOBLOCK
+            )
 
     def call(self, request: Request, timeout_s: float | None = None) -> dict[str, Any]:
         """Send ``request`` and wait for its reply (see ``wait``)."""
@@ -188,3 +205,19 @@ class Transport:
                     # A refused connect: nothing listens (say, the socket file of a
                     # killed daemon); zmq would keep retrying until the timeout.
                     self._lost = f"nothing accepts connections at {self.address}"
+
+
+def _token_frames(address: str, token_file: str | None) -> tuple[list[bytes], str | None]:
+    """The token frame a TCP endpoint needs (none for ipc://), and whence it came."""
+    if not address.startswith("tcp://"):
+        return [], None
+    path = token_file or os.environ.get("COLLNET_IPC_TOKEN_FILE") or token_file_for(DEFAULT_IPC)
+    if not path:
+        return [], None
+    try:
+        with open(path, "rb") as f:
+            token = f.read(1024).strip()
+    except OSError as exc:
+        # The daemon answers AuthError; say why there was no token.
+        return [], f"nothing: cannot read {path}: {exc.strerror}"
+    return ([token], path) if token else ([], f"nothing: {path} is empty")

@@ -25,7 +25,7 @@ from typing import Any
 import click
 import uvloop
 
-from collnet.addresses import DEFAULT_IPC, DEFAULT_TCP_PORT
+from collnet.addresses import DEFAULT_IPC, DEFAULT_TCP_PORT, token_file_for
 from collnet_daemon.config import DaemonConfig, parse_hostport
 from collnet_daemon.logs import setup_logging
 
@@ -215,11 +215,26 @@ def coordinator(
 )
 @click.option(
     "--ipc-tcp-port",
-    default=DEFAULT_TCP_PORT,
-    show_default=True,
+    default=0,
     envvar="COLLNET_IPC_TCP_PORT",
     type=click.IntRange(0, 65535),
-    help="Also serve trainers on tcp://127.0.0.1:PORT (their fallback); 0: off.",
+    help=f"Also serve trainers on tcp://127.0.0.1:PORT (their fallback; {DEFAULT_TCP_PORT} "
+    "is where the SDK looks). Every request there must carry the token of "
+    "--ipc-token-file. Default 0: off.",
+)
+@click.option(
+    "--ipc-group",
+    default=None,
+    envvar="COLLNET_IPC_GROUP",
+    help="Make the ipc socket 0660 and owned by GROUP, so its members' trainers may use "
+    "this daemon too (default: 0600, this user only). Env: COLLNET_IPC_GROUP.",
+)
+@click.option(
+    "--ipc-token-file",
+    default=None,
+    envvar="COLLNET_IPC_TOKEN_FILE",
+    help="Where to write the token TCP clients must send (0600; 0640 with --ipc-group). "
+    "Default: the ipc socket's path + '.token'. Env: COLLNET_IPC_TOKEN_FILE.",
 )
 @click.option(
     "--listen",
@@ -266,6 +281,8 @@ def daemon(
     coordinator_addr: str,
     ipc: str,
     ipc_tcp_port: int,
+    ipc_group: str | None,
+    ipc_token_file: str | None,
     listen: str,
     advertise_host: str | None,
     connections: int,
@@ -282,7 +299,19 @@ def daemon(
     ready_file: str | None,
 ) -> None:
     """Run the peer daemon of this node."""
+    from collnet.errors import InvalidArgument
+    from collnet_daemon.localaccess import group_id
     from collnet_daemon.service import Daemon
+
+    if ipc_group is not None:
+        try:
+            group_id(ipc_group)
+        except InvalidArgument as exc:
+            raise click.BadParameter(exc.message, param_hint="--ipc-group") from None
+    if (ipc_tcp_port or ipc.startswith("tcp://")) and not (ipc_token_file or token_file_for(ipc)):
+        raise click.BadParameter(
+            "a TCP endpoint for trainers needs a file for its token", param_hint="--ipc-token-file"
+        )
 
     config = DaemonConfig(
         coordinator=parse_hostport(coordinator_addr),
@@ -297,6 +326,8 @@ def daemon(
         heartbeat_ceiling_s=heartbeat_ceiling_s,
         leave_when_trainers_exit=leave_when_trainers_exit,
         ipc_tcp_port=ipc_tcp_port,
+        ipc_group=ipc_group,
+        ipc_token_file=ipc_token_file or token_file_for(ipc),
     )
     if peer_id:
         config.peer_id = peer_id

@@ -34,6 +34,7 @@ from collnet_daemon.handlers import LocalApi
 from collnet_daemon.ipc import IpcServer
 from collnet_daemon.localgroup import LocalGroups
 from collnet_daemon.metrics import DaemonMetrics, DaemonSnapshot
+from collnet_daemon.localaccess import LocalAccess
 from collnet_daemon.statesync import StateSync
 from collnet_daemon.statesync.requests import SyncRequests
 from collnet_daemon.tasks import TaskSet
@@ -108,6 +109,7 @@ class Daemon:
             world=self.membership.world,
             collectives_in_flight=self.executor.running,
             coordinator_connected=self.control.connected,
+            access=LocalAccess(config.ipc_group, config.ipc_token_file),
             coordinator_rtt_s=self.control.rtt_s,
             links=dict(self.executor.mesh.links),
         )

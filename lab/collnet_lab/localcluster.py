@@ -163,9 +163,7 @@ class LocalCluster:
                 "--coordinator",
                 self.coordinator_addr,
                 "--ipc",
-                ipc,
-                "--ipc-tcp-port",
-                "0",  # many daemons on one machine: each on its own ipc path only
+                ipc,  # (no TCP fallback: that is off unless asked for)
                 "--connections",
                 str(self.connections),
                 "--peer-id",

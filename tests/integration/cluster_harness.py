@@ -327,3 +327,20 @@ def wait_until(pred: Callable[[], bool], timeout_s: float, what: str) -> float:
             raise AssertionError(f"{what} did not happen within {timeout_s}s")
         time.sleep(0.05)
     return time.monotonic() - start
+
+
+def tcp_listen_ports(pid: int) -> set[int]:
+    """The TCP ports process ``pid`` listens on (its sockets, in its network namespace)."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        with contextlib.suppress(OSError):
+            target = os.readlink(fd)
+            if target.startswith("socket:["):
+                inodes.add(target[len("socket:[") : -1])
+    ports = set()
+    for table in ("tcp", "tcp6"):
+        for line in Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]:
+            cols = line.split()
+            if cols[3] == "0A" and cols[9] in inodes:  # 0A: LISTEN
+                ports.add(int(cols[1].rsplit(":", 1)[1], 16))
+    return ports
