@@ -100,13 +100,15 @@ class PeerLink:
                 continue
             stalled_s = conn.stalled_s(now, restart=ours)
             if stalled_s > liveness.ceiling_s:
-                self.fail(
-                    PeerLost(
-                        f"{self.peer} read nothing of {conn.queued_bytes()} queued bytes "
-                        f"for {stalled_s:.1f}s",
-                        peer=self.peer,
-                    )
+                exc = PeerLost(
+                    f"{self.peer} read nothing of {conn.queued_bytes()} queued bytes "
+                    f"for {stalled_s:.1f}s",
+                    peer=self.peer,
                 )
+                REMOTE.warning(
+                    log, host_of(conn.peername), "link %s: %s: %s", self.peer, exc.kind, exc
+                )
+                self.fail(exc)
 
     @property
     def failed(self) -> bool:
