@@ -22,6 +22,7 @@ from typing import Any
 from collnet.errors import CollnetError, PeerLost, ProtocolError
 from collnet.membership import auth
 from collnet.membership.liveness import Liveness
+from collnet.transport.admission import Admission
 from collnet.transport.connection import FrameConnection
 from collnet.transport.link import LinkRouter, PeerLink
 from collnet.wire import Frame, FrameKind, Header, Limits
@@ -129,26 +130,17 @@ class Mesh:
 
     async def listen(self, host: str, port: int) -> tuple[str, int]:
         loop = asyncio.get_running_loop()
-
-        def accepted() -> FrameConnection:
-            conn = FrameConnection(_Handshake(self), self.limits, "accepting")
-            loop.call_later(self.connect_timeout_s, self._expire_handshake, conn)
-            return conn
-
+        # A connection that never completes its HELLO must not hold a socket forever.
+        admission = Admission(
+            "HELLO", self.connect_timeout_s, lambda conn: not isinstance(conn.handler, _Handshake)
+        )
+        accepted = admission.factory(
+            lambda: FrameConnection(_Handshake(self), self.limits, "accepting")
+        )
         self._server = await loop.create_server(accepted, host, port)
         sock = self._server.sockets[0]
         addr = sock.getsockname()
         return str(addr[0]), int(addr[1])
-
-    def _expire_handshake(self, conn: FrameConnection) -> None:
-        # A connection that never completes its HELLO must not hold a socket forever.
-        if isinstance(conn.handler, _Handshake) and not conn.closed:
-            log.warning(
-                "connection from %s: no HELLO within %.1fs; closing",
-                conn.peername,
-                self.connect_timeout_s,
-            )
-            conn.abort()
 
     def _new_link(self, peer: str) -> PeerLink:
         link = self.links[peer] = PeerLink(peer, self.k, self.router, self.liveness())

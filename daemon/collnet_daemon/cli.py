@@ -160,6 +160,8 @@ def main(ctx: click.Context, log_level: str, log_json: bool) -> None:
     type=click.FloatRange(0.1),
     help="After a restart, how long members of the recovered world have to reconnect.",
 )
+@click.option("--max-connections", default=1024, show_default=True, type=click.IntRange(1))
+@click.option("--handshake-timeout-s", default=10.0, show_default=True, type=click.FloatRange(1))
 @_metrics_options
 @click.option("--ready-file", hidden=True, help="Write the bound address here once listening.")
 @click.pass_context
@@ -173,12 +175,16 @@ def coordinator(
     heartbeat_floor_s: float,
     heartbeat_ceiling_s: float,
     rejoin_grace_s: float,
+    max_connections: int,
+    handshake_timeout_s: float,
     ready_file: str | None,
 ) -> None:
     """Run the membership coordinator (sees no tensor data).
 
     Its state is soft: restarted (e.g. by a supervisor), it gets the world back
-    from the daemons as they reconnect."""
+    from the daemons as they reconnect.
+    At most --max-connections are open (fewer if the fd limit is lower); one not
+    registered within --handshake-timeout-s is closed (docs/operations.md)."""
     from collnet.membership.liveness import Liveness
     from collnet_daemon.coordinator import CoordinatorService
     from collnet_daemon.metrics import CoordinatorMetrics
@@ -191,7 +197,8 @@ def coordinator(
     secret = _read_secret(secret_file, "coordinator")
 
     async def run() -> None:
-        service = CoordinatorService(liveness, secret, rejoin_grace_s)
+        limits = (max_connections, handshake_timeout_s)
+        service = CoordinatorService(liveness, secret, rejoin_grace_s, *limits)
         host, port = await service.start(*parse_hostport(listen))
         metrics = CoordinatorMetrics(service)
         served = None if metrics_port is None else await metrics.serve(metrics_host, metrics_port)

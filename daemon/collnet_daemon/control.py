@@ -215,7 +215,10 @@ class ControlPlane:
 
     ``held()`` is the world this daemon holds now: a member reports it when it
     registers again, and ``update_topology`` names its epoch. ``on_world`` gets
-    the world of every registration and of every push.
+    the world of every registration and of every push. ``on_refused`` is told
+    (once, and reconnecting stops) when the coordinator refuses that world with
+    a ``ProtocolError``: it will never take it back, and this daemon cannot join
+    the coordinator's world while holding it (worlds only move forward here).
     """
 
     def __init__(
@@ -223,11 +226,13 @@ class ControlPlane:
         config: DaemonConfig,
         held: Callable[[], WorldView],
         on_world: Callable[[WorldView], None],
+        on_refused: Callable[[ProtocolError], None] | None = None,
     ) -> None:
         self.config = config
         self.id = config.peer_id
         self._held = held
         self._on_world = on_world
+        self._on_refused = on_refused
         self._me: PeerInfo | None = None
         # The registered connection (replaced only by a successful registration).
         self._client = CoordinatorClient(self._pushed, config.liveness, config.secret)
@@ -285,6 +290,12 @@ class ControlPlane:
             answer = await client.call(
                 register, wire.WorldAnswer, timeout_s=self.config.connect_timeout_s
             )
+        except ProtocolError as exc:
+            client.close()
+            if register.world is not None and self._on_refused is not None:
+                self._stopping = True  # asking again would be refused again
+                self._on_refused(exc)
+            raise
         except BaseException:
             client.close()
             raise

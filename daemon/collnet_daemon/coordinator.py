@@ -6,6 +6,13 @@ control connection is one peer; requests (parsed once, into the types of
 effects become replies and pushes. A closed control connection is a lost
 peer. The service also answers ``status`` (``CoordinatorService.status``):
 the view ``collnet status`` prints and the coordinator's metrics read.
+
+What a stranger can make it hold is bounded (``collnet.transport.admission``):
+a connection must register within ``handshake_timeout_s`` (a status query is
+answered meanwhile), and at most ``max_connections`` are open, fewer when the
+process's file-descriptor limit would run out first. A request that breaks the
+protocol (a world claimed out of bounds, say) is answered with its typed error
+and closes only its own connection; the state is untouched.
 """
 
 from __future__ import annotations
@@ -13,11 +20,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import resource
 import time
 from collections.abc import Callable
 from typing import Any, assert_never
 
-from collnet.errors import CollnetError, ProtocolError
+from collnet.errors import AuthError, CollnetError, ProtocolError
 from collnet.membership import (
     BarrierReply,
     CoordinatorState,
@@ -26,16 +34,34 @@ from collnet.membership import (
     Push,
     Reply,
     auth,
+    identity,
 )
 from collnet.membership.coordinator import Effect
 from collnet.membership.liveness import Liveness
+from collnet.transport.admission import Admission
 from collnet.transport.connection import FrameConnection
 from collnet.transport.heartbeat import Heartbeat
+from collnet.transport.loglimit import REMOTE, host_of
+from collnet.transport.tls import Listening, Tls, peer_name
+from collnet.transport.tls import serve as tls_serve
 from collnet.wire import Frame, FrameKind, Header
 from collnet.wire import control as wire
 from collnet_daemon.control import CONTROL_LIMITS
 
 log = logging.getLogger(__name__)
+
+# Descriptors kept back from control connections: listeners, the metrics
+# endpoint and its scrapes, the event loop's own, standard streams.
+FD_RESERVE = 32
+
+
+def connection_cap(requested: int) -> int:
+    """``requested``, lowered so that the connections fit the descriptor limit
+    (past it, accept() fails and nobody gets in, a status query included)."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return requested
+    return max(1, min(requested, soft - FD_RESERVE))
 
 
 class CoordinatorService:
@@ -44,26 +70,42 @@ class CoordinatorService:
         liveness: Callable[[], Liveness] = Liveness,
         secret: bytes | None = None,
         rejoin_grace_s: float = 10.0,
+        max_connections: int = 1024,
+        handshake_timeout_s: float = 10.0,
+        tls: Tls | None = None,
     ) -> None:
         self.liveness = liveness
         self.secret = secret
+        # Mutual TLS: a registration must come from the certificate it names.
+        self.tls = tls
         self.rejoin_grace_s = rejoin_grace_s
+        self.admission = Admission(
+            "registration", handshake_timeout_s, _registered, connection_cap(max_connections)
+        )
         self.state = CoordinatorState()
         self.conns: dict[str, FrameConnection] = {}
-        self._server: asyncio.Server | None = None
+        self._server: Listening | None = None
         self.address: tuple[str, int] | None = None
         self._started_s = time.monotonic()
 
     async def start(self, host: str, port: int) -> tuple[str, int]:
-        loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(
-            lambda: FrameConnection(_PeerSession(self), CONTROL_LIMITS, "peer"),
+        self._server = await tls_serve(
+            self.admission.factory(
+                lambda: FrameConnection(_PeerSession(self), CONTROL_LIMITS, "peer")
+            ),
             host,
             port,
+            self.tls,
+            self.admission.handshake_timeout_s,
         )
         addr = self._server.sockets[0].getsockname()
         self.address = (str(addr[0]), int(addr[1]))
-        log.info("coordinator listening on %s:%d", *self.address)
+        log.info(
+            "coordinator listening on %s:%d (at most %s connections, %.1fs to register)",
+            *self.address,
+            self.admission.max_connections,
+            self.admission.handshake_timeout_s,
+        )
         return self.address
 
     async def close(self) -> None:
@@ -151,6 +193,16 @@ def coordinator_status(service: CoordinatorService) -> dict[str, Any]:
     return service.status().to_wire()
 
 
+def _registered(conn: FrameConnection) -> bool:
+    """Past the handshake deadline: a connection that registered a peer."""
+    return isinstance(conn.handler, _PeerSession) and conn.handler.peer_id is not None
+
+
+def _request_id(meta: Any) -> int | None:
+    rid = meta.get("id") if isinstance(meta, dict) else None
+    return rid if type(rid) is int and rid >= 0 else None
+
+
 def _reported(report: Any) -> tuple[int | None, str | None, str | None]:
     """(revision, state digest, sync error kind) from what a peer reported at its last
     "synced" barrier: opaque to the coordinator, so only what has the right type."""
@@ -185,6 +237,8 @@ class _PeerSession:
         return None
 
     def on_frame(self, conn: FrameConnection, frame: Frame) -> None:
+        if conn.closed:  # refused: the rest of what it sent goes unread
+            return
         if not self.authenticated:
             self._handshake(conn, frame)
             return
@@ -196,11 +250,12 @@ class _PeerSession:
             return
         if frame.kind != FrameKind.CONTROL:
             raise ProtocolError(f"unexpected {frame.kind.name} frame on a control connection")
-        request = wire.Request.from_wire(frame.meta, frame.payload)
         try:
+            request = wire.Request.from_wire(frame.meta, frame.payload)
             answer = self._handle(conn, request)
-        except ProtocolError:
-            raise
+        except ProtocolError as exc:
+            self._refuse(conn, _request_id(frame.meta), exc)
+            return
         except CollnetError as exc:
             refusal = wire.Reply(request.id, wire.ErrorInfo.of(exc))
             conn.send(FrameKind.CONTROL, refusal.to_wire())
@@ -209,13 +264,46 @@ class _PeerSession:
             reply = wire.Reply(request.id, answer)
             conn.send(FrameKind.CONTROL, reply.to_wire(), reply.payload)
 
+    def _refuse(self, conn: FrameConnection, rid: int | None, exc: ProtocolError) -> None:
+        """A request that breaks the protocol: its typed error as the reply, a log
+        line, and this connection closed (a registered peer is lost with it);
+        nothing else changes."""
+        who = f"peer {self.peer_id!r}" if self.peer_id is not None else "connection"
+        REMOTE.warning(
+            log, host_of(conn.peername), "%s from %s: %s: %s; closing it",
+            who, conn.peername, exc.kind, exc.message,
+        )  # fmt: skip
+        if rid is not None:
+            refusal = wire.Reply(rid, wire.ErrorInfo.of(exc))
+            with contextlib.suppress(CollnetError):
+                conn.send(FrameKind.CONTROL, refusal.to_wire())
+        conn.close()  # not abort: the refusal goes out first
+
+    def _identity(self, conn: FrameConnection, claimed: PeerInfo) -> PeerInfo:
+        """Who this connection is, decided here and nowhere else. With a shared
+        secret (or none, on loopback) the handshake proves no name, so it is the
+        peer it registered; a certified name (TLS) is checked against that here."""
+        certified = peer_name(conn.transport)
+        who = f"connection from {conn.peername}"
+        try:
+            identity.check_claim(certified, claimed.id, who)
+            identity.check_peer_name(certified, who)
+        except AuthError as exc:
+            log.warning("%s: %s", exc.kind, exc.message)
+            raise
+        return claimed
+
     def _handshake(self, conn: FrameConnection, frame: Frame) -> None:
         # An unauthenticated connection may send nothing but this handshake.
         if frame.kind != FrameKind.HELLO or not isinstance(frame.meta, dict):
             raise ProtocolError(f"expected HELLO, got {frame.kind.name}")
         who = f"peer at {conn.peername}"
         if self.responder is None:
-            self.responder = auth.Responder(self.service.secret, (conn.peername or ("?",))[0])
+            self.responder = auth.Responder(
+                self.service.secret,
+                (conn.peername or ("?",))[0],
+                peer_name(conn.transport) is not None,
+            )
             answer, self.authenticated = self.responder.on_hello(frame.meta, who)
             conn.send(FrameKind.HELLO, answer)
         else:
@@ -230,14 +318,14 @@ class _PeerSession:
         if isinstance(body, wire.Register):
             if self.peer_id is not None:
                 raise ProtocolError("register sent twice")
-            peer = body.peer
+            peer = self._identity(conn, body.peer)
             adopting = not state.active
             if body.world is None:
                 state.register(peer)
             else:
                 member, effects = state.rejoin(peer, body.world)
                 if member:
-                    log.info("peer %s rejoined at epoch %d", peer.id, state.epoch)
+                    log.info("peer %r rejoined at epoch %d", peer.id, state.epoch)
                     if adopting:
                         self.service.adopted()
                 self.service.perform(effects)
@@ -252,7 +340,7 @@ class _PeerSession:
             )
             self.heartbeat.start()
             if peer.id in state.pending:
-                log.info("peer %s registered (data %s:%d), pending", peer.id, peer.host, peer.port)
+                log.info("peer %r registered (data %s:%d), pending", peer.id, peer.host, peer.port)
             return wire.WorldAnswer(state.world())
         if isinstance(body, wire.GetStatus):  # for operators: needs no registration
             return wire.StatusAnswer(self.service.status())
@@ -291,7 +379,7 @@ class _PeerSession:
         state = self.service.state
         before = state.epoch
         self.service.perform(state.lost(peer))
-        log.info("peer %s %s; epoch %d -> %d", peer, why, before, state.epoch)
+        log.info("peer %r %s; epoch %d -> %d", peer, why, before, state.epoch)
 
     def on_lost(self, conn: FrameConnection, exc: CollnetError) -> None:
         self._drop(f"lost ({exc.message})")

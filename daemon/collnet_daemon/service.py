@@ -22,7 +22,7 @@ import asyncio
 import logging
 
 from collnet.addresses import loopback_tcp
-from collnet.errors import DaemonUnavailable
+from collnet.errors import DaemonUnavailable, ProtocolError
 from collnet.membership import PeerInfo, WorldView
 from collnet.membership.peer import PeerMembership
 from collnet_daemon.allreduce import AllReduces
@@ -54,7 +54,9 @@ class Daemon:
         self.executor = Executor(
             config, self.membership, self.state, on_new_link=self.metrics.traffic.track
         )
-        self.control = ControlPlane(config, lambda: self.membership.world, self._adopt)
+        self.control = ControlPlane(
+            config, lambda: self.membership.world, self._adopt, self._world_refused
+        )
         self.buffers = SharedBuffers()
         self.local = LocalGroups()
         self.all_reduces = AllReduces(
@@ -170,6 +172,18 @@ class Daemon:
         change = self.membership.apply(world)
         if change is not None:
             self.executor.world_changed(change)
+
+    def _world_refused(self, exc: ProtocolError) -> None:
+        # Not a crash loop: the coordinator will not take this world back, so this
+        # daemon stops once, saying why; started again, it joins as a new peer.
+        log.error(
+            "daemon %s: the coordinator refused the world this daemon holds (epoch %d): "
+            "%s; stopping (start it again to join as a new peer)",
+            self.id,
+            self.membership.world.epoch,
+            exc.message,
+        )
+        self._tasks.spawn(self.stop(leave=False))
 
     def _client_gone(self, ident: bytes) -> None:
         if not self.api.trainer_gone(ident):
