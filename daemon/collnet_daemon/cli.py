@@ -26,6 +26,7 @@ import click
 import uvloop
 
 from collnet.addresses import DEFAULT_IPC, DEFAULT_TCP_PORT, token_file_for
+from collnet.membership.bounds import valid_peer_id
 from collnet_daemon.config import DaemonConfig, parse_hostport
 from collnet_daemon.logs import setup_logging
 
@@ -338,6 +339,9 @@ def daemon(
     )
     if peer_id:
         config.peer_id = peer_id
+    if not valid_peer_id(config.peer_id):  # the coordinator would refuse it (bounds.py)
+        msg = f"{config.peer_id!r}: 1-64 of A-Za-z0-9._- starting with a letter or digit"
+        raise click.BadParameter(msg, param_hint="--peer-id")
     setup_logging(ctx.obj["log_level"], ctx.obj["log_json"], f"daemon[{config.peer_id}]")
     config.secret = _read_secret(secret_file, f"daemon {config.peer_id}")
 
