@@ -37,14 +37,7 @@ from collnet.transport.link import PeerLink
 from collnet.transport.loglimit import REMOTE
 from collnet.transport.mesh import Mesh
 from collnet.wire import Frame, FrameKind
-from collnet.wire.datalink import (
-    AbortMessage,
-    FetchRequest,
-    Key,
-    StatePiece,
-    parse_control,
-    parse_data,
-)
+from collnet.wire.datalink import AbortMessage, Key, StatePiece, parse_control, parse_data
 from collnet_daemon.config import DaemonConfig
 from collnet_daemon.statesync import StateSync
 from collnet_daemon.tasks import TaskSet, quiet
@@ -300,13 +293,11 @@ class Executor:
         elif frame.kind == FrameKind.HEARTBEAT:
             pass
         elif frame.kind == FrameKind.CONTROL:
-            message = parse_control(frame.meta)
-            if isinstance(message, FetchRequest) and peer not in self.membership.world.ids:
-                # Refused before any work, and the link closed: serving (or even
-                # refusing range by range) is an amplifier for anyone with a link.
-                self.state.refuse_stranger(peer, message, self.mesh.links.get(peer))
-                return
-            self.state.on_control(peer, message, self.mesh.link_if_ready(peer))
+            # A non-member's fetch is refused before any work, and its link closed:
+            # serving (or refusing range by range) amplifies for anyone with a link.
+            member = peer in self.membership.world.ids
+            link = self.mesh.link_if_ready(peer) if member else self.mesh.links.get(peer)
+            self.state.on_control(peer, parse_control(frame.meta), link, member)
         else:
             raise ProtocolError(f"unexpected {frame.kind.name} frame on a data link")
 

@@ -20,7 +20,7 @@ range with DATA frames (``StatePiece``, striped like any message) or with a
 
 Serving is bounded by who asks: a request from a peer that is not a member of
 the world this daemon holds is refused before any work, with one answer, and
-its link is closed (``refuse_stranger``); a member's requests are served one
+its link is closed; a member's requests are served one
 range at a time, at most ``MAX_QUEUED_RANGES`` of them queued per peer, and
 refusals are logged within the peer's budget of lines
 (``collnet.transport.loglimit``).
@@ -323,10 +323,16 @@ class StateSync:
 
     # -- serving -----------------------------------------------------------
     def on_control(
-        self, peer: str, message: FetchRequest | FetchRefused, link: PeerLink | None
+        self,
+        peer: str,
+        message: FetchRequest | FetchRefused,
+        link: PeerLink | None,
+        member: bool = True,
     ) -> None:
         """A fetch request to serve over ``link`` (None: not, or no longer, usable:
-        the fetcher learns it from the loss), or a source's refusal."""
+        the fetcher learns it from the loss), or a source's refusal. ``member``:
+        ``peer`` is a member of the world this daemon holds (else its request is
+        refused and its link closed, once its ranges are known to be well formed)."""
         if isinstance(message, FetchRefused):
             p = self._pending_from(peer, message.fid)
             if p is not None and not p.future.done():
@@ -338,14 +344,17 @@ class StateSync:
                 f"{peer} has more than {MAX_QUEUED_RANGES} state fetch ranges waiting"
             )
         parsed = [(fid, Fetch.from_wire(fetch)) for fid, fetch in message.ranges]
+        if not member:
+            self._refuse_stranger(peer, message, link)
+            return
         if link is None:
             return
         self._queued[peer] = queued
         self._tasks.spawn(self._serve(peer, link, parsed))
 
-    def refuse_stranger(self, peer: str, message: FetchRequest, link: PeerLink | None) -> None:
+    def _refuse_stranger(self, peer: str, message: FetchRequest, link: PeerLink | None) -> None:
         """A fetch from ``peer``, which is not a member of the world this daemon
-        holds: one refusal, the link closed, no range looked at."""
+        holds: one refusal, the link closed, no range served."""
         error = MismatchError(
             f"{self.me} serves no state to {peer}: not a member of the world it holds"
         )
