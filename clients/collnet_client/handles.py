@@ -18,6 +18,10 @@ Failure model, per request:
   staging still the daemon's; wait again or cancel.
 - ``retry=N``: on ``PeerLost``, agree on the new world and run the same
   collective again from the original input (kept in a copy), up to N times.
+  One with a default tag runs again under the next default tag of the world
+  it now runs in, as every member's next collective there does, a trainer
+  admitted at that ``update_topology`` (a restarted one) included; so wait
+  for such handles in the order they were started, on every peer.
 """
 
 from __future__ import annotations
@@ -55,6 +59,8 @@ class PendingAllReduce:
     saved: npt.NDArray[Any] | None
     # Puts the error-feedback residual back as it was if nothing was sent after all.
     undo_feedback: Callable[[], None] | None = None
+    # The tag is a default one: a retry takes the next default tag of its world.
+    default_tag: bool = False
 
     @property
     def epoch(self) -> int:
@@ -141,6 +147,7 @@ class AllReduces:
             retries=retry,
             saved=view.copy() if retry > 0 else None,
             undo_feedback=undo_feedback,
+            default_tag=tag is None,
         )
         self._issue(pending)
         return Handle(self, pending)
@@ -215,6 +222,9 @@ class AllReduces:
                     epoch=pending.epoch,
                     tag=pending.request.tag,
                 ) from None
+        if pending.default_tag:
+            tag = self._agreement.next_tag()
+            pending.request = dataclasses.replace(pending.request, tag=tag)
         self._issue(pending)
 
     def cancel(self, pending: PendingAllReduce, timeout_s: float) -> None:

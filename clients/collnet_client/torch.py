@@ -13,7 +13,9 @@ Failure model, in the order a round runs:
    round. If a peer died, it fails (``PeerLost``) and this round applies no
    outer step: the local progress is kept and counted in the next round
    (streaming: the failed round's progress is dropped);
-2. ``update_topology`` agrees on the new world and admits pending joiners;
+2. ``update_topology`` agrees on the new world and admits pending joiners
+   (a trainer restarted on a live daemon is one: its daemon left the world
+   when the old trainer died, failing step 1 elsewhere with ``PeerLost``);
 3. ``sync_state`` (a barrier of the new world) brings the global weights, the
    outer momentum and the round counter of every peer to what the majority
    holds at the newest revision. This is what makes every outcome of step 1

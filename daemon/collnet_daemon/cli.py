@@ -278,8 +278,8 @@ def coordinator(
 @click.option(
     "--leave-when-trainers-exit",
     is_flag=True,
-    help="Leave the world and stop once every trainer that joined through this daemon "
-    "has disconnected (exited or was killed), instead of holding the others at barriers.",
+    help="Also stop once this node's trainers are gone (exited or killed). Without it the "
+    "daemon leaves the world then and stays up; a trainer that joins again rejoins.",
 )
 @_metrics_options
 @click.option("--ready-file", hidden=True)

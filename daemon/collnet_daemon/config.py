@@ -46,8 +46,8 @@ class DaemonConfig:
     heartbeat_interval_s: float = 0.5
     heartbeat_floor_s: float = 2.0
     heartbeat_ceiling_s: float = 10.0
-    # Leave the world (and stop) once every trainer that joined through this
-    # daemon has disconnected, rather than keep the others waiting at barriers.
+    # Once this node's trainers are gone the daemon always leaves the world (its
+    # session ends, session.py); with this it also stops.
     leave_when_trainers_exit: bool = False
     # Also serve trainers on tcp://127.0.0.1:PORT (0: only on ``ipc``).
     ipc_tcp_port: int = DEFAULT_TCP_PORT

@@ -26,7 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from collnet.errors import CollnetError, DaemonUnavailable, ProtocolError
+from collnet.errors import CollnetError, DaemonUnavailable, PeerLost, ProtocolError
 from collnet.membership import PeerInfo, WorldView, auth
 from collnet.membership.liveness import Liveness
 from collnet.transport.connection import FrameConnection
@@ -143,6 +143,12 @@ class CoordinatorClient:
         """Smoothed heartbeat RTT to the coordinator (None before the first pong)."""
         return None if self._heartbeat is None else self._heartbeat.liveness.srtt_s
 
+    def abandon(self, exc: CollnetError) -> None:
+        """Fail every call in flight with ``exc``: the coordinator dropped them."""
+        for call in self._pending.values():
+            if not call.future.done():
+                call.future.set_exception(exc)
+
     def _silent(self, silent_s: float) -> None:
         log.error("coordinator silent for %.1fs: treating it as lost", silent_s)
         if self.conn is not None:
@@ -219,6 +225,9 @@ class ControlPlane:
     (once, and reconnecting stops) when the coordinator refuses that world with
     a ``ProtocolError``: it will never take it back, and this daemon cannot join
     the coordinator's world while holding it (worlds only move forward here).
+    Registered only while the node has a session (``end_session`` when its
+    trainers are gone, ``begin_session`` when one joins): idle, it stays
+    connected unregistered, asks only for the status, and never reconnects.
     """
 
     def __init__(
@@ -240,6 +249,10 @@ class ControlPlane:
         self._stopping = False
         self._topology_call: asyncio.Future[wire.WorldAnswer] | None = None
         self._tasks = TaskSet(self._reconnect_failed)
+        # This node's session (collnet.membership.session): registered on behalf of
+        # its trainers; False from ``end_session`` until ``begin_session``.
+        self._in_session = True
+        self._session_lock = asyncio.Lock()
 
     # -- lifecycle ---------------------------------------------------------
     async def start(self, me: PeerInfo) -> WorldView:
@@ -303,16 +316,20 @@ class ControlPlane:
         self._on_world(answer.world)
         self._up.set()
         assert client.lost is not None
-        client.lost.add_done_callback(lambda f: self._lost(f.result()))
+        client.lost.add_done_callback(lambda f: self._lost(client, f.result()))
         return answer.world
 
     def _pushed(self, world: WorldView) -> None:
         log.info("daemon %s: epoch %d, world %s", self.id, world.epoch, list(world.ids))
         self._on_world(world)
 
-    def _lost(self, exc: CollnetError) -> None:
+    def _lost(self, client: CoordinatorClient, exc: CollnetError) -> None:
+        if client is not self._client:
+            return  # a connection a new session replaced
         self._up.clear()
-        if not self._stopping:
+        if not self._stopping and not self._in_session:
+            log.info("daemon %s: %s; no trainer here, so no reconnect yet", self.id, exc.message)
+        elif not self._stopping:
             # Collectives need no coordinator: keep serving them, and reconnect.
             log.warning("daemon %s: %s; reconnecting", self.id, exc.message)
             self._tasks.spawn(self._reconnect())
@@ -321,12 +338,16 @@ class ControlPlane:
         delay_s = 0.2
         while not self._stopping:
             await asyncio.sleep(delay_s)
-            try:
-                await self._join()
-            except (CollnetError, OSError, TimeoutError) as exc:
-                log.debug("daemon %s: coordinator still unreachable: %s", self.id, exc)
-                delay_s = min(2.0, delay_s * 2)
-                continue
+            # Never while a session ends or begins: each registers (or not) itself.
+            async with self._session_lock:
+                if self._stopping or not self._in_session or self.connected:
+                    return
+                try:
+                    await self._join()
+                except (CollnetError, OSError, TimeoutError) as exc:
+                    log.debug("daemon %s: coordinator still unreachable: %s", self.id, exc)
+                    delay_s = min(2.0, delay_s * 2)
+                    continue
             log.info(
                 "daemon %s: reconnected to the coordinator (epoch %d)", self.id, self._held().epoch
             )
@@ -338,6 +359,12 @@ class ControlPlane:
     # -- requests ----------------------------------------------------------
     async def world(self, timeout_s: float) -> WorldView:
         """The coordinator's current world, pending peers included."""
+        if not self._in_session:
+            # Unregistered, this daemon may ask only what anyone may: the status.
+            if not self.connected:
+                return self._held()
+            status = await self._client.call(wire.GetStatus(), wire.StatusAnswer, timeout_s)
+            return status.status.world
         answer = await self._client.call(wire.GetWorld(), wire.WorldAnswer, timeout_s)
         return answer.world
 
@@ -397,6 +424,9 @@ class ControlPlane:
 
     async def leave(self, timeout_s: float) -> bool:
         """Announce a graceful leave; whether the coordinator took it (logged either way)."""
+        return not self._in_session or await self._announce_leave(timeout_s)
+
+    async def _announce_leave(self, timeout_s: float) -> bool:
         try:
             await self._client.call(wire.Leave(), wire.Left, timeout_s)
         except (CollnetError, TimeoutError) as exc:
@@ -404,3 +434,36 @@ class ControlPlane:
             return False
         log.info("daemon %s: left the world", self.id)
         return True
+
+    # -- sessions (collnet.membership.session) -----------------------------
+    async def end_session(self, timeout_s: float) -> bool:
+        """This node's trainers are gone: leave the world (or the pending list) at once
+        and stay up, unregistered; no reconnect registers again until
+        ``begin_session``. Whether the coordinator took the leave; if it did not,
+        the connection is cut, which the coordinator takes for a lost peer."""
+        async with self._session_lock:
+            if not self._in_session:
+                return False
+            self._in_session = False
+            client = self._client
+            took = self.connected and await self._announce_leave(timeout_s)
+            if not took:
+                client.close()
+            # The coordinator forgot this peer's calls in flight: nobody answers them.
+            client.abandon(PeerLost(f"daemon {self.id} left: no trainer here", peer=self.id))
+            return took
+
+    async def begin_session(self) -> None:
+        """A trainer joined after the session ended: register again, as pending, on a
+        fresh connection (the idle one is closed)."""
+        async with self._session_lock:
+            if self._in_session:
+                return
+            idle, self._in_session = self._client, True
+            try:
+                await self._join()
+            except BaseException:
+                self._in_session = False
+                raise
+            if idle is not self._client:
+                idle.close()

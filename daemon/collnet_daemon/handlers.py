@@ -3,9 +3,11 @@
 Every request from a trainer is parsed once, here, into its typed form
 (``collnet.wire.localapi``); a handler gets only that. A request refused
 while parsing that named a collective is refused on the other peers too
-(they would otherwise wait for this one until their deadline). Which
-trainers joined the world through this daemon is kept here as well: a
-daemon whose last trainer is gone may leave (``--leave-when-trainers-exit``).
+(they would otherwise wait for this one until their deadline). The calls
+that make a client one of this node's trainers (``update_topology``, any
+call in a local group) are told to the node's ``Session``, which leaves the
+world when they are gone; a trainer's ``update_topology`` first has the
+daemon registered again if the session had ended.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from collnet_daemon.config import DaemonConfig
 from collnet_daemon.control import ControlPlane
 from collnet_daemon.executor import Executor
 from collnet_daemon.localgroup import LocalGroups
+from collnet_daemon.session import Session
 from collnet_daemon.statesync.requests import SyncRequests
 
 log = logging.getLogger(__name__)
@@ -59,6 +62,7 @@ class LocalApi:
         syncs: SyncRequests,
         buffers: SharedBuffers,
         local: LocalGroups,
+        session: Session,
         adopt: Callable[[WorldView], None],
         leave: Callable[[], None],
     ) -> None:
@@ -70,10 +74,9 @@ class LocalApi:
         self.syncs = syncs
         self.buffers = buffers
         self.local = local
+        self.session = session
         self.adopt = adopt
         self.leave = leave
-        # Clients that took part in the world (called update_topology), by identity.
-        self.trainers: set[bytes] = set()
         self._table: dict[type[Any], Callable[[bytes, Any], Awaitable[Reply]]] = {
             Hello: self._hello,
             GetWorld: self._world,
@@ -97,13 +100,6 @@ class LocalApi:
             raise
         return await self._table[type(req)](ident, req)
 
-    def trainer_gone(self, ident: bytes) -> bool:
-        """A client disconnected; True if it was the last trainer in the world here."""
-        if ident not in self.trainers:
-            return False
-        self.trainers.discard(ident)
-        return not self.trainers
-
     # -- handlers ----------------------------------------------------------
     async def _hello(self, ident: bytes, req: Hello) -> Reply:
         world = self.membership.world
@@ -115,7 +111,7 @@ class LocalApi:
         return WorldReply(world).to_wire()
 
     async def _update_topology(self, ident: bytes, req: UpdateTopology) -> Reply:
-        self.trainers.add(ident)
+        self.session.joined(ident, req.local_size)
         if req.local_size == 1:
             world = await self.update_topology()
         else:
@@ -131,6 +127,7 @@ class LocalApi:
 
     async def update_topology(self) -> WorldView:
         """The membership barrier; this peer then holds the world it agreed on."""
+        await self.session.open(self.config.collective_timeout_s)
         world = await self.control.update_topology(self.config.collective_timeout_s)
         # The world the barrier agreed on, not a newer one a push brought meanwhile:
         # the other members run this round in that world.
@@ -141,10 +138,14 @@ class LocalApi:
         return world
 
     async def _all_reduce(self, ident: bytes, req: AllReduce) -> Reply:
+        if req.local_size > 1:  # the node's group cannot complete without this one
+            self.session.joined(ident, req.local_size)
         await self.all_reduces.handle(req)
         return {}
 
     async def _sync_state(self, ident: bytes, req: SyncState) -> Reply:
+        if req.local_size > 1:
+            self.session.joined(ident, req.local_size)
         return (await self.syncs.handle(req)).to_wire()
 
     async def _cancel(self, ident: bytes, req: Cancel) -> Reply:

@@ -94,10 +94,12 @@ class LocalGroups:
             if not group.done.done():
                 group.done.set_result(result)
 
-    def fail_all(self, exc: CollnetError) -> None:
-        for group in self.open.values():
-            group.fail(exc)
-        self.open.clear()
+    def fail_all(self, exc: CollnetError, spare: Hashable | None = None) -> None:
+        """Fail every open group (but the one of key ``spare``) with ``exc``."""
+        for key, group in list(self.open.items()):
+            if key != spare:
+                group.fail(exc)
+                del self.open[key]
 
 
 def reduce_locally(op: str, arrays: list[npt.NDArray[Any]]) -> npt.NDArray[Any]:

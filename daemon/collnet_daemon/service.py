@@ -9,6 +9,8 @@ them, wires them by their constructors, starts and stops them:
 - ``StateSync`` and ``SyncRequests`` (statesync/): shared-state sync;
 - ``AllReduces`` (allreduce.py): all-reduce requests, alone or per node;
 - ``LocalApi`` (handlers.py) behind ``IpcServer`` (ipc.py): the trainers;
+- ``Session`` (session.py): leaves the world when the node's trainers are
+  gone (the daemon stays up) and registers again when one joins;
 - ``DaemonMetrics`` (metrics.py), reading a ``DaemonSnapshot``.
 
 A world adopted from any source (registration, barrier answer, push) goes
@@ -32,9 +34,10 @@ from collnet_daemon.control import ControlPlane
 from collnet_daemon.executor import Executor
 from collnet_daemon.handlers import LocalApi
 from collnet_daemon.ipc import IpcServer
+from collnet_daemon.localaccess import LocalAccess
 from collnet_daemon.localgroup import LocalGroups
 from collnet_daemon.metrics import DaemonMetrics, DaemonSnapshot
-from collnet_daemon.localaccess import LocalAccess
+from collnet_daemon.session import Session
 from collnet_daemon.statesync import StateSync
 from collnet_daemon.statesync.requests import SyncRequests
 from collnet_daemon.tasks import TaskSet
@@ -78,6 +81,15 @@ class Daemon:
             self.local,
             self._leaving,
         )
+        self.session = Session(
+            self.id,
+            self.membership,
+            self.control,
+            self.executor,
+            self.local,
+            self._adopt,
+            self._session_ended,
+        )
         self.api = LocalApi(
             config,
             self.membership,
@@ -87,6 +99,7 @@ class Daemon:
             self.syncs,
             self.buffers,
             self.local,
+            self.session,
             adopt=self._adopt,
             leave=self._leave_soon,
         )
@@ -96,6 +109,7 @@ class Daemon:
             self.metrics.observed(self.api.handle),
             fallback,
             on_disconnect=self._client_gone,
+            access=LocalAccess(config.ipc_group, config.ipc_token_file),
         )
         self.data_addr: tuple[str, int] = ("", 0)
         self.stopped = asyncio.Event()
@@ -111,7 +125,6 @@ class Daemon:
             world=self.membership.world,
             collectives_in_flight=self.executor.running,
             coordinator_connected=self.control.connected,
-            access=LocalAccess(config.ipc_group, config.ipc_token_file),
             coordinator_rtt_s=self.control.rtt_s,
             links=dict(self.executor.mesh.links),
         )
@@ -154,6 +167,7 @@ class Daemon:
         shutting_down = DaemonUnavailable(f"daemon {self.id} is shutting down")
         self.executor.fail_all(shutting_down)
         self.local.fail_all(shutting_down)
+        self.session.close()
         self.state.close()
         self._tasks.cancel()
         self.control.close()
@@ -186,11 +200,10 @@ class Daemon:
         self._tasks.spawn(self.stop(leave=False))
 
     def _client_gone(self, ident: bytes) -> None:
-        if not self.api.trainer_gone(ident):
-            return
-        if not self.config.leave_when_trainers_exit or self._stopping is not None:
-            return
-        # Nobody here will call the next barrier: staying a member would hold the
-        # other peers at it until their deadline.
-        log.warning("daemon %s: its last trainer disconnected; leaving the world", self.id)
-        self._leave_soon()
+        if self._stopping is None:  # a stop closes every client's connection
+            self.session.trainer_gone(ident)
+
+    def _session_ended(self) -> None:
+        if self.config.leave_when_trainers_exit and self._stopping is None:
+            log.warning("daemon %s: its trainers are gone; stopping as configured", self.id)
+            self._leave_soon()

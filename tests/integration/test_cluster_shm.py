@@ -40,11 +40,20 @@ def test_daemon_unmaps_a_closed_clients_segments(tmp_path: Path) -> None:
         assert not any(Path("/dev/shm", name).exists() for name in names)
 
 
+def _join_until_both_are_members(rank: int, comm: Comm) -> None:
+    # The first daemon to register again may start a world alone (as any first
+    # peer does); the other is admitted at its next update_topology.
+    while comm.update_topology(timeout_s=30.0).size < 2:
+        pass
+
+
 def test_a_new_client_session_reuses_default_tags_without_hanging(tmp_path: Path) -> None:
     with running_peers(2, tmp_path) as p:
         for session in range(2):
             p.close()
             p.comms = [p.connect(i) for i in range(2)]
+            # Their trainers gone, the daemons left the world: the new ones join again.
+            run_on_all(p.comms, _join_until_both_are_members)
             for step in range(2):
                 # default tags: every new Comm counts them from 1 again
                 def one(rank: int, comm: Comm, s: int = session + step) -> np.ndarray:
