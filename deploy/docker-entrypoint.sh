@@ -19,13 +19,18 @@
 #                             the local API (read by collnet itself; default: uid 10001 only,
 #                             no TCP fallback; see docs/operations.md)
 #   COLLNET_ADVERTISE_HOST    daemon: host other daemons dial (default: this container's IP)
-#   COLLNET_PEER_ID           daemon: stable peer id (default: the container hostname)
+#   COLLNET_PEER_ID           daemon: stable peer id (default: the TLS certificate's
+#                             name with TLS, else the container hostname)
 #   COLLNET_CONNECTIONS, COLLNET_CHUNK_BYTES, COLLNET_CONNECT_TIMEOUT_S
 #   COLLNET_HEARTBEAT_INTERVAL_S, COLLNET_HEARTBEAT_FLOOR_S, COLLNET_HEARTBEAT_CEILING_S
 #   COLLNET_REJOIN_GRACE_S    coordinator only
 #   COLLNET_LEAVE_WHEN_TRAINERS_EXIT  daemon: 1 passes --leave-when-trainers-exit
 #   COLLNET_METRICS_PORT, COLLNET_METRICS_HOST   Prometheus endpoint (read by collnet itself)
-#   COLLNET_SECRET_FILE       shared secret file (read by collnet itself; default
+#   COLLNET_TLS_CA, COLLNET_TLS_CERT, COLLNET_TLS_KEY   mutual TLS (read by collnet
+#                             itself; default /run/secrets/collnet_tls_{ca,cert,key}
+#                             when those exist)
+#   COLLNET_SECRET_FILE       shared secret file, for trusted networks: plaintext after
+#                             the handshake (read by collnet itself; default
 #                             /run/secrets/collnet_secret when that exists)
 #   COLLNET_LOG_LEVEL, COLLNET_LOG_JSON (1/true)
 #   COLLNET_EXTRA_ARGS        more flags for the subcommand (split on spaces)
@@ -68,6 +73,20 @@ check_secret() {
   if [ -n "${COLLNET_SECRET_FILE:-}" ] && [ ! -r "$COLLNET_SECRET_FILE" ]; then
     die "secret file $COLLNET_SECRET_FILE is missing or not readable by uid $(id -u) (make it readable by uid or gid 10001)"
   fi
+}
+
+check_tls() {
+  local part var path
+  for part in ca cert key; do
+    var="COLLNET_TLS_${part^^}"
+    if [ -z "${!var:-}" ] && [ -f "/run/secrets/collnet_tls_$part" ]; then
+      export "$var=/run/secrets/collnet_tls_$part"
+    fi
+    path="${!var:-}"
+    if [ -n "$path" ] && [ ! -r "$path" ]; then
+      die "TLS file $path ($var) is missing or not readable by uid $(id -u) (chown it to 10001; keep keys 0600)"
+    fi
+  done
 }
 
 global_flags=()
@@ -113,8 +132,11 @@ run_daemon() {
        --coordinator "$COLLNET_COORDINATOR"
        --ipc "$ipc"
        --listen "${COLLNET_LISTEN:-0.0.0.0:29500}"
-       --advertise-host "${COLLNET_ADVERTISE_HOST:-$(container_ip)}"
-       --peer-id "${COLLNET_PEER_ID:-$(hostname)}")
+       --advertise-host "${COLLNET_ADVERTISE_HOST:-$(container_ip)}")
+  # With TLS the peer id is the certificate's name (collnet checks a given one).
+  if [ -n "${COLLNET_PEER_ID:-}" ] || [ -z "${COLLNET_TLS_CERT:-}" ]; then
+    cmd+=(--peer-id "${COLLNET_PEER_ID:-$(hostname)}")
+  fi
   opt --connections "${COLLNET_CONNECTIONS:-}"
   opt --chunk-bytes "${COLLNET_CHUNK_BYTES:-}"
   opt --connect-timeout-s "${COLLNET_CONNECT_TIMEOUT_S:-}"
@@ -162,8 +184,8 @@ except collnet_client.CollnetError as exc:
 load_config
 set_global_flags
 case "${1:-daemon}" in
-  coordinator) shift; check_secret; run_coordinator "$@" ;;
-  daemon) shift || true; check_secret; run_daemon "$@" ;;
+  coordinator) shift; check_secret; check_tls; run_coordinator "$@" ;;
+  daemon) shift || true; check_secret; check_tls; run_daemon "$@" ;;
   healthcheck) healthcheck ;;
-  *) check_secret; exec "$@" ;;
+  *) check_secret; check_tls; exec "$@" ;;
 esac

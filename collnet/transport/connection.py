@@ -94,8 +94,12 @@ class FrameConnection(asyncio.BufferedProtocol):
         # Paused whenever anything is queued, resumed when the queue is empty:
         # drain() then means "every byte handed to send() reached the kernel",
         # which is what lets a collective complete while the payloads it sent
-        # are views of a tensor that the caller will reuse.
-        tr.set_write_buffer_limits(high=0, low=0)  # type: ignore[attr-defined]
+        # are views of a tensor that the caller will reuse. Under TLS, "reached
+        # the kernel" reads "was encrypted" (the tensor's bytes are not needed
+        # after that), and the TLS transport pauses at size >= high where a
+        # plain one pauses at size > high: high=1 means the same there.
+        tls = transport.get_extra_info("ssl_object") is not None
+        tr.set_write_buffer_limits(high=1 if tls else 0, low=0)  # type: ignore[attr-defined]
 
     def get_buffer(self, sizehint: int) -> memoryview:
         try:

@@ -9,6 +9,16 @@ only then does the acceptor attach the connection to its link for that peer.
 With no shared secret configured, nonces and proofs are left out and only
 loopback peers are accepted. A connection whose frames are not this handshake
 is closed; it can send nothing else before it completes.
+
+With TLS (``collnet.transport.tls``) every connection carries a certified
+identity, and the HELLO is checked against it: the dialler's claimed ``peer``
+must be its certificate's name, the acceptor's certificate must name the peer
+that was dialled, and the dialler must be a member of the world this daemon
+holds (active or pending). A dialler not (yet) in that world is not answered
+at once: a member admitted a moment ago may dial before this daemon has
+applied the world that admits it, so the HELLO waits (``Mesh.world_changed``)
+until the connect deadline, and is then refused (``AuthError``). Without TLS
+an id is only a claim, so no membership check is made on it.
 """
 
 from __future__ import annotations
@@ -19,12 +29,15 @@ from collections.abc import Callable
 from functools import partial
 from typing import Any
 
-from collnet.errors import CollnetError, PeerLost, ProtocolError
-from collnet.membership import auth
+from collnet.errors import AuthError, CollnetError, PeerLost, ProtocolError
+from collnet.membership import auth, identity
 from collnet.membership.liveness import Liveness
 from collnet.transport.admission import Admission
 from collnet.transport.connection import FrameConnection
 from collnet.transport.link import LinkRouter, PeerLink
+from collnet.transport.tls import Listening, Tls, peer_name
+from collnet.transport.tls import connect as tls_connect
+from collnet.transport.tls import serve as tls_serve
 from collnet.wire import Frame, FrameKind, Header, Limits
 
 log = logging.getLogger(__name__)
@@ -62,6 +75,9 @@ class _Handshake:
         self.initiator = auth.Initiator(mesh.secret) if dialled is not None else None
         self.responder: auth.Responder | None = None
         self.hello: tuple[str, int, int] | None = None
+        # A certified dialler not in this daemon's world yet: its first HELLO,
+        # answered once a world admits it (see the module docstring).
+        self.parked: tuple[FrameConnection, Any] | None = None
 
     def payload_sink(self, conn: FrameConnection, header: Header, meta: Any) -> memoryview | None:
         raise ProtocolError(f"{header.kind.name} frame with payload before handshake")
@@ -70,6 +86,11 @@ class _Handshake:
         if frame.kind != FrameKind.HELLO:
             raise ProtocolError(f"expected HELLO, got {frame.kind.name}")
         if self.initiator is not None:  # the acceptor's answer
+            if self.slot is not None:
+                expected = self.slot[0].peer
+                identity.check_claim(
+                    peer_name(conn.transport), expected, f"peer at {conn.peername}"
+                )
             final, verdict = self.initiator.on_answer(frame.meta, f"peer at {conn.peername}")
             if final is not None:
                 conn.send(FrameKind.HELLO, final)
@@ -83,20 +104,62 @@ class _Handshake:
             if self.dialled is not None and not self.dialled.done():
                 self.dialled.set_result(None)
             return
-        if self.hello is None:
-            self.hello = _hello_fields(frame.meta)
-            self.responder = auth.Responder(self.mesh.secret, (conn.peername or ("?",))[0])
-            who = f"peer {self.hello[0]!r} from {conn.peername}"
-            answer, done = self.responder.on_hello(frame.meta, who)
-            conn.send(FrameKind.HELLO, {"peer": self.mesh.self_id, **answer})
-        else:
-            assert self.responder is not None
-            self.responder.on_proof(frame.meta, f"peer {self.hello[0]!r} from {conn.peername}")
-            done = True
+        if self.hello is None and self.parked is None:
+            hello = _hello_fields(frame.meta)
+            certified = peer_name(conn.transport)
+            who = f"peer {hello[0]!r} from {conn.peername}"
+            identity.check_claim(certified, hello[0], who)
+            identity.check_peer_name(certified, who)
+            if certified is not None and not self.mesh.admits(hello[0]):
+                log.info("%s is not in this daemon's world yet: its HELLO waits", who)
+                self.parked = (conn, frame.meta)
+                self.mesh._parked.add(self)
+                return
+            self._answer(conn, frame.meta)
+            return
+        if self.hello is None or self.responder is None:
+            raise ProtocolError("a second HELLO before the first was answered")
+        self.responder.on_proof(frame.meta, f"peer {self.hello[0]!r} from {conn.peername}")
+        self.mesh._accept(*self.hello, conn)
+
+    def _answer(self, conn: FrameConnection, meta: Any) -> None:
+        """Answer the dialler's first HELLO (attaching at once if no proof follows)."""
+        self.parked = None
+        self.hello = _hello_fields(meta)
+        certified = peer_name(conn.transport)
+        self.responder = auth.Responder(
+            self.mesh.secret, (conn.peername or ("?",))[0], certified is not None
+        )
+        who = f"peer {self.hello[0]!r} from {conn.peername}"
+        answer, done = self.responder.on_hello(meta, who)
+        conn.send(FrameKind.HELLO, {"peer": self.mesh.self_id, **answer})
         if done:
             self.mesh._accept(*self.hello, conn)
 
+    def admit_if_member(self) -> None:
+        """The world changed: answer a parked HELLO if its peer is in it now."""
+        if self.parked is None:
+            return
+        conn, meta = self.parked
+        if conn.closed:
+            self.mesh._parked.discard(self)
+        elif self.mesh.admits(meta["peer"]):
+            self.mesh._parked.discard(self)
+            try:
+                self._answer(conn, meta)
+            except CollnetError as exc:
+                log.warning("connection %s: %s: %s", conn.peername, exc.kind, exc)
+                conn.abort()
+
     def on_lost(self, conn: FrameConnection, exc: CollnetError) -> None:
+        if self.parked is not None:
+            self.mesh._parked.discard(self)
+            refused = AuthError(
+                f"peer {self.parked[1]['peer']!r} from {conn.peername} is not a member of "
+                "the world this daemon holds: data link refused"
+            )
+            log.warning("%s: %s", refused.kind, refused)
+            self.parked = None
         if self.dialled is not None and not self.dialled.done():
             self.dialled.set_exception(exc)
 
@@ -114,6 +177,8 @@ class Mesh:
         liveness: Callable[[], Liveness] = Liveness,
         secret: bytes | None = None,
         on_new_link: Callable[[PeerLink], None] | None = None,
+        tls: Tls | None = None,
+        members: Callable[[], set[str]] | None = None,
     ) -> None:
         self.self_id = self_id
         self.k = connections
@@ -122,14 +187,18 @@ class Mesh:
         self.connect_timeout_s = connect_timeout_s
         self.liveness = liveness
         self.secret = secret
+        self.tls = tls
+        # The ids allowed to open data links (the world held: active and pending);
+        # checked only for certified identities (see the module docstring).
+        self._members = members
+        self._parked: set[_Handshake] = set()
         self.links: dict[str, PeerLink] = {}
         # Told of every link as it is made (metrics count its bytes after it is gone).
         self.on_new_link = on_new_link
         self._dialling: dict[str, asyncio.Task[PeerLink]] = {}
-        self._server: asyncio.Server | None = None
+        self._server: Listening | None = None
 
     async def listen(self, host: str, port: int) -> tuple[str, int]:
-        loop = asyncio.get_running_loop()
         # A connection that never completes its HELLO must not hold a socket forever.
         admission = Admission(
             "HELLO", self.connect_timeout_s, lambda conn: not isinstance(conn.handler, _Handshake)
@@ -137,10 +206,18 @@ class Mesh:
         accepted = admission.factory(
             lambda: FrameConnection(_Handshake(self), self.limits, "accepting")
         )
-        self._server = await loop.create_server(accepted, host, port)
+        self._server = await tls_serve(accepted, host, port, self.tls, self.connect_timeout_s)
         sock = self._server.sockets[0]
         addr = sock.getsockname()
         return str(addr[0]), int(addr[1])
+
+    def admits(self, peer: str) -> bool:
+        return self._members is None or peer in self._members()
+
+    def world_changed(self) -> None:
+        """Answer the parked HELLOs of peers the world now admits."""
+        for handshake in list(self._parked):
+            handshake.admit_if_member()
 
     def _new_link(self, peer: str) -> PeerLink:
         link = self.links[peer] = PeerLink(peer, self.k, self.router, self.liveness())
@@ -186,19 +263,26 @@ class Mesh:
                 for index in range(self.k):
                     answer: asyncio.Future[None] = loop.create_future()
                     handshake = _Handshake(self, answer, (link, index))
-                    _, conn = await loop.create_connection(
+                    _, made = await tls_connect(
                         lambda h=handshake: FrameConnection(h, self.limits, peer),  # type: ignore[misc]
                         addr[0],
                         addr[1],
+                        self.tls,
+                        self.connect_timeout_s,
                     )
+                    assert isinstance(made, FrameConnection)
+                    conn = made
                     assert handshake.initiator is not None
                     hello = {"peer": self.self_id, "conn": index, "k": self.k}
                     conn.send(FrameKind.HELLO, handshake.initiator.hello(hello))
+                    # Retrieved here: only the first failure is awaited below.
+                    answer.add_done_callback(lambda f: f.cancelled() or f.exception())
                     answers.append(answer)
                 for answer in answers:
                     await answer
         except (OSError, TimeoutError, CollnetError) as exc:
-            err = PeerLost(f"cannot connect to {peer} at {addr[0]}:{addr[1]}: {exc}", peer=peer)
+            why = str(exc) or f"no answer within {self.connect_timeout_s:.1f}s"
+            err = PeerLost(f"cannot connect to {peer} at {addr[0]}:{addr[1]}: {why}", peer=peer)
             link.fail(err)
             raise err from None
         return link

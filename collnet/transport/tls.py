@@ -217,9 +217,10 @@ class TlsServer:
 
     async def _handshake(self, sock: socket.socket, peer: Any) -> None:
         loop = asyncio.get_running_loop()
+        standin = _Handshaking()
         try:
-            transport, standin = await loop.connect_accepted_socket(
-                _Handshaking, sock, ssl=self.tls.server, ssl_handshake_timeout=self.timeout_s
+            transport, _ = await loop.connect_accepted_socket(
+                lambda: standin, sock, ssl=self.tls.server, ssl_handshake_timeout=self.timeout_s
             )
         except (OSError, TimeoutError) as exc:
             log.warning("connection from %s: AuthError: %s", peer, describe(exc))
@@ -231,7 +232,6 @@ class TlsServer:
         conn = self.factory()
         transport.set_protocol(conn)
         conn.connection_made(transport)
-        assert isinstance(standin, _Handshaking)
         for data in standin.early:
             _deliver(conn, memoryview(data))
 
@@ -262,7 +262,7 @@ class _Handshaking(asyncio.Protocol):
 def _deliver(conn: asyncio.BufferedProtocol, data: memoryview) -> None:
     """Hand ``data`` to ``conn`` as the event loop would."""
     while data:
-        buf = conn.get_buffer(len(data))
+        buf = memoryview(conn.get_buffer(len(data)))
         n = min(len(buf), len(data))
         if n == 0:
             return

@@ -26,7 +26,11 @@ import click
 import uvloop
 
 from collnet.addresses import DEFAULT_IPC, DEFAULT_TCP_PORT, token_file_for
+from collnet.errors import InvalidArgument
 from collnet.membership.bounds import valid_peer_id
+from collnet.membership.identity import COORDINATOR
+from collnet.transport.tls import Tls, TlsFiles
+from collnet_daemon.certs import certs
 from collnet_daemon.config import DaemonConfig, parse_hostport
 from collnet_daemon.logs import setup_logging
 
@@ -48,9 +52,11 @@ async def _until_signalled() -> None:
     await stop.wait()
 
 
-def _read_secret(path: str | None, role: str) -> bytes | None:
+def _read_secret(path: str | None, role: str, tls: object = None) -> bytes | None:
     """The shared secret from a file (never from the command line itself)."""
     if not path:
+        if tls is not None:
+            return None  # TLS authenticates, and proves who each peer is
         log.warning(
             "%s: no shared secret (--secret-file / COLLNET_SECRET_FILE): "
             "accepting loopback peers only",
@@ -81,6 +87,36 @@ def _heartbeat_options(f: Callable[..., Any]) -> Callable[..., Any]:
     return click.option(
         "--heartbeat-interval-s", default=0.5, show_default=True, type=click.FloatRange(0.01)
     )(f)
+
+
+def _tls_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    """--tls-ca / --tls-cert / --tls-key (env COLLNET_TLS_*), given all three or none."""
+    for name, what in (
+        ("key", "This process's private key (PEM)."),
+        ("cert", "This process's certificate (PEM; made by 'collnet certs issue')."),
+        ("ca", "CA certificate peers' certificates must be signed by: turns on mutual TLS."),
+    ):
+        f = click.option(
+            f"--tls-{name}",
+            envvar=f"COLLNET_TLS_{name.upper()}",
+            default=None,
+            type=click.Path(dir_okay=False),
+            help=f"{what} Env: COLLNET_TLS_{name.upper()}.",
+        )(f)
+    return f
+
+
+def _load_tls(ca: str | None, cert: str | None, key: str | None) -> Tls | None:
+    given = [x for x in (ca, cert, key) if x]
+    if not given:
+        return None
+    if len(given) != 3:
+        raise click.UsageError("--tls-ca, --tls-cert and --tls-key go together")
+    assert ca and cert and key
+    try:
+        return Tls(TlsFiles(ca, cert, key))
+    except InvalidArgument as exc:
+        raise click.BadParameter(exc.message, param_hint="--tls-cert") from None
 
 
 _secret_option = click.option(
@@ -154,6 +190,7 @@ def main(ctx: click.Context, log_level: str, log_json: bool) -> None:
 @click.option("--listen", default="127.0.0.1:29400", show_default=True, help="HOST:PORT")
 @_heartbeat_options
 @_secret_option
+@_tls_options
 @click.option(
     "--rejoin-grace-s",
     default=10.0,
@@ -172,6 +209,9 @@ def coordinator(
     metrics_host: str,
     metrics_port: int | None,
     secret_file: str | None,
+    tls_ca: str | None,
+    tls_cert: str | None,
+    tls_key: str | None,
     heartbeat_interval_s: float,
     heartbeat_floor_s: float,
     heartbeat_ceiling_s: float,
@@ -195,11 +235,18 @@ def coordinator(
     def liveness() -> Liveness:
         return Liveness(heartbeat_interval_s, heartbeat_floor_s, heartbeat_ceiling_s)
 
-    secret = _read_secret(secret_file, "coordinator")
+    tls = _load_tls(tls_ca, tls_cert, tls_key)
+    if tls is not None and tls.name != COORDINATOR:
+        raise click.BadParameter(
+            f"the coordinator's certificate must be named {COORDINATOR!r}, not {tls.name!r}",
+            param_hint="--tls-cert",
+        )
+    secret = _read_secret(secret_file, "coordinator", tls)
 
     async def run() -> None:
-        limits = (max_connections, handshake_timeout_s)
-        service = CoordinatorService(liveness, secret, rejoin_grace_s, *limits)
+        service = CoordinatorService(
+            liveness, secret, rejoin_grace_s, max_connections, handshake_timeout_s, tls
+        )
         host, port = await service.start(*parse_hostport(listen))
         metrics = CoordinatorMetrics(service)
         served = None if metrics_port is None else await metrics.serve(metrics_host, metrics_port)
@@ -274,7 +321,13 @@ def coordinator(
 )
 @_heartbeat_options
 @_secret_option
-@click.option("--peer-id", default=None, help="Stable id of this peer (default: random).")
+@_tls_options
+@click.option(
+    "--peer-id",
+    default=None,
+    help="Stable id of this peer (default: the TLS certificate's name, else random). "
+    "With TLS it must be the certificate's name.",
+)
 @click.option(
     "--leave-when-trainers-exit",
     is_flag=True,
@@ -300,6 +353,9 @@ def daemon(
     heartbeat_floor_s: float,
     heartbeat_ceiling_s: float,
     secret_file: str | None,
+    tls_ca: str | None,
+    tls_cert: str | None,
+    tls_key: str | None,
     peer_id: str | None,
     leave_when_trainers_exit: bool,
     metrics_host: str,
@@ -307,7 +363,6 @@ def daemon(
     ready_file: str | None,
 ) -> None:
     """Run the peer daemon of this node."""
-    from collnet.errors import InvalidArgument
     from collnet_daemon.localaccess import group_id
     from collnet_daemon.service import Daemon
 
@@ -337,13 +392,28 @@ def daemon(
         ipc_group=ipc_group,
         ipc_token_file=ipc_token_file or token_file_for(ipc),
     )
+    config.tls = _load_tls(tls_ca, tls_cert, tls_key)
+    if config.tls is not None:
+        # With TLS the peer id is the certificate's name: what the others check.
+        name = config.tls.name
+        if name == COORDINATOR:
+            raise click.BadParameter(
+                "that is the coordinator's certificate, not a peer's", param_hint="--tls-cert"
+            )
+        if peer_id and peer_id != name:
+            raise click.BadParameter(
+                f"{peer_id!r} differs from the name on the TLS certificate ({name!r}); "
+                "with TLS the peer id is the certificate's name",
+                param_hint="--peer-id",
+            )
+        peer_id = name
     if peer_id:
         config.peer_id = peer_id
     if not valid_peer_id(config.peer_id):  # the coordinator would refuse it (bounds.py)
         msg = f"{config.peer_id!r}: 1-64 of A-Za-z0-9._- starting with a letter or digit"
         raise click.BadParameter(msg, param_hint="--peer-id")
     setup_logging(ctx.obj["log_level"], ctx.obj["log_json"], f"daemon[{config.peer_id}]")
-    config.secret = _read_secret(secret_file, f"daemon {config.peer_id}")
+    config.secret = _read_secret(secret_file, f"daemon {config.peer_id}", config.tls)
 
     async def run() -> int:
         d = Daemon(config)
@@ -374,6 +444,7 @@ def daemon(
 @main.command()
 @click.option("--coordinator", "coordinator_addr", required=True, help="HOST:PORT")
 @_secret_option
+@_tls_options
 @click.option("--timeout-s", default=10.0, show_default=True, type=click.FloatRange(0.1))
 @click.option("--json", "as_json", is_flag=True, help="Print the coordinator's answer as JSON.")
 @click.pass_context
@@ -381,13 +452,16 @@ def status(
     ctx: click.Context,
     coordinator_addr: str,
     secret_file: str | None,
+    tls_ca: str | None,
+    tls_cert: str | None,
+    tls_key: str | None,
     timeout_s: float,
     as_json: bool,
 ) -> None:
     """Show the world: peers, epoch, state revisions and control-link RTTs.
 
     Asks the coordinator without joining (it authenticates like a daemon, so it
-    needs the same --secret-file)."""
+    needs the same --secret-file, or with TLS a certificate of the same CA)."""
     from collnet.errors import CollnetError
     from collnet_daemon.status import fetch_status, render_table
 
@@ -398,10 +472,14 @@ def status(
     )
     # Without a secret, a coordinator accepts loopback connections only.
     secret = _read_secret(secret_file, "status") if secret_file else None
+    tls = _load_tls(tls_ca, tls_cert, tls_key)
     host, port = parse_hostport(coordinator_addr)
     try:
-        answer = uvloop.run(fetch_status(host, port, secret, timeout_s))
+        answer = uvloop.run(fetch_status(host, port, secret, timeout_s, tls))
     except (CollnetError, OSError, TimeoutError, ValueError) as exc:
         click.echo(f"collnet status: {coordinator_addr}: {exc}", err=True)
         sys.exit(1)
     click.echo(json.dumps(answer, indent=2) if as_json else render_table(answer))
+
+
+main.add_command(certs)

@@ -6,8 +6,8 @@ import secrets
 import socket
 from dataclasses import dataclass, field
 
-from collnet.addresses import DEFAULT_TCP_PORT
 from collnet.membership.liveness import Liveness
+from collnet.transport.tls import Tls
 
 
 def parse_hostport(text: str, default_host: str = "127.0.0.1") -> tuple[str, int]:
@@ -49,10 +49,19 @@ class DaemonConfig:
     # Once this node's trainers are gone the daemon always leaves the world (its
     # session ends, session.py); with this it also stops.
     leave_when_trainers_exit: bool = False
-    # Also serve trainers on tcp://127.0.0.1:PORT (0: only on ``ipc``).
-    ipc_tcp_port: int = DEFAULT_TCP_PORT
+    # Also serve trainers on tcp://127.0.0.1:PORT (0, the default: only on ``ipc``);
+    # every request there must carry the token from ``ipc_token_file``.
+    ipc_tcp_port: int = 0
+    # The ipc socket is 0600; with a group, 0660 and group-owned (its members'
+    # trainers may use it too, each attaching only its own shared memory).
+    ipc_group: str | None = None
+    # Where the TCP endpoint's token is written (default: next to the ipc socket).
+    ipc_token_file: str | None = None
     peer_id: str = field(default_factory=default_peer_id)
     secret: bytes | None = field(default=None, repr=False)
+    # Mutual TLS on every control and data connection; the peer id is then the
+    # name on this daemon's certificate.
+    tls: Tls | None = field(default=None, repr=False)
 
     def liveness(self) -> Liveness:
         """A fresh failure detector with this daemon's heartbeat settings."""

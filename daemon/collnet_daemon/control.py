@@ -26,11 +26,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from collnet.errors import CollnetError, DaemonUnavailable, PeerLost, ProtocolError
-from collnet.membership import PeerInfo, WorldView, auth
+from collnet.errors import AuthError, CollnetError, DaemonUnavailable, PeerLost, ProtocolError
+from collnet.membership import PeerInfo, WorldView, auth, identity
 from collnet.membership.liveness import Liveness
 from collnet.transport.connection import FrameConnection
 from collnet.transport.heartbeat import Heartbeat
+from collnet.transport.tls import Tls, peer_name
+from collnet.transport.tls import connect as tls_connect
 from collnet.wire import Frame, FrameKind, Header, Limits
 from collnet.wire import control as wire
 from collnet_daemon.config import DaemonConfig
@@ -60,10 +62,12 @@ class CoordinatorClient:
         on_world: Callable[[WorldView], None],
         liveness: Callable[[], Liveness] = Liveness,
         secret: bytes | None = None,
+        tls: Tls | None = None,
     ) -> None:
         self.on_world = on_world
         self.liveness = liveness
         self._initiator = auth.Initiator(secret)
+        self.tls = tls
         self._answered: asyncio.Future[None] | None = None
         self.conn: FrameConnection | None = None
         self.lost: asyncio.Future[CollnetError] | None = None
@@ -75,17 +79,32 @@ class CoordinatorClient:
         loop = asyncio.get_running_loop()
         self.lost = loop.create_future()
         try:
-            _, conn = await asyncio.wait_for(
-                loop.create_connection(
+            _, made = await asyncio.wait_for(
+                tls_connect(
                     lambda: FrameConnection(self, CONTROL_LIMITS, "coordinator"),
                     host,
                     port,
+                    self.tls,
+                    timeout_s,
                 ),
                 timeout_s,
             )
+        except AuthError as exc:
+            log.error("TLS with the coordinator %s:%d failed: %s", host, port, exc)
+            raise
         except (OSError, TimeoutError) as exc:
             raise DaemonUnavailable(f"cannot reach coordinator {host}:{port}: {exc}") from None
-        self.conn = conn
+        assert isinstance(made, FrameConnection)
+        self.conn = conn = made
+        try:
+            # With TLS, only the holder of the certificate named "coordinator" is one.
+            certified = peer_name(conn.transport)
+            if self.tls is not None:
+                identity.check_claim(certified, identity.COORDINATOR, f"{host}:{port}")
+        except AuthError as exc:
+            log.error("refusing the coordinator at %s:%d: %s", host, port, exc)
+            conn.abort()
+            raise
         # The handshake first: nothing else is accepted before it completes.
         self._answered = loop.create_future()
         conn.send(FrameKind.HELLO, self._initiator.hello({}))
@@ -244,7 +263,7 @@ class ControlPlane:
         self._on_refused = on_refused
         self._me: PeerInfo | None = None
         # The registered connection (replaced only by a successful registration).
-        self._client = CoordinatorClient(self._pushed, config.liveness, config.secret)
+        self._client = CoordinatorClient(self._pushed, config.liveness, config.secret, config.tls)
         self._up = asyncio.Event()
         self._stopping = False
         self._topology_call: asyncio.Future[wire.WorldAnswer] | None = None
@@ -295,7 +314,9 @@ class ControlPlane:
         """Connect, authenticate and register; a member reports the world it holds,
         which is how a restarted coordinator (soft state) gets the world back."""
         assert self._me is not None, "start() first"
-        client = CoordinatorClient(self._pushed, self.config.liveness, self.config.secret)
+        client = CoordinatorClient(
+            self._pushed, self.config.liveness, self.config.secret, self.config.tls
+        )
         await client.connect(*self.config.coordinator)
         held = self._held()
         register = wire.Register(self._me, held if self.id in held.ids else None)

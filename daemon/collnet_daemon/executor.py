@@ -71,6 +71,8 @@ class Executor:
             liveness=config.liveness,
             secret=config.secret,
             on_new_link=on_new_link,
+            tls=config.tls,
+            members=lambda: {*membership.world.ids, *membership.world.pending},
         )
         self._futures: dict[Key, asyncio.Future[None]] = {}
         self._links: dict[Key, dict[int, PeerLink]] = {}
@@ -215,6 +217,7 @@ class Executor:
         self.engine.world_is(change.world)
         if change.moved:
             self._news()
+        self.mesh.world_changed()  # a member's link may be waiting for this world
         if change.gone:
             # A frozen peer gives no socket error: the coordinator's verdict is what
             # ends the collectives waiting on it.

@@ -1,8 +1,9 @@
 """``collnet status``: the world as the coordinator sees it.
 
 The coordinator answers a ``status`` control request from any authenticated
-connection, member or not (the same HMAC handshake as the daemons, so the
-secret is what lets an operator look): the epoch, every registered peer with
+connection, member or not (the same handshake as the daemons: with TLS, any
+certificate of the cluster's CA, an operator's own included; otherwise the
+shared secret is what lets an operator look): the epoch, every registered peer with
 its state (``active`` in ring order, ``pending``, or ``unconfirmed`` after a
 coordinator restart), data address, whether its control connection is up,
 that connection's heartbeat RTT, and, once the peer has taken part in a
@@ -16,16 +17,18 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+from collnet.transport.tls import Tls
 from collnet.wire import control as wire
 from collnet_daemon.control import CoordinatorClient
 
 
 async def fetch_status(
-    host: str, port: int, secret: bytes | None, timeout_s: float = 10.0
+    host: str, port: int, secret: bytes | None, timeout_s: float = 10.0, tls: Tls | None = None
 ) -> dict[str, Any]:
     """Ask the coordinator at ``host:port`` for its status, without registering;
-    the answer, validated, as its JSON-safe map."""
-    client = CoordinatorClient(lambda _world: None, secret=secret)
+    the answer, validated, as its JSON-safe map. With ``tls``, the coordinator
+    must present the certificate named ``coordinator``."""
+    client = CoordinatorClient(lambda _world: None, secret=secret, tls=tls)
     await client.connect(host, port, timeout_s)
     try:
         answer = await asyncio.wait_for(client.call(wire.GetStatus(), wire.StatusAnswer), timeout_s)

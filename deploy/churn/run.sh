@@ -177,10 +177,20 @@ fi
 phase images
 
 # -- cluster ------------------------------------------------------------------
+# Mutual TLS, as in production: a fresh CA and a certificate per service, made
+# by the image's own `collnet certs`; the services run as uid 10001, so their
+# keys are handed to it (still 0600). The CA key never leaves this directory.
 secret_dir="$(mktemp -d)"
-head -c 32 /dev/urandom | base64 > "$secret_dir/secret"
-chgrp 10001 "$secret_dir/secret" && chmod 640 "$secret_dir/secret"
-export COLLNET_SECRET_FILE_HOST="$secret_dir/secret"
+certs() {
+  docker run --rm --network none --user 0 -v "$secret_dir:/tls" "$image" collnet certs "$@" \
+    >> "$logdir/certs.log" 2>&1 || { tail -n 20 "$logdir/certs.log" >&2; die "collnet certs $* failed"; }
+}
+certs ca --out /tls
+for name in coordinator peer1 peer2 peer3 peer4; do
+  certs issue --ca /tls --name "$name" --out /tls
+done
+chown 10001 "$secret_dir"/coordinator.key "$secret_dir"/peer?.key
+export COLLNET_TLS_DIR_HOST="$secret_dir"
 export COLLNET_IMAGE="$image" COLLNET_TRAINER_IMAGE="$trainer_image" COLLNET_TRAINER="$trainer"
 export COLLNET_RESTART=no OUTER_STEPS=1000000 INNER_STEPS="${CHURN_INNER_STEPS:-10}"
 
