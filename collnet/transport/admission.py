@@ -7,7 +7,8 @@ certificate, registered). Then:
 
 - a connection not admitted ``handshake_timeout_s`` after it was accepted is
   closed: half-open or silent connections cannot hold sockets for long;
-- at most ``max_connections`` are open at once. At the cap, a new connection
+- at most ``max_connections`` are open at once (``fd_bounded`` fits a cap to
+  the process's descriptor limit). At the cap, a new connection
   takes the place of the oldest one still in its handshake from the remote
   host that holds the most of those, so a flood of half-open connections
   (from one host above all) cannot lock out a status query or a daemon's
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import resource
 from collections import Counter
 from collections.abc import Callable
 from typing import Any
@@ -36,6 +38,19 @@ from collnet.transport.loglimit import LogLimiter
 log = logging.getLogger(__name__)
 
 LOG_EVERY_S = 10.0
+# Descriptors kept back from a listener's connections: listeners, a metrics
+# endpoint and its scrapes, the event loop's own, standard streams.
+FD_RESERVE = 32
+
+
+def fd_bounded(max_connections: int, reserve: int = FD_RESERVE) -> int:
+    """``max_connections``, lowered so that the connections fit this process's
+    descriptor limit: past it accept() fails, and nobody gets in, not even a
+    status query, until some connection closes."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return max_connections
+    return max(1, min(max_connections, soft - reserve))
 
 
 class _Refused(asyncio.BufferedProtocol):

@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import resource
 import time
 from collections.abc import Callable
 from typing import Any, assert_never
@@ -38,7 +37,7 @@ from collnet.membership import (
 )
 from collnet.membership.coordinator import Effect
 from collnet.membership.liveness import Liveness
-from collnet.transport.admission import Admission
+from collnet.transport.admission import Admission, fd_bounded
 from collnet.transport.connection import FrameConnection
 from collnet.transport.heartbeat import Heartbeat
 from collnet.transport.loglimit import REMOTE, host_of
@@ -49,19 +48,6 @@ from collnet.wire import control as wire
 from collnet_daemon.control import CONTROL_LIMITS
 
 log = logging.getLogger(__name__)
-
-# Descriptors kept back from control connections: listeners, the metrics
-# endpoint and its scrapes, the event loop's own, standard streams.
-FD_RESERVE = 32
-
-
-def connection_cap(requested: int) -> int:
-    """``requested``, lowered so that the connections fit the descriptor limit
-    (past it, accept() fails and nobody gets in, a status query included)."""
-    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft == resource.RLIM_INFINITY:
-        return requested
-    return max(1, min(requested, soft - FD_RESERVE))
 
 
 class CoordinatorService:
@@ -80,7 +66,7 @@ class CoordinatorService:
         self.tls = tls
         self.rejoin_grace_s = rejoin_grace_s
         self.admission = Admission(
-            "registration", handshake_timeout_s, _registered, connection_cap(max_connections)
+            "registration", handshake_timeout_s, _registered, fd_bounded(max_connections)
         )
         self.state = CoordinatorState()
         self.conns: dict[str, FrameConnection] = {}

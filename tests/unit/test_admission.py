@@ -119,3 +119,16 @@ async def test_at_the_cap_with_all_admitted_a_newcomer_is_refused_at_once(
     await asyncio.sleep(0.2)
     assert not await _closed_within(await _connect(port, hello=True), 0.3)
     assert admission.refused == 1
+
+
+def test_the_cap_fits_the_descriptor_limit(monkeypatch: pytest.MonkeyPatch) -> None:
+    import resource
+
+    from collnet.transport import admission
+
+    monkeypatch.setattr(resource, "getrlimit", lambda _which: (128, 4096))
+    assert admission.fd_bounded(1024) == 96 and admission.fd_bounded(50) == 50
+    monkeypatch.setattr(resource, "getrlimit", lambda _which: (16, 16))
+    assert admission.fd_bounded(1024) == 1
+    monkeypatch.setattr(resource, "getrlimit", lambda _which: (resource.RLIM_INFINITY,) * 2)
+    assert admission.fd_bounded(1024) == 1024
