@@ -35,6 +35,7 @@ from collnet.membership.liveness import Liveness
 from collnet.transport.admission import Admission
 from collnet.transport.connection import FrameConnection
 from collnet.transport.link import LinkRouter, PeerLink
+from collnet.transport.loglimit import REMOTE, host_of
 from collnet.transport.tls import Listening, Tls, peer_name
 from collnet.transport.tls import connect as tls_connect
 from collnet.transport.tls import serve as tls_serve
@@ -111,7 +112,9 @@ class _Handshake:
             identity.check_claim(certified, hello[0], who)
             identity.check_peer_name(certified, who)
             if certified is not None and not self.mesh.admits(hello[0]):
-                log.info("%s is not in this daemon's world yet: its HELLO waits", who)
+                REMOTE.info(
+                    log, certified, "%s is not in this daemon's world yet: HELLO waits", who
+                )
                 self.parked = (conn, frame.meta)
                 self.mesh._parked.add(self)
                 return
@@ -148,7 +151,14 @@ class _Handshake:
             try:
                 self._answer(conn, meta)
             except CollnetError as exc:
-                log.warning("connection %s: %s: %s", conn.peername, exc.kind, exc)
+                REMOTE.warning(
+                    log,
+                    host_of(conn.peername),
+                    "connection %s: %s: %s",
+                    conn.peername,
+                    exc.kind,
+                    exc,
+                )
                 conn.abort()
 
     def on_lost(self, conn: FrameConnection, exc: CollnetError) -> None:
@@ -158,7 +168,7 @@ class _Handshake:
                 f"peer {self.parked[1]['peer']!r} from {conn.peername} is not a member of "
                 "the world this daemon holds: data link refused"
             )
-            log.warning("%s: %s", refused.kind, refused)
+            REMOTE.warning(log, self.parked[1]["peer"], "%s: %s", refused.kind, refused)
             self.parked = None
         if self.dialled is not None and not self.dialled.done():
             self.dialled.set_exception(exc)

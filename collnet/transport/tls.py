@@ -33,6 +33,7 @@ from typing import Any, Protocol
 
 from collnet.errors import AuthError, InvalidArgument
 from collnet.membership import identity
+from collnet.transport.loglimit import REMOTE, host_of
 
 log = logging.getLogger(__name__)
 
@@ -204,7 +205,9 @@ class TlsServer:
                 await asyncio.sleep(0.1)
                 continue
             if len(self._handshakes) >= MAX_HANDSHAKES:
-                log.warning(
+                REMOTE.warning(
+                    log,
+                    "TLS handshake cap",
                     "connection from %s: refused, %d TLS handshakes in progress",
                     peer,
                     len(self._handshakes),
@@ -223,7 +226,9 @@ class TlsServer:
                 lambda: standin, sock, ssl=self.tls.server, ssl_handshake_timeout=self.timeout_s
             )
         except (OSError, TimeoutError) as exc:
-            log.warning("connection from %s: AuthError: %s", peer, describe(exc))
+            REMOTE.warning(
+                log, host_of(peer), "connection from %s: AuthError: %s", peer, describe(exc)
+            )
             sock.close()
             return
         # The frame protocol is made only now, so a connection that failed its
