@@ -11,6 +11,13 @@ Two modes:
   carry on); ``--join J`` starts J new daemons a quarter of the way in
   (their trainers were started at the beginning and wait for them), which
   get the model through ``sync_state`` and train on to the end.
+  ``--restart-trainer R`` SIGKILLs R founders' trainers (not their daemons)
+  a third of the way in and starts each again on its live daemon: the
+  daemon leaves the world when its trainer dies, the others' round fails
+  with ``PeerLost`` and goes on without it, and the new trainer rejoins at
+  their next round and gets the model through ``sync_state`` (each new
+  trainer is a warm standby, started at the beginning and released at the
+  kill, the way a supervisor with the imports done would restart it).
   ``--step-ms`` (default 20) stands in for a real model's step time, so that
   the churn lands mid-run.
 * **trainer** (``--daemon ADDRESS``): one trainer attached to a running
@@ -21,14 +28,18 @@ Two modes:
   ``{"event": "done", ...}``. If its daemon dies it exits with status 3,
   printing the typed error. ``--min-peers N`` waits until N daemons are
   registered before starting; ``--wait-daemon-s`` waits for a daemon that
-  is not up yet.
+  is not up yet; ``--wait-file PATH`` waits until PATH exists before
+  connecting (a standby).
 
 ``--json`` prints one JSON object at the end (launcher: the whole run;
 trainer: this peer) with at least ``initial_loss``, ``final_loss``,
-``hashes_equal`` and ``peers_final``.
+``hashes_equal`` and ``peers_final``; with ``--restart-trainer`` also
+``trainer_restarts`` (per restart: daemon, step killed at, step and world
+size the new trainer rejoined at) and ``restarted_trainers_rejoined``.
 
     python examples/diloco_train.py                       # 3 peers
     python examples/diloco_train.py --kill 1 --join 1     # churn
+    python examples/diloco_train.py --restart-trainer 1   # a trainer crash
     python examples/diloco_train.py --streaming --json    # overlapped variant
 """
 
@@ -124,6 +135,9 @@ def train(args: argparse.Namespace) -> int:
         if args.progress_json:
             print(json.dumps(event), flush=True)
 
+    if args.wait_file:
+        while not Path(args.wait_file).exists():
+            time.sleep(0.02)
     wait_until = time.monotonic() + args.wait_daemon_s
     while True:
         try:
@@ -211,11 +225,18 @@ def train(args: argparse.Namespace) -> int:
 class Trainer:
     """One trainer process and the thread that reads its JSON lines."""
 
-    def __init__(self, index: int, ipc: str, argv: list[str], events: queue.Queue[Any]) -> None:
+    def __init__(
+        self,
+        index: int,
+        ipc: str,
+        argv: list[str],
+        events: queue.Queue[Any],
+        name: str | None = None,
+    ) -> None:
         self.index = index
         self.proc = subprocess.Popen(
             [sys.executable, str(Path(__file__).resolve()), "--daemon", ipc,
-             "--peer-name", f"trainer{index}", "--progress-json", *argv],
+             "--peer-name", name or f"trainer{index}", "--progress-json", *argv],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             stdin=subprocess.DEVNULL,
@@ -223,6 +244,8 @@ class Trainer:
         )  # fmt: skip
         self.stderr = ""
         self.killed = False
+        # Killed on purpose and replaced by a new trainer on the same daemon.
+        self.replaced = False
         self._threads = [
             threading.Thread(target=self._read, args=(events,), daemon=True),
             threading.Thread(target=self._read_stderr, daemon=True),
@@ -288,6 +311,10 @@ def launch(args: argparse.Namespace) -> int:
     killed: list[str] = []
     joined: list[str] = []
     joined_at: dict[str, int] = {}
+    restarts: dict[int, dict[str, Any]] = {}
+    # Founders whose trainer is restarted (the last ones before those --kill takes).
+    victims = list(range(args.peers - args.kill - args.restart_trainer, args.peers - args.kill))
+    standby: dict[int, Trainer] = {}
     deadline = time.monotonic() + args.run_timeout_s
     cluster = LocalCluster(peers=args.peers, connections=2)
     started = time.monotonic()
@@ -304,6 +331,13 @@ def launch(args: argparse.Namespace) -> int:
             Trainer(args.peers + j, ipc, passthrough + wait, events)
             for j, ipc in enumerate(joiner_ipcs)
         ]
+        # Standbys for the trainers restarted mid-run: same daemon, released at the kill.
+        for i in victims:
+            release = ["--wait-file", str(cluster.dir / f"restart-trainer{i}")]
+            standby[i] = Trainer(len(trainers), cluster.daemons[i].ipc, passthrough + release,
+                                 events, name=f"trainer{i}")  # fmt: skip
+            trainers.append(standby[i])
+        replacements = {t.index: i for i, t in standby.items()}
         open_streams = len(trainers)
         while open_streams and time.monotonic() < deadline:
             try:
@@ -317,7 +351,10 @@ def launch(args: argparse.Namespace) -> int:
                 print(f"trainer{index}: {json.dumps(event)}", flush=True)
             if event["event"] == "start" and first is None:
                 first = event
-            if event["event"] == "start" and event.get("joined") and event["step"] > 0:
+            if event["event"] == "start" and index in replacements:
+                restart = restarts[replacements[index]]
+                restart.update(rejoined_at_step=event["step"], world_at_rejoin=event["world"])
+            elif event["event"] == "start" and event.get("joined") and event["step"] > 0:
                 joined_at[event["peer"]] = event["step"]
             if event["event"] == "outer_step":
                 by_step[event["step"]].add(event["hash"])
@@ -328,6 +365,16 @@ def launch(args: argparse.Namespace) -> int:
                         cluster.kill(d, signal.SIGKILL)
                         killed.append(d.peer_id)
                         trainers[d.index].killed = True
+                if victims and not restarts and step >= kill_at:
+                    for i in victims:
+                        trainers[i].proc.send_signal(signal.SIGKILL)
+                        trainers[i].replaced = True
+                        (cluster.dir / f"restart-trainer{i}").touch()
+                        restarts[i] = dict.fromkeys(["rejoined_at_step", "world_at_rejoin"])
+                        restarts[i].update(
+                            peer=cluster.daemons[i].peer_id, trainer=f"trainer{i}",
+                            killed_at_step=step,
+                        )  # fmt: skip
                 if args.join and not joined and step >= join_at:
                     for ipc in joiner_ipcs:
                         d = cluster.add_daemon()
@@ -342,7 +389,7 @@ def launch(args: argparse.Namespace) -> int:
     failures = {
         i: (rc, trainers[i].stderr.strip()[-500:])
         for i, rc in rcs.items()
-        if rc != 0 and not trainers[i].killed
+        if rc != 0 and not trainers[i].killed and not trainers[i].replaced
     }
     final = next(iter(done.values()), {})
     hashes_equal = bool(done) and all(len(h) == 1 for h in by_step.values())
@@ -350,6 +397,14 @@ def launch(args: argparse.Namespace) -> int:
     initial_loss = float(first["loss"]) if first else float("nan")
     final_loss = float(final.get("final_loss", float("nan")))
     survivors = args.peers - len(killed) + len(joined)
+    # Every restarted trainer came back into the world and trained to the end.
+    rejoined = (
+        all(
+            r["rejoined_at_step"] is not None and standby[i].index in done
+            for i, r in restarts.items()
+        )
+        and len(restarts) == args.restart_trainer
+    )
     result = {
         "ok": False,
         "initial_loss": initial_loss,
@@ -368,17 +423,24 @@ def launch(args: argparse.Namespace) -> int:
         "joined": joined,
         "joined_at_step": joined_at,
         "killed_trainer_exit_codes": [rcs[t.index] for t in trainers if t.killed],
+        "trainer_restarts": list(restarts.values()),
+        "restarted_trainers_rejoined": rejoined,
         "failed_trainers": {f"trainer{i}": v for i, v in failures.items()},
         "wall_s": round(time.monotonic() - started, 2),
     }
     result["ok"] = bool(
-        result["converged"] and hashes_equal and not failures and len(done) == survivors
+        result["converged"]
+        and hashes_equal
+        and not failures
+        and len(done) == survivors
+        and rejoined
     )
     if args.json:
         print(json.dumps(result), flush=True)
     else:
         print(
-            f"\nDiLoCo: {args.peers} peers (killed {len(killed)}, joined {len(joined)}), "
+            f"\nDiLoCo: {args.peers} peers (killed {len(killed)}, joined {len(joined)}, "
+            f"trainers restarted {len(restarts)}), "
             f"{args.outer_steps} outer x {args.inner_steps} inner steps"
             f"{' (streaming)' if args.streaming else ''}: loss {initial_loss:.4f} -> "
             f"{final_loss:.4f} (threshold {args.loss_threshold}), hashes equal after every "
@@ -396,6 +458,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--peers", type=int, default=3, help="Launcher: daemons to start.")
     ap.add_argument("--kill", type=int, default=0, help="Launcher: daemons to SIGKILL mid-run.")
     ap.add_argument("--join", type=int, default=0, help="Launcher: peers to add mid-run.")
+    ap.add_argument(
+        "--restart-trainer",
+        type=int,
+        default=0,
+        help="Launcher: trainers to SIGKILL mid-run and start again on their live daemons.",
+    )
     ap.add_argument("--peer-name", default=None, help="Trainer: name (seeds its data).")
     ap.add_argument(
         "--min-peers", type=int, default=1, help="Trainer: wait for a world this big first."
@@ -423,6 +491,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument(
         "--wait-daemon-s", type=float, default=0.0, help="Trainer: wait this long for the daemon."
     )
+    ap.add_argument("--wait-file", default=None, help="Trainer: connect once this file exists.")
     ap.add_argument("--progress-json", action="store_true", help="Trainer: JSON lines.")
     ap.add_argument("--json", action="store_true", help="Print one JSON object at the end.")
     args = ap.parse_args(argv)
@@ -433,6 +502,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.outer_momentum = 0.8 if args.streaming else 0.9
     if args.daemon is None and not 0 <= args.kill < args.peers:
         ap.error("--kill must leave at least one of the --peers running")
+    if args.daemon is None and not 0 <= args.restart_trainer < args.peers - args.kill:
+        ap.error("--restart-trainer must leave one of the --peers undisturbed (with --kill)")
     return args
 
 

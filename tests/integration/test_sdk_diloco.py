@@ -228,3 +228,16 @@ def test_trainer_exits_with_the_typed_error_when_its_daemon_dies(tmp_path: Path)
                 proc.wait()
     assert proc.returncode == 3, stderr
     assert "DaemonUnavailable" in stderr
+
+
+def test_example_trainer_restarted_on_its_live_daemon_rejoins_and_converges() -> None:
+    out = _run_example("--peers", "3", "--restart-trainer", "1")
+    assert out["ok"] and out["hashes_equal"], out
+    assert out["final_loss"] < out["loss_threshold"] < out["initial_loss"], out
+    assert out["killed"] == [] and out["restarted_trainers_rejoined"], out
+    (restart,) = out["trainer_restarts"]
+    # Back in the world of all three, at a round after the one it died in, and
+    # trained to the end with the same model as the others.
+    assert restart["world_at_rejoin"] == 3, restart
+    assert restart["rejoined_at_step"] >= restart["killed_at_step"], restart
+    assert out["peers_final"] == 3 and out["world_final"] == 3
