@@ -33,10 +33,18 @@ import msgpack
 import numpy as np
 import pytest
 import zmq
-from cluster_harness import Peers, start_peers, stop_peers, tcp_listen_ports
+from cluster_harness import (
+    Peers,
+    run_on_all,
+    run_on_all_outcomes,
+    start_peers,
+    stop_peers,
+    tcp_listen_ports,
+)
+from collnet_client import Comm
 from otheruser import OtherUser
 
-from collnet.errors import AuthError, InvalidArgument
+from collnet.errors import AuthError, CollnetError, InvalidArgument
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -45,18 +53,20 @@ pytestmark = pytest.mark.timeout(120)
 
 
 @contextlib.contextmanager
-def _cluster(workdir: Path, *args: str, umask: int | None = None) -> Iterator[Peers]:
-    """One admitted daemon with ``args``; started under ``umask`` if given."""
+def _cluster(
+    workdir: Path, *args: str, umask: int | None = None, peers: int = 1
+) -> Iterator[Peers]:
+    """Admitted daemons with ``args``; started under ``umask`` if given."""
     old = None if umask is None else os.umask(umask)
     try:
-        peers = start_peers(1, workdir, extra_args=list(args))
+        started = start_peers(peers, workdir, extra_args=list(args))
     finally:
         if old is not None:
             os.umask(old)
     try:
-        yield peers
+        yield started
     finally:
-        stop_peers(peers)
+        stop_peers(started)
 
 
 def _free_port() -> int:
@@ -96,16 +106,19 @@ def _refused(reply: Any, kind: str, *words: str) -> None:
 
 
 def _still_serving(p: Peers) -> None:
-    """The daemon lives, is still a member, and all-reduces."""
-    daemon = p.cluster.daemons[0]
-    assert daemon.proc.poll() is None, "the daemon died"
-    comm = p.comms[0]
-    assert daemon.peer_id in comm.world.peers
-    arr = comm.empty(64, np.float32)
-    arr[:] = 3.0
+    """Every daemon lives, is still a member, and all-reduces."""
+    for daemon in p.cluster.daemons:
+        assert daemon.proc.poll() is None, f"daemon {daemon.peer_id} died"
+        assert daemon.peer_id in p.comms[0].world.peers
     tag = f"alive-{secrets.token_hex(3)}"
-    assert np.array_equal(comm.all_reduce(arr, tag=tag, timeout_s=30), np.full(64, 3.0))
-    del arr
+
+    def one(rank: int, comm: Comm) -> np.ndarray:
+        arr = comm.empty(64, np.float32)
+        arr[:] = 3.0
+        return np.array(comm.all_reduce(arr, tag=tag, timeout_s=30))
+
+    for out in run_on_all(p.comms, one):
+        assert np.array_equal(out, np.full(64, 3.0 * p.size))
 
 
 def _log(p: Peers) -> str:
@@ -320,29 +333,43 @@ def test_symlinks_in_dev_shm_are_refused(
 
 
 def test_a_truncated_segment_is_a_typed_error_and_the_daemon_lives_on(workdir: Path) -> None:
-    with _cluster(workdir) as p:
-        daemon, comm = p.cluster.daemons[0], p.comms[0]
-        big = comm.empty(1 << 18, np.float32)
-        big[:] = 1.0
-        comm.all_reduce(big, tag="t-1", timeout_s=30)  # mapped by the daemon
-        name = comm.memory.locate(big)[0].name  # type: ignore[index]
-        os.truncate(f"/dev/shm/{name}", 0)  # (this process must not touch `big` again)
-        with pytest.raises(InvalidArgument, match="truncated"):
-            comm.all_reduce(big, tag="t-2", timeout_s=30)
-        del big
+    # Two peers, so that the ring really reads and writes the tensor's pages.
+    with _cluster(workdir, peers=2) as p:
+        daemon = p.cluster.daemons[0]
+        big = [comm.empty(1 << 18, np.float32) for comm in p.comms]
+        for arr in big:
+            arr[:] = 1.0
+        run_on_all(p.comms, lambda r, c: c.all_reduce(big[r], tag="t-1", timeout_s=30))
+        name = p.comms[0].memory.locate(big[0])[0].name  # type: ignore[index]
+        os.truncate(f"/dev/shm/{name}", 0)  # (this process must not touch big[0] again)
+        outcomes = run_on_all_outcomes(
+            p.comms, lambda r, c: c.all_reduce(big[r], tag="t-2", timeout_s=30)
+        )
+        assert isinstance(outcomes[0], InvalidArgument), outcomes
+        assert "truncated" in str(outcomes[0])
+        # The other peer is told at once (not at its deadline), with a typed error.
+        assert isinstance(outcomes[1], CollnetError), outcomes
         assert daemon.proc.poll() is None, "the daemon died (SIGBUS?)"
         # The refused mapping was dropped, not kept to fault later.
         assert name not in Path(f"/proc/{daemon.proc.pid}/maps").read_text()
 
         # Shrunk to half: the half that is left is still usable, the rest is refused.
-        half = comm.empty(1024, np.float32)
-        half[:] = 2.0
-        comm.all_reduce(half, tag="t-3", timeout_s=30)
-        os.truncate(f"/dev/shm/{comm.memory.locate(half)[0].name}", 2048)  # type: ignore[index]
-        with pytest.raises(InvalidArgument, match="truncated"):
-            comm.all_reduce(half, tag="t-4", timeout_s=30)
-        assert np.array_equal(comm.all_reduce(half[:512], tag="t-5", timeout_s=30), half[:512])
-        del half
+        half = [comm.empty(1024, np.float32) for comm in p.comms]
+        for arr in half:
+            arr[:] = 2.0
+        run_on_all(p.comms, lambda r, c: c.all_reduce(half[r], tag="t-3", timeout_s=30))
+        seg = p.comms[0].memory.locate(half[0])[0].name  # type: ignore[index]
+        os.truncate(f"/dev/shm/{seg}", 2048)
+        outcomes = run_on_all_outcomes(
+            p.comms, lambda r, c: c.all_reduce(half[r], tag="t-4", timeout_s=30)
+        )
+        assert isinstance(outcomes[0], InvalidArgument) and "truncated" in str(outcomes[0])
+        half[0][:512] = 4.0  # (what is left of peer 0's file) and the other peer's,
+        half[1][:] = 4.0  # whatever its aborted collective left there
+        out = run_on_all(
+            p.comms, lambda r, c: np.array(c.all_reduce(half[r][:512], tag="t-5", timeout_s=30))
+        )
+        assert all(np.array_equal(o, np.full(512, 8.0, np.float32)) for o in out), out
         _still_serving(p)
         _clean_log(p)
 
