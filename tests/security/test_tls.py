@@ -13,6 +13,7 @@ is replayed with a valid certificate for another name.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import socket
@@ -40,11 +41,14 @@ from cluster_harness import (
     wait_for_log,
 )
 from collnet_daemon.certs import issue, make_ca
+from collnet_daemon.control import CoordinatorClient
 from collnet_lab.localcluster import LocalCluster
 
-from collnet.errors import CollnetError
+from collnet.errors import AuthError, CollnetError
+from collnet.membership import PeerInfo
 from collnet.transport.tls import Tls, TlsFiles
 from collnet.wire import FrameKind, FrameReader, frame_bytes
+from collnet.wire import control as wire
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -304,6 +308,38 @@ def test_impostor_with_a_valid_certificate_claiming_a_member_in_hello_is_refused
         for rank, out in enumerate(outcomes):
             assert isinstance(out, np.ndarray), f"rank {rank}: {out!r}"
             assert (out == 6).all()
+        _works(peers)
+
+
+async def _register_as(pki: Path, cert_name: str, claimed: str, coordinator: str) -> None:
+    """Register at ``coordinator`` as ``claimed`` holding ``cert_name``'s certificate."""
+    tls = Tls(
+        TlsFiles(str(pki / "ca.crt"), str(pki / f"{cert_name}.crt"), str(pki / f"{cert_name}.key"))
+    )
+    client = CoordinatorClient(lambda _world: None, tls=tls)
+    await client.connect(*hostport(coordinator), timeout_s=10)
+    try:
+        register = wire.Register(PeerInfo(claimed, "127.0.0.1", 1))
+        await client.call(register, wire.WorldAnswer, timeout_s=10)
+    finally:
+        client.close()
+
+
+def test_registration_claiming_another_peer_than_its_certificate_is_refused(
+    tmp_path: Path, pki: Path
+) -> None:
+    with cluster(tmp_path / "c", pki, n=2) as peers:
+        coord_log = peers.cluster.dir / "coordinator.log"
+        since = log_size(coord_log)
+        with pytest.raises(AuthError, match="claims to be 'peer03' but its certificate is 'd9'"):
+            asyncio.run(_register_as(pki, "d9", "peer03", peers.cluster.coordinator_addr))
+        with pytest.raises(AuthError, match="coordinator's certificate"):
+            asyncio.run(
+                _register_as(pki, "coordinator", "coordinator", peers.cluster.coordinator_addr)
+            )
+        wait_for_log(coord_log, ["AuthError", "claims to be 'peer03'"], since)
+        world = peers.sync_world()
+        assert [w.size for w in world] == [2, 2] and world[0].pending == ()
         _works(peers)
 
 
