@@ -70,6 +70,12 @@ class Transport:
         if path != address and not path.startswith("@") and not os.path.exists(path):
             # zmq would wait for the socket to appear: fail now, not after the hello timeout.
             raise DaemonUnavailable(f"no daemon listens at {address} ({path} does not exist)")
+        if path != address and not path.startswith("@") and not os.access(path, os.W_OK):
+            # zmq would retry the refused connect in silence: say why instead.
+            raise DaemonUnavailable(
+                f"this user (uid {os.getuid()}) may not use the daemon's socket {path}: "
+                "it is its user's alone (or its --ipc-group's)"
+            )
         # Frames sent before each request's body: the token, on TCP.
         self._head, token_path = _token_frames(address, token_file)
         self._ctx: zmq.Context[Any] = zmq.Context.instance()
