@@ -31,6 +31,8 @@ import numpy as np
 from collnet_client import Comm, World
 from collnet_lab.localcluster import LocalCluster
 
+from collnet.wire import FrameKind, FrameReader, frame_bytes
+
 T = TypeVar("T")
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
@@ -274,6 +276,19 @@ def assert_matches_reference(
 def hostport(addr: str) -> tuple[str, int]:
     host, _, port = addr.rpartition(":")
     return host, int(port)
+
+
+def handshake_as(addr: str, peer_id: str, conn: int = 0, k: int = 2) -> socket.socket:
+    """A connection to data port ``addr`` that completed the HELLO handshake as
+    ``peer_id`` (connection ``conn`` of ``k``): with no secret, any loopback
+    process can be such a peer."""
+    sock = socket.create_connection(hostport(addr), timeout=10)
+    sock.sendall(frame_bytes(FrameKind.HELLO, {"peer": peer_id, "conn": conn, "k": k}))
+    reader = FrameReader()
+    while not (frames := reader.feed(sock.recv(4096))):
+        pass
+    assert frames[0].kind == FrameKind.HELLO
+    return sock
 
 
 def read_until_closed(sock: socket.socket, timeout_s: float = 10.0) -> bytes:

@@ -26,6 +26,7 @@ from cluster_harness import (
     assert_bit_identical,
     assert_matches_reference,
     fresh_tag,
+    handshake_as,
     hostport,
     log_size,
     peer_inputs,
@@ -178,13 +179,7 @@ def test_malformed_data_metadata_after_hello_closes_only_that_link(peers: Peers)
 
 def _stranger(peers: Peers, index: int) -> socket.socket:
     """A connection to daemon ``index`` that completed the handshake as a non-member."""
-    sock = socket.create_connection(hostport(peers.cluster.daemons[index].data), timeout=10)
-    sock.sendall(frame_bytes(FrameKind.HELLO, {"peer": "stranger", "conn": 0, "k": CONNECTIONS}))
-    reader = FrameReader()
-    while not (frames := reader.feed(sock.recv(4096))):
-        pass
-    assert frames[0].kind == FrameKind.HELLO
-    return sock
+    return handshake_as(peers.cluster.daemons[index].data, "stranger", 0, CONNECTIONS)
 
 
 def _members_all_reduce(peers: Peers, tag: str) -> list[Any]:

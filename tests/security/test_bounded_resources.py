@@ -25,6 +25,7 @@ from cluster_harness import (
     Peers,
     assert_bit_identical,
     assert_matches_reference,
+    handshake_as,
     hostport,
     log_size,
     peer_inputs,
@@ -72,15 +73,8 @@ def _world_still_works(peers: Peers) -> None:
     assert_bit_identical(results)
 
 
-def _stranger(peers: Peers, index: int, peer_id: str, conn: int = 0) -> socket.socket:
-    """A connection to daemon ``index`` that completed the handshake as ``peer_id``."""
-    sock = socket.create_connection(hostport(peers.cluster.daemons[index].data), timeout=10)
-    sock.sendall(frame_bytes(FrameKind.HELLO, {"peer": peer_id, "conn": conn, "k": CONNECTIONS}))
-    reader = FrameReader()
-    while not (frames := reader.feed(sock.recv(4096))):
-        pass
-    assert frames[0].kind == FrameKind.HELLO
-    return sock
+def _stranger(peers: Peers, index: int, peer_id: str) -> socket.socket:
+    return handshake_as(peers.cluster.daemons[index].data, peer_id, 0, CONNECTIONS)
 
 
 def _send_until_closed(sock: socket.socket, data: bytes, timeout_s: float = 30.0) -> bool:
