@@ -44,8 +44,9 @@ from collnet_daemon.certs import issue, make_ca
 from collnet_daemon.control import CoordinatorClient
 from collnet_lab.localcluster import LocalCluster
 
-from collnet.errors import AuthError, CollnetError
+from collnet.errors import AuthError, CollnetError, PeerLost
 from collnet.membership import PeerInfo
+from collnet.transport.mesh import Mesh
 from collnet.transport.tls import Tls, TlsFiles
 from collnet.wire import FrameKind, FrameReader, frame_bytes
 from collnet.wire import control as wire
@@ -408,3 +409,53 @@ def test_tensor_bytes_are_on_the_wire_only_in_plaintext_mode(
             captured = bytes(relay.captured)
     assert len(captured) > 1 << 20, "the relay saw no collective"
     assert (PATTERN * 8 in captured) is not with_tls
+
+
+class _NoRouter:
+    """A link router for meshes that carry no collective."""
+
+    def data_sink(self, peer: str, meta: Any, nbytes: int) -> memoryview | None:
+        return None
+
+    def on_data(self, peer: str, meta: Any, payload: memoryview) -> None:
+        pass
+
+    def on_control(self, peer: str, frame: Any) -> None:
+        pass
+
+    def on_link_lost(self, peer: str, exc: CollnetError) -> None:
+        pass
+
+
+async def test_a_member_admitted_a_moment_ago_is_linked_once_the_world_admits_it(
+    pki: Path,
+) -> None:
+    """The race of a join: peer00 learns of the new world first and dials peer01,
+    which still holds the old one. The HELLO waits for that world instead of
+    being refused; a peer no world admits is refused at the connect deadline."""
+
+    def mesh(name: str, members: set[str] | None = None) -> Mesh:
+        tls = Tls(TlsFiles(str(pki / "ca.crt"), str(pki / f"{name}.crt"), str(pki / f"{name}.key")))
+        held = (lambda: members) if members is not None else None
+        return Mesh(name, 2, _NoRouter(), connect_timeout_s=2.0, tls=tls, members=held)
+
+    world01: set[str] = {"peer01"}  # peer01's world: peer00 not admitted yet
+    joiner, acceptor = mesh("peer00"), mesh("peer01", world01)
+    host, port = await acceptor.listen("127.0.0.1", 0)
+    try:
+        dial = asyncio.ensure_future(joiner.get_link("peer01", (host, port)))
+        await asyncio.sleep(0.5)
+        assert not dial.done()  # waiting, not refused
+        world01.add("peer00")
+        acceptor.world_changed()
+        link = await asyncio.wait_for(dial, 5)
+        assert link.ready.is_set() and acceptor.link_if_ready("peer00") is not None
+
+        stranger = mesh("d9")
+        with pytest.raises(PeerLost, match=r"no answer within 2\.0s"):
+            await stranger.get_link("peer01", (host, port))
+        assert "d9" not in acceptor.links
+        await stranger.close()
+    finally:
+        await joiner.close()
+        await acceptor.close()
