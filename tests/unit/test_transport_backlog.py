@@ -128,10 +128,11 @@ class Router:
 
 def test_a_link_whose_peer_reads_nothing_past_the_ceiling_fails_naming_it() -> None:
     router = Router()
-    link = PeerLink("p1", 1, router, Liveness(0.5, 2.0, 3.0))
+    # Two connections, one attached: the link is not ready, so no heartbeat task
+    # runs, and the checks are driven by hand below.
+    link = PeerLink("p1", 2, router, Liveness(0.5, 2.0, 3.0))
     conn, transport, _ = _conn()
     link.attach(0, conn)
-    link.heartbeat.stop()  # driven by hand below
     link._checked_s = 100.0
     conn.send(FrameKind.HEARTBEAT, {"ping": 0})
     for t in (100.5, 101.0, 101.5, 102.0, 102.5, 103.0, 103.5):
@@ -145,10 +146,9 @@ def test_a_link_whose_peer_reads_nothing_past_the_ceiling_fails_naming_it() -> N
 
 def test_our_own_stall_is_not_blamed_on_the_peer() -> None:
     router = Router()
-    link = PeerLink("p1", 1, router, Liveness(0.5, 2.0, 3.0))
+    link = PeerLink("p1", 2, router, Liveness(0.5, 2.0, 3.0))
     conn, _, _ = _conn()
     link.attach(0, conn)
-    link.heartbeat.stop()
     link._checked_s = 100.0
     conn.send(FrameKind.HEARTBEAT, {"ping": 0})
     link._check_reading(100.5)
