@@ -16,6 +16,7 @@ import importlib
 import json
 import logging
 import os
+import resource
 import signal
 import sys
 from collections.abc import Callable
@@ -70,6 +71,15 @@ def _read_secret(path: str | None, role: str, tls: object = None) -> bytes | Non
     if len(secret) < 16:
         raise click.BadParameter(f"secret in {path} is shorter than 16 bytes")
     return secret
+
+
+def _raise_fd_limit() -> None:
+    """Let the daemon hold a descriptor per trainer segment it maps (each is checked
+    with fstat at every use), not only the usual 1024: up to the hard limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = 1 << 16 if hard == resource.RLIM_INFINITY else min(hard, 1 << 16)
+    if soft != resource.RLIM_INFINITY and soft < want:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
 
 
 def _heartbeat_options(f: Callable[..., Any]) -> Callable[..., Any]:
@@ -371,6 +381,7 @@ def daemon(
             group_id(ipc_group)
         except InvalidArgument as exc:
             raise click.BadParameter(exc.message, param_hint="--ipc-group") from None
+    _raise_fd_limit()
     if (ipc_tcp_port or ipc.startswith("tcp://")) and not (ipc_token_file or token_file_for(ipc)):
         raise click.BadParameter(
             "a TCP endpoint for trainers needs a file for its token", param_hint="--ipc-token-file"
