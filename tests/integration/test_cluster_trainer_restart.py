@@ -13,6 +13,7 @@ survivors' next ``update_topology``, and all of them all-reduce correctly
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import signal
@@ -29,6 +30,12 @@ from typing import Any
 import numpy as np
 import pytest
 from cluster_harness import running_peers, wait_until
+from collnet_daemon.config import DaemonConfig
+from collnet_daemon.control import ControlPlane
+from collnet_daemon.coordinator import CoordinatorService
+
+from collnet.errors import PeerLost
+from collnet.membership import PeerInfo, WorldView
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -254,3 +261,52 @@ def test_one_of_two_local_trainers_killed_and_restarted_rejoins_within_10s(
         trainers.append(restarted)
         _assert_rejoined_in_time([trainers[0], trainers[2], restarted], everyone, restarted.started)
         _assert_every_result_correct(trainers, {ids[0]: ["t0"], ids[1]: ["t1a", "t1b"]})
+
+
+def _plane(coordinator: tuple[str, int], peer_id: str) -> ControlPlane:
+    """A daemon's control plane alone, holding the newest world it was given."""
+    held = [WorldView(0, ())]
+
+    def adopt(world: WorldView) -> None:
+        if world.epoch >= held[0].epoch:
+            held[0] = world
+
+    config = DaemonConfig(coordinator=coordinator, ipc="ipc:///unused", peer_id=peer_id)
+    return ControlPlane(config, lambda: held[0], adopt)
+
+
+async def test_a_session_ends_with_a_leave_on_a_live_connection_and_opens_as_pending() -> None:
+    service = CoordinatorService()
+    address = await service.start("127.0.0.1", 0)
+    a, b = _plane(address, "a"), _plane(address, "b")
+    try:
+        await a.start(PeerInfo("a", "127.0.0.1", 1))
+        await b.start(PeerInfo("b", "127.0.0.1", 2))
+        first, _ = await asyncio.gather(a.update_topology(10.0), b.update_topology(10.0))
+        assert set(first.ids) == {"a", "b"}
+
+        # b's trainer is gone while b waits at the barrier: the leave answers that
+        # call (the coordinator drops it) and the member goes on alone.
+        waiting = asyncio.ensure_future(b.update_topology(10.0))
+        await asyncio.sleep(0.2)
+        assert await b.end_session(2.0)
+        with pytest.raises(PeerLost):
+            await asyncio.wait_for(waiting, 5.0)
+        assert service.state.world().ids == ("a",) and service.state.epoch == first.epoch + 1
+
+        # Idle, b stays connected and unregistered; it may still look at the world.
+        await asyncio.sleep(0.2)
+        assert b.connected
+        seen = await b.world(5.0)
+        assert seen.ids == ("a",) and seen.pending == ()
+
+        # A trainer joins again: pending at once, admitted at the member's next call.
+        await b.begin_session()
+        assert service.state.world().pending == ("b",)
+        again, joined = await asyncio.gather(a.update_topology(10.0), b.update_topology(10.0))
+        assert set(again.ids) == {"a", "b"} and again == joined
+        assert again.epoch == first.epoch + 2
+    finally:
+        a.close()
+        b.close()
+        await service.close()
