@@ -12,6 +12,7 @@ a correct all-reduce.
 
 from __future__ import annotations
 
+import contextlib
 import re
 import socket
 import time
@@ -77,6 +78,19 @@ def _stranger(peers: Peers, index: int, peer_id: str) -> socket.socket:
     return handshake_as(peers.cluster.daemons[index].data, peer_id, 0, CONNECTIONS)
 
 
+@contextlib.contextmanager
+def _whole_link(peers: Peers, index: int, peer_id: str) -> Iterator[socket.socket]:
+    """Every connection of a link from ``peer_id`` to daemon ``index``, so that the
+    daemon holds a ready link to it (as a real peer's); yields connection 0."""
+    addr = peers.cluster.daemons[index].data
+    socks = [handshake_as(addr, peer_id, conn, CONNECTIONS) for conn in range(CONNECTIONS)]
+    try:
+        yield socks[0]
+    finally:
+        for sock in socks:
+            sock.close()
+
+
 def _send_until_closed(sock: socket.socket, data: bytes, timeout_s: float = 30.0) -> bool:
     """Send ``data``; True if the daemon closed the connection (before or after the
     last byte, within ``timeout_s``)."""
@@ -120,7 +134,7 @@ def test_state_fetches_from_a_non_member_are_refused_once_per_link_and_logged_wi
     request = frame_bytes(FrameKind.CONTROL, {"t": "fetch", "ranges": ranges})
     log = _log(peers, 2)
     since = log_size(log)
-    with _stranger(peers, 2, "fetcher") as sock:
+    with _whole_link(peers, 2, "fetcher") as sock:
         sock.sendall(request)
         reader = FrameReader()
         answers = []
@@ -131,11 +145,11 @@ def test_state_fetches_from_a_non_member_are_refused_once_per_link_and_logged_wi
     assert "not a member" in answers[0]["error"]["message"]
     # 1.1 MB of requests on one link: on main every range was looked at, refused
     # and logged (25,600 WARNING lines).
-    with _stranger(peers, 2, "fetcher") as sock:
+    with _whole_link(peers, 2, "fetcher") as sock:
         assert _send_until_closed(sock, request * (1_100_000 // len(request)))
     # ... and the same from 60 links in a row: one line each at most, then silence.
     for _ in range(60):
-        with _stranger(peers, 2, "fetcher") as sock:
+        with _whole_link(peers, 2, "fetcher") as sock:
             assert _send_until_closed(sock, request * 8, timeout_s=10)
     time.sleep(0.5)
     with log.open("rb") as f:
