@@ -27,6 +27,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import collnet_client
 import numpy as np
 import pytest
 from cluster_harness import running_peers, wait_until
@@ -226,6 +227,11 @@ def test_a_trainer_killed_and_restarted_on_its_daemon_rejoins_within_10s(tmp_pat
         for t in (trainers[0], trainers[2]):
             wait_until(lambda t=t: bool(_oks_in(t, rest, killed_t)), 20.0, f"{t.name} to go on")
         assert d[1].proc.poll() is None, "the daemon outlives its trainer"
+        # A client that only looks (a probe, a health check) is no trainer: the idle
+        # daemon answers it and stays out of the world, not even pending.
+        with collnet_client.connect(d[1].ipc, timeout_s=30) as probe:
+            seen = probe.world
+        assert ids[1] not in seen.peers + seen.pending, seen
 
         restarted = Trainer(d[1].ipc, "t1")
         trainers.append(restarted)
