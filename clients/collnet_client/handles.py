@@ -19,9 +19,13 @@ Failure model, per request:
 - ``retry=N``: on ``PeerLost``, agree on the new world and run the same
   collective again from the original input (kept in a copy), up to N times.
   One with a default tag runs again under the next default tag of the world
-  it now runs in, as every member's next collective there does, a trainer
-  admitted at that ``update_topology`` (a restarted one) included; so wait
-  for such handles in the order they were started, on every peer.
+  it now runs in, and says which tag it first ran under (``retry_of``, part
+  of the digest peers check): it pairs only with the same collective retried
+  by the other members. Where a member issues another collective there (a
+  restarted trainer's first one, or the next step of a peer on which the
+  failed one had completed), both fail with ``MismatchError`` instead of
+  mixing two steps' inputs. Wait for such handles in the order they were
+  started, on every peer.
 """
 
 from __future__ import annotations
@@ -223,8 +227,12 @@ class AllReduces:
                     tag=pending.request.tag,
                 ) from None
         if pending.default_tag:
-            tag = self._agreement.next_tag()
-            pending.request = dataclasses.replace(pending.request, tag=tag)
+            request = pending.request
+            pending.request = dataclasses.replace(
+                request,
+                tag=self._agreement.next_tag(),
+                retry_of=request.tag if request.retry_of is None else request.retry_of,
+            )
         self._issue(pending)
 
     def cancel(self, pending: PendingAllReduce, timeout_s: float) -> None:

@@ -78,10 +78,10 @@ def _str(obj: dict[str, Any], kind: str, name: str, default: Any = _REQUIRED) ->
     return value
 
 
-def _tag(obj: dict[str, Any], kind: str) -> Tag:
-    tag = obj.get("tag")
+def _tag(obj: dict[str, Any], kind: str, name: str = "tag") -> Tag:
+    tag = obj.get(name)
     if not isinstance(tag, int | str) or isinstance(tag, bool):
-        raise InvalidArgument(f"{kind} needs an int or str 'tag'")
+        raise InvalidArgument(f"{kind} needs an int or str {name!r}")
     return tag
 
 
@@ -193,7 +193,10 @@ class AllReduce:
     across the world, in place; the reply is empty.
 
     The collective is ``(epoch, tag)``; ``epoch`` None is the daemon's current
-    one. ``timeout_s`` None: the daemon's collective timeout.
+    one. ``timeout_s`` None: the daemon's collective timeout. ``retry_of``: the
+    tag this collective first ran under, when it is the SDK's retry under a new
+    default tag; peers must agree on it (it is in the digest), so a retry never
+    pairs with another step's collective.
     """
 
     KIND: ClassVar[str] = "all_reduce"
@@ -208,6 +211,7 @@ class AllReduce:
     epoch: int | None = None
     timeout_s: float | None = None
     local_size: int = 1
+    retry_of: Tag | None = None
 
     def to_wire(self) -> dict[str, Any]:
         return _wire(
@@ -223,6 +227,7 @@ class AllReduce:
             codec=self.codec,
             algo=self.algo,
             timeout_s=self.timeout_s,
+            retry_of=self.retry_of,
         )
 
     @classmethod
@@ -234,6 +239,7 @@ class AllReduce:
             shm = _str(obj, cls.KIND, "shm")
             reduction, codec, algo = _reduction(obj, cls.KIND)
             timeout_s, local_size = _timeout(obj), _local_size(obj)
+            retry_of = None if obj.get("retry_of") is None else _tag(obj, cls.KIND, "retry_of")
         except InvalidArgument as exc:
             # Names the collective, so the daemon can abort it on the other peers.
             where: dict[str, Any] = {"tag": tag} if epoch is None else {"tag": tag, "epoch": epoch}
@@ -250,6 +256,7 @@ class AllReduce:
             epoch=epoch,
             timeout_s=timeout_s,
             local_size=local_size,
+            retry_of=retry_of,
         )
 
 

@@ -145,7 +145,7 @@ class AllReduces:
         digest = xxhash.xxh32_intdigest(
             f"{array.size}|{array.dtype.name}|{req.reduction}|{codec.name}|{req.algo}|"
             f"{self.config.chunk_bytes}|{self.config.codec_block_size}|"
-            f"{self.config.star_max_bytes}".encode()
+            f"{self.config.star_max_bytes}|{req.retry_of!r}".encode()
         )
         return schedule, digest, algo
 

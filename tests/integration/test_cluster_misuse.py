@@ -33,6 +33,8 @@ from collnet_client import (
     MismatchError,
 )
 
+from collnet.wire.localapi import AllReduce
+
 pytestmark = pytest.mark.timeout(60)
 
 WORLD = 3
@@ -96,6 +98,35 @@ def test_peers_disagreeing_on_a_collective_all_get_mismatch_error_quickly(
         # What a user needs to act: which collective, which epoch, which peer.
         assert exc.fields.get("tag") is not None and exc.fields.get("epoch") is not None, exc
         assert exc.fields.get("peer") in ids, exc
+    _world_still_works(peers)
+
+
+def test_a_retry_meeting_another_collective_under_its_new_tag_fails_with_mismatch(
+    peers: Peers,
+) -> None:
+    """A retried collective names the tag it first ran under (``retry_of``). Where a
+    member runs another collective under the retry's new tag (the next step of a
+    peer on which the failed one had completed, a restarted trainer's first one),
+    every member gets MismatchError, never a sum of two steps' inputs."""
+
+    def call(rank: int, comm: Comm, tag: str) -> Any:
+        buf = comm.memory.empty(1000, np.float32)
+        buf[:] = rank + 1
+        where = comm.memory.locate(buf)
+        assert where is not None
+        request = AllReduce(
+            tag=tag,
+            shm=where[0].name,
+            offset=where[1],
+            count=buf.size,
+            dtype="float32",
+            epoch=comm.epoch,
+            timeout_s=CALL_TIMEOUT_S,
+            retry_of=None if rank == 0 else "step-7",
+        )
+        return comm._transport.call(request, CALL_TIMEOUT_S)
+
+    _errors_on_every_peer(peers, call, MismatchError)
     _world_still_works(peers)
 
 

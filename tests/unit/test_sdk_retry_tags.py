@@ -88,3 +88,26 @@ def test_a_retried_collective_with_its_own_tag_keeps_it() -> None:
         assert [(r.epoch, r.tag) for r in runs] == [(1, "step-9"), (2, "step-9")]
     finally:
         memory.close()
+
+
+def test_a_retry_under_a_new_default_tag_says_which_tag_it_first_ran_under() -> None:
+    daemon = ScriptedDaemon()
+    agreement = Agreement(daemon, World(1, ("a", "b"), ()), 1)  # type: ignore[arg-type]
+    memory = SharedMemory()
+    try:
+        reduces = AllReduces(daemon, memory, agreement, ErrorFeedback(256), 1)  # type: ignore[arg-type]
+        for _ in range(4):
+            agreement.next_tag()
+        handle = reduces.start(
+            np.ones(8, np.float32), "sum", "none", "auto", None, None,
+            retry=1, error_feedback=False, feedback_key=None,
+        )  # fmt: skip
+        handle.wait()
+        first, retried = [r for r in daemon.sent if isinstance(r, AllReduce)]
+        assert first.retry_of is None
+        # A fresh collective of a restarted trainer (retry_of None) or the next step
+        # of a peer (another retry_of) has another digest: MismatchError, not a mix.
+        assert (retried.tag, retried.retry_of) == (1, 5)
+        assert AllReduce.from_wire(retried.to_wire()) == retried
+    finally:
+        memory.close()
