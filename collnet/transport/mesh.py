@@ -32,7 +32,7 @@ from typing import Any
 from collnet.errors import AuthError, CollnetError, PeerLost, ProtocolError
 from collnet.membership import auth, identity
 from collnet.membership.liveness import Liveness
-from collnet.transport.admission import Admission
+from collnet.transport.admission import Admission, fd_bounded
 from collnet.transport.connection import FrameConnection
 from collnet.transport.link import LinkRouter, PeerLink
 from collnet.transport.loglimit import REMOTE, host_of
@@ -42,6 +42,10 @@ from collnet.transport.tls import serve as tls_serve
 from collnet.wire import Frame, FrameKind, Header, Limits
 
 log = logging.getLogger(__name__)
+
+# Data connections a daemon's port holds at once (K per linked peer), lowered to
+# the descriptor limit; at the cap a half-open newcomer displaces an old one.
+MAX_DATA_CONNECTIONS = 8192
 
 
 def _hello_fields(meta: Any) -> tuple[str, int, int]:
@@ -189,8 +193,10 @@ class Mesh:
         on_new_link: Callable[[PeerLink], None] | None = None,
         tls: Tls | None = None,
         members: Callable[[], set[str]] | None = None,
+        max_connections: int = MAX_DATA_CONNECTIONS,
     ) -> None:
         self.self_id = self_id
+        self.max_connections = max_connections
         self.k = connections
         self.router = router
         self.limits = limits or Limits()
@@ -211,7 +217,10 @@ class Mesh:
     async def listen(self, host: str, port: int) -> tuple[str, int]:
         # A connection that never completes its HELLO must not hold a socket forever.
         admission = Admission(
-            "HELLO", self.connect_timeout_s, lambda conn: not isinstance(conn.handler, _Handshake)
+            "HELLO",
+            self.connect_timeout_s,
+            lambda conn: not isinstance(conn.handler, _Handshake),
+            fd_bounded(self.max_connections),
         )
         accepted = admission.factory(
             lambda: FrameConnection(_Handshake(self), self.limits, "accepting")

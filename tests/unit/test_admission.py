@@ -16,6 +16,7 @@ import pytest
 from collnet.errors import CollnetError
 from collnet.transport.admission import Admission
 from collnet.transport.connection import FrameConnection
+from collnet.transport.mesh import Mesh
 from collnet.wire import Frame, FrameKind, Header, Limits, frame_bytes
 
 pytestmark = pytest.mark.timeout(30)
@@ -132,3 +133,21 @@ def test_the_cap_fits_the_descriptor_limit(monkeypatch: pytest.MonkeyPatch) -> N
     assert admission.fd_bounded(1024) == 1
     monkeypatch.setattr(resource, "getrlimit", lambda _which: (resource.RLIM_INFINITY,) * 2)
     assert admission.fd_bounded(1024) == 1024
+
+
+async def test_a_daemons_data_port_is_capped_too() -> None:
+    """The mesh listens through the same gate with a cap: at it, the oldest
+    connection still without its HELLO makes way for a newcomer."""
+    mesh = Mesh("d0", 1, router=None, connect_timeout_s=30.0, max_connections=2)  # type: ignore[arg-type]
+    _, port = await mesh.listen("127.0.0.1", 0)
+    try:
+        first, second = await _connect(port), await _connect(port)
+        await asyncio.sleep(0.1)
+        third = await _connect(port)
+        assert await _closed_within(first, 5.0), "the oldest half-open connection stayed"
+        assert not await _closed_within(second, 0.3)
+        assert not await _closed_within(third, 0.3)
+        for _, writer in (second, third):
+            writer.close()
+    finally:
+        await mesh.close()
