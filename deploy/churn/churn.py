@@ -24,7 +24,8 @@ and checks, from the trainers' progress lines (one JSON object per outer step):
     test stopped them.
 
 A trainer that exits is started again once its daemon is up, as a supervisor
-would (a member without a trainer stalls every barrier); a world that stalls
+would (its daemon leaves the world when its trainer is gone, so the others go
+on, but the node does no work until then); a world that stalls
 is unstuck the same way after the violation is recorded, so each disturbance
 is judged on its own.
 
@@ -274,7 +275,7 @@ class Churn:
     def check_services(self) -> None:
         """Daemons and the coordinator only stop when the test stops them. A trainer
         of an undisturbed live peer that exits must have failed typed; it is started
-        again, as a supervisor would (a trainerless member stalls every barrier)."""
+        again, as a supervisor would."""
         for service in ["coordinator", *sorted(self.live)]:
             st = self.cluster.state(service)
             if st and not st.get("Running") and service not in self.reported_down:
