@@ -15,13 +15,7 @@ import asyncio
 import importlib
 import json
 import logging
-import os
-import resource
-import signal
 import sys
-from collections.abc import Callable
-from pathlib import Path
-from typing import Any
 
 import click
 import uvloop
@@ -30,134 +24,12 @@ from collnet.addresses import DEFAULT_IPC, DEFAULT_TCP_PORT, token_file_for
 from collnet.errors import InvalidArgument
 from collnet.membership.bounds import valid_peer_id
 from collnet.membership.identity import COORDINATOR
-from collnet.transport.tls import Tls, TlsFiles
+from collnet_daemon import options
 from collnet_daemon.certs import certs
 from collnet_daemon.config import DaemonConfig, parse_hostport
 from collnet_daemon.logs import setup_logging
 
 log = logging.getLogger("collnet")
-
-
-def _write_ready(path: str | None, **info: object) -> None:
-    if path:
-        tmp = Path(path + ".tmp")
-        tmp.write_text(json.dumps(info))
-        os.replace(tmp, path)
-
-
-async def _until_signalled() -> None:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-
-
-def _read_secret(path: str | None, role: str, tls: object = None) -> bytes | None:
-    """The shared secret from a file (never from the command line itself)."""
-    if not path:
-        if tls is not None:
-            return None  # TLS authenticates, and proves who each peer is
-        log.warning(
-            "%s: no shared secret (--secret-file / COLLNET_SECRET_FILE): "
-            "accepting loopback peers only",
-            role,
-        )
-        return None
-    try:
-        secret = Path(path).read_bytes().strip()
-    except OSError as exc:
-        raise click.BadParameter(f"cannot read secret file {path}: {exc}") from None
-    if len(secret) < 16:
-        raise click.BadParameter(f"secret in {path} is shorter than 16 bytes")
-    return secret
-
-
-def _raise_fd_limit() -> None:
-    """Let the daemon hold a descriptor per trainer segment it maps (each is checked
-    with fstat at every use), not only the usual 1024: up to the hard limit."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    want = 1 << 16 if hard == resource.RLIM_INFINITY else min(hard, 1 << 16)
-    if soft != resource.RLIM_INFINITY and soft < want:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
-
-
-def _heartbeat_options(f: Callable[..., Any]) -> Callable[..., Any]:
-    """--heartbeat-interval-s / -floor-s / -ceiling-s, shared by coordinator and daemon."""
-    f = click.option(
-        "--heartbeat-ceiling-s", default=10.0, show_default=True, type=click.FloatRange(0.05)
-    )(f)
-    f = click.option(
-        "--heartbeat-floor-s",
-        default=2.0,
-        show_default=True,
-        type=click.FloatRange(0.05),
-        help="Smallest silence that declares a peer dead (the timeout adapts to RTT).",
-    )(f)
-    return click.option(
-        "--heartbeat-interval-s", default=0.5, show_default=True, type=click.FloatRange(0.01)
-    )(f)
-
-
-def _tls_options(f: Callable[..., Any]) -> Callable[..., Any]:
-    """--tls-ca / --tls-cert / --tls-key (env COLLNET_TLS_*), given all three or none."""
-    for name, what in (
-        ("key", "This process's private key (PEM)."),
-        ("cert", "This process's certificate (PEM; made by 'collnet certs issue')."),
-        ("ca", "CA certificate peers' certificates must be signed by: turns on mutual TLS."),
-    ):
-        f = click.option(
-            f"--tls-{name}",
-            envvar=f"COLLNET_TLS_{name.upper()}",
-            default=None,
-            type=click.Path(dir_okay=False),
-            help=f"{what} Env: COLLNET_TLS_{name.upper()}.",
-        )(f)
-    return f
-
-
-def _load_tls(ca: str | None, cert: str | None, key: str | None) -> Tls | None:
-    given = [x for x in (ca, cert, key) if x]
-    if not given:
-        return None
-    if len(given) != 3:
-        raise click.UsageError("--tls-ca, --tls-cert and --tls-key go together")
-    assert ca and cert and key
-    try:
-        return Tls(TlsFiles(ca, cert, key))
-    except InvalidArgument as exc:
-        raise click.BadParameter(exc.message, param_hint="--tls-cert") from None
-
-
-_secret_option = click.option(
-    "--secret-file",
-    envvar="COLLNET_SECRET_FILE",
-    default=None,
-    help="File holding the shared secret peers must prove (HMAC). Env: COLLNET_SECRET_FILE.",
-)
-
-
-def _metrics_options(f: Callable[..., Any]) -> Callable[..., Any]:
-    """--metrics-port / --metrics-host, shared by coordinator and daemon."""
-    f = click.option(
-        "--metrics-host",
-        envvar="COLLNET_METRICS_HOST",
-        default="127.0.0.1",
-        show_default=True,
-        help="Address of the metrics endpoint (0.0.0.0: every interface).",
-    )(f)
-    return click.option(
-        "--metrics-port",
-        envvar="COLLNET_METRICS_PORT",
-        default=None,
-        type=click.IntRange(0, 65535),
-        help="Serve Prometheus metrics on http://HOST:PORT/metrics (0: any free port). "
-        "Default: no metrics endpoint.",
-    )(f)
-
-
-def _metrics_address(addr: tuple[str, int] | None) -> dict[str, str]:
-    return {} if addr is None else {"metrics": f"{addr[0]}:{addr[1]}"}
 
 
 # The lab's subcommands: name -> "module:attribute" of its click command.
@@ -198,9 +70,9 @@ def main(ctx: click.Context, log_level: str, log_json: bool) -> None:
 
 @main.command()
 @click.option("--listen", default="127.0.0.1:29400", show_default=True, help="HOST:PORT")
-@_heartbeat_options
-@_secret_option
-@_tls_options
+@options.heartbeat_options
+@options.secret_option
+@options.tls_options
 @click.option(
     "--rejoin-grace-s",
     default=10.0,
@@ -210,7 +82,7 @@ def main(ctx: click.Context, log_level: str, log_json: bool) -> None:
 )
 @click.option("--max-connections", default=1024, show_default=True, type=click.IntRange(1))
 @click.option("--handshake-timeout-s", default=10.0, show_default=True, type=click.FloatRange(1))
-@_metrics_options
+@options.metrics_options
 @click.option("--ready-file", hidden=True, help="Write the bound address here once listening.")
 @click.pass_context
 def coordinator(
@@ -245,13 +117,13 @@ def coordinator(
     def liveness() -> Liveness:
         return Liveness(heartbeat_interval_s, heartbeat_floor_s, heartbeat_ceiling_s)
 
-    tls = _load_tls(tls_ca, tls_cert, tls_key)
+    tls = options.load_tls(tls_ca, tls_cert, tls_key)
     if tls is not None and tls.name != COORDINATOR:
         raise click.BadParameter(
             f"the coordinator's certificate must be named {COORDINATOR!r}, not {tls.name!r}",
             param_hint="--tls-cert",
         )
-    secret = _read_secret(secret_file, "coordinator", tls)
+    secret = options.read_secret(secret_file, "coordinator", tls)
 
     async def run() -> None:
         service = CoordinatorService(
@@ -260,8 +132,8 @@ def coordinator(
         host, port = await service.start(*parse_hostport(listen))
         metrics = CoordinatorMetrics(service)
         served = None if metrics_port is None else await metrics.serve(metrics_host, metrics_port)
-        _write_ready(ready_file, address=f"{host}:{port}", **_metrics_address(served))
-        await _until_signalled()
+        options.write_ready(ready_file, address=f"{host}:{port}", **options.metrics_address(served))
+        await options.until_signalled()
         await service.close()
         await metrics.close()
         log.info("coordinator stopped")
@@ -329,9 +201,9 @@ def coordinator(
     type=click.FloatRange(0.1),
     help="Deadline for dialling a peer and for an accepted connection's HELLO.",
 )
-@_heartbeat_options
-@_secret_option
-@_tls_options
+@options.heartbeat_options
+@options.secret_option
+@options.tls_options
 @click.option(
     "--peer-id",
     default=None,
@@ -344,7 +216,7 @@ def coordinator(
     help="Also stop once this node's trainers are gone (exited or killed). Without it the "
     "daemon leaves the world then and stays up; a trainer that joins again rejoins.",
 )
-@_metrics_options
+@options.metrics_options
 @click.option("--ready-file", hidden=True)
 @click.pass_context
 def daemon(
@@ -381,7 +253,7 @@ def daemon(
             group_id(ipc_group)
         except InvalidArgument as exc:
             raise click.BadParameter(exc.message, param_hint="--ipc-group") from None
-    _raise_fd_limit()
+    options.raise_fd_limit()
     if (ipc_tcp_port or ipc.startswith("tcp://")) and not (ipc_token_file or token_file_for(ipc)):
         raise click.BadParameter(
             "a TCP endpoint for trainers needs a file for its token", param_hint="--ipc-token-file"
@@ -403,7 +275,7 @@ def daemon(
         ipc_group=ipc_group,
         ipc_token_file=ipc_token_file or token_file_for(ipc),
     )
-    config.tls = _load_tls(tls_ca, tls_cert, tls_key)
+    config.tls = options.load_tls(tls_ca, tls_cert, tls_key)
     if config.tls is not None:
         # With TLS the peer id is the certificate's name: what the others check.
         name = config.tls.name
@@ -424,7 +296,7 @@ def daemon(
         msg = f"{config.peer_id!r}: 1-64 of A-Za-z0-9._- starting with a letter or digit"
         raise click.BadParameter(msg, param_hint="--peer-id")
     setup_logging(ctx.obj["log_level"], ctx.obj["log_json"], f"daemon[{config.peer_id}]")
-    config.secret = _read_secret(secret_file, f"daemon {config.peer_id}", config.tls)
+    config.secret = options.read_secret(secret_file, f"daemon {config.peer_id}", config.tls)
 
     async def run() -> int:
         d = Daemon(config)
@@ -432,14 +304,14 @@ def daemon(
         served = None
         if metrics_port is not None:
             served = await d.metrics.serve(metrics_host, metrics_port)
-        _write_ready(
+        options.write_ready(
             ready_file,
             peer=d.id,
             data=f"{d.data_addr[0]}:{d.data_addr[1]}",
             ipc=ipc,
-            **_metrics_address(served),
+            **options.metrics_address(served),
         )
-        signalled = asyncio.ensure_future(_until_signalled())
+        signalled = asyncio.ensure_future(options.until_signalled())
         stopped = asyncio.ensure_future(d.stopped.wait())
         await asyncio.wait([signalled, stopped], return_when=asyncio.FIRST_COMPLETED)
         signalled.cancel()
@@ -454,8 +326,8 @@ def daemon(
 
 @main.command()
 @click.option("--coordinator", "coordinator_addr", required=True, help="HOST:PORT")
-@_secret_option
-@_tls_options
+@options.secret_option
+@options.tls_options
 @click.option("--timeout-s", default=10.0, show_default=True, type=click.FloatRange(0.1))
 @click.option("--json", "as_json", is_flag=True, help="Print the coordinator's answer as JSON.")
 @click.pass_context
@@ -482,8 +354,8 @@ def status(
         "status",
     )
     # Without a secret, a coordinator accepts loopback connections only.
-    secret = _read_secret(secret_file, "status") if secret_file else None
-    tls = _load_tls(tls_ca, tls_cert, tls_key)
+    secret = options.read_secret(secret_file, "status") if secret_file else None
+    tls = options.load_tls(tls_ca, tls_cert, tls_key)
     host, port = parse_hostport(coordinator_addr)
     try:
         answer = uvloop.run(fetch_status(host, port, secret, timeout_s, tls))
