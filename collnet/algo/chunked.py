@@ -1,5 +1,5 @@
-"""What the ring and star schedules share: the reducer and the
-lifecycle (started, finished, aborted).
+"""What the chunked schedules (ring, star, broadcast) share: the reducer and
+the lifecycle (started, finished, aborted).
 
 After ``Complete`` or ``Abort`` a schedule is finished: a later message is a
 ``ProtocolError``, and an abort releases the scratch of every message that was
@@ -27,7 +27,7 @@ class ChunkedSchedule(Schedule):
         rank: int,
         world: int,
         buf: npt.NDArray[Any],
-        op: str,
+        op: str | None,
         codec: Codec | None,
         chunk_bytes: int,
     ) -> None:

@@ -12,11 +12,16 @@ Invariants:
   each of ``chunk_elems`` elements except a shorter last one, so no chunk
   is empty and an empty segment has no chunks at all;
 - every lookup is O(1) arithmetic: nothing proportional to ``n`` is stored.
+
+``Blocks`` is the same interface over blocks of given sizes (the
+variable-size all-gather: block ``k`` is rank ``k``'s contribution, in rank
+order); it stores the ``world`` offsets, nothing proportional to ``n``.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import itertools
+from dataclasses import dataclass, field
 
 from collnet.errors import InvalidArgument
 
@@ -76,6 +81,56 @@ class Partition:
         seg_start, seg_stop = self.segment(k)
         start = seg_start + c * self.chunk_elems
         return start, min(seg_stop, start + self.chunk_elems)
+
+
+@dataclass(frozen=True, slots=True)
+class Blocks:
+    """``[0, sum(counts))`` cut into consecutive blocks of ``counts[k]`` elements,
+    each cut into chunks like a ``Partition`` segment."""
+
+    counts: tuple[int, ...]
+    chunk_elems: int
+    offsets: tuple[int, ...] = field(init=False)
+
+    def __post_init__(self) -> None:
+        if not self.counts:
+            raise InvalidArgument("counts must name at least one block")
+        if any(c < 0 for c in self.counts):
+            raise InvalidArgument(f"counts must be >= 0, got {list(self.counts)}")
+        if self.chunk_elems < 1:
+            raise InvalidArgument(
+                f"chunk_elems must be >= 1, got {self.chunk_elems}", chunk_elems=self.chunk_elems
+            )
+        object.__setattr__(self, "offsets", tuple(itertools.accumulate(self.counts, initial=0)))
+
+    @property
+    def n(self) -> int:
+        return self.offsets[-1]
+
+    @property
+    def world(self) -> int:
+        return len(self.counts)
+
+    def segment(self, k: int) -> tuple[int, int]:
+        """``(start, stop)`` of block ``k``."""
+        return self.offsets[k], self.offsets[k + 1]
+
+    def num_chunks(self, k: int) -> int:
+        """How many chunks block ``k`` has (0 when it is empty)."""
+        return -(-self.counts[k] // self.chunk_elems)
+
+    def max_chunks(self) -> int:
+        """The largest chunk count of any block."""
+        return -(-max(self.counts) // self.chunk_elems)
+
+    def chunk(self, k: int, c: int) -> tuple[int, int]:
+        """``(start, stop)`` of chunk ``c`` of block ``k``; the caller checks ``c``."""
+        start = self.offsets[k] + c * self.chunk_elems
+        return start, min(self.offsets[k + 1], start + self.chunk_elems)
+
+
+Layout = Partition | Blocks
+"""What the ring walks: equal segments (all-reduce, reduce-scatter) or given blocks."""
 
 
 def segment_bounds(n: int, world: int) -> list[tuple[int, int]]:

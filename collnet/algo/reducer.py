@@ -1,4 +1,4 @@
-"""The data side of an all-reduce: where chunk bytes come from and go to.
+"""The data side of a chunked collective: where chunk bytes come from and go to.
 
 ``ChunkReducer`` owns the caller's tensor, the float32 accumulator of the
 quantized path, and the scratch buffers; the schedules (``ring``, ``star``)
@@ -21,6 +21,10 @@ Two paths:
   bytes, and those same bytes are forwarded unchanged to every other rank,
   which decodes them. Decoding is deterministic, so every rank ends with
   bit-identical results.
+
+With ``op=None`` nothing is combined (broadcast, all-gather): any numeric
+dtype is accepted on the raw path, ``finalize`` only quantizes once, and
+``contribution_buffer``/``accumulate`` are never called.
 
 Local encoding failures (``outgoing``/``finalize``: data the codec cannot
 represent) escape as ``CodecError`` for the schedule to turn into an
@@ -56,13 +60,13 @@ Token = tuple[npt.NDArray[Any], int]
 def check_tensor(buf: Any) -> None:
     """Raise ``InvalidArgument`` unless ``buf`` is a writable 1-D C-contiguous ndarray."""
     if not isinstance(buf, np.ndarray):
-        raise InvalidArgument(f"all-reduce buffer must be a numpy array, got {type(buf).__name__}")
+        raise InvalidArgument(f"collective buffer must be a numpy array, got {type(buf).__name__}")
     if buf.ndim != 1:
-        raise InvalidArgument(f"all-reduce buffer must be 1-D, got shape {buf.shape}")
+        raise InvalidArgument(f"collective buffer must be 1-D, got shape {buf.shape}")
     if not buf.flags.c_contiguous:
-        raise InvalidArgument("all-reduce buffer must be contiguous")
+        raise InvalidArgument("collective buffer must be contiguous")
     if not buf.flags.writeable:
-        raise InvalidArgument("all-reduce buffer must be writable (the result is written in place)")
+        raise InvalidArgument("collective buffer must be writable (the result is written in place)")
 
 
 def is_quantized(codec: Codec | None) -> bool:
@@ -71,13 +75,24 @@ def is_quantized(codec: Codec | None) -> bool:
 
 
 class ChunkReducer:
-    """Produces and absorbs chunk payloads for one all-reduce over ``buf``."""
+    """Produces and absorbs chunk payloads for one collective over ``buf``.
+
+    ``op``: the reduce op, or None for a collective that only moves bytes.
+    """
 
     def __init__(
-        self, buf: npt.NDArray[Any], op: str, codec: Codec | None, world: int, chunk_bytes: int
+        self,
+        buf: npt.NDArray[Any],
+        op: str | None,
+        codec: Codec | None,
+        world: int,
+        chunk_bytes: int,
     ) -> None:
         check_tensor(buf)
-        check_op(op, buf.dtype)
+        if op is not None:
+            check_op(op, buf.dtype)
+        elif buf.dtype.kind not in "biuf" and not is_float_dtype(buf.dtype):
+            raise InvalidArgument(f"unsupported dtype {buf.dtype}", dtype=str(buf.dtype))
         self.buf = buf
         self.op = op
         self.world = world
@@ -121,20 +136,35 @@ class ChunkReducer:
     def finalize(self, a: int, b: int) -> memoryview:
         """Make ``[a, b)`` final on its owner (avg divide, quantize once); return its payload."""
         if not self.quantized:
-            finalize(self.op, self.buf[a:b], self.world)
+            self.settle(a, b)
             return self.raw(a, b)
         assert self.codec is not None
         acc = self.acc[a:b]
-        finalize(self.op, acc, self.world)
+        if self.op is not None:
+            finalize(self.op, acc, self.world)
         encoded = self.codec.encode(acc)
         self.codec.decode(encoded, b - a, out=acc)
         if self._cast_back:
             self.buf[a:b] = acc
         return encoded.data
 
+    def settle(self, a: int, b: int) -> None:
+        """Make ``[a, b)`` final on its owner without sending it: the avg divide
+        (and the cast back into the tensor on the quantized path), no encoding."""
+        if not self.quantized:
+            if self.op is not None:
+                finalize(self.op, self.buf[a:b], self.world)
+            return
+        acc = self.acc[a:b]
+        if self.op is not None:
+            finalize(self.op, acc, self.world)
+        if self._cast_back:
+            self.buf[a:b] = acc
+
     def finalize_local(self) -> None:
         """Finalize the whole tensor when this rank is alone (world 1)."""
-        finalize(self.op, self.buf, self.world)
+        if self.op is not None:
+            finalize(self.op, self.buf, self.world)
 
     # -- receives -----------------------------------------------------------------
 
@@ -170,6 +200,7 @@ class ChunkReducer:
     def accumulate(self, token: Token, a: int, b: int) -> None:
         """Combine a received contribution into ``[a, b)`` and recycle its buffer."""
         arr, length = token
+        assert self.op is not None, "a copy collective combines nothing"
         if not self.quantized:
             combine(self.op, self.buf[a:b], arr[:length])
             self._free.append(arr)

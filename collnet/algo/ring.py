@@ -13,6 +13,11 @@ rank ``r`` sends segment ``(r - s) % W`` and receives segment
 - steps ``W - 1 .. 2W - 3`` (all-gather): the received chunk is final; it is
   installed and forwarded as-is.
 
+``RingSchedule`` runs either phase alone too, over the same code: the
+reduce-scatter alone (``reducescatter``, segments shifted so that rank ``r``
+owns segment ``r``) and the all-gather alone (``allgather``, over blocks of
+given sizes, each rank's own block final from the start).
+
 A message is named by ``(step, chunk)``. The ring is pipelined per chunk:
 chunk ``c`` of step ``s + 1`` is the very chunk received as ``(s, c)``, and it
 is sent as soon as that one has been received and combined; ``start()`` sends
@@ -46,48 +51,57 @@ import numpy.typing as npt
 
 from collnet.algo.actions import Action, Complete, Send
 from collnet.algo.chunked import ChunkedSchedule
-from collnet.algo.partition import Partition
+from collnet.algo.partition import Layout, Partition
 from collnet.codec.base import Codec
-from collnet.errors import CodecError, PeerLost, ProtocolError
+from collnet.errors import CodecError, InvalidArgument, PeerLost, ProtocolError
 
 _IDLE, _POSTED, _DONE = 0, 1, 2
 
 
-class RingAllReduce(ChunkedSchedule):
-    """Ring all-reduce of ``buf`` in place, seen from ``rank``.
+class RingSchedule(ChunkedSchedule):
+    """The ring over ``layout``: a reduce-scatter phase (``reduce``), an
+    all-gather phase (``gather``), or both.
 
-    ``buf``: 1-D contiguous writable array of float32, float16, bfloat16,
-    int32 or int64; it holds the result after ``Complete``. ``op``: sum, avg,
-    min, max or prod. ``codec``: None (or a codec named ``"none"``) for exact
-    transfer; a quantizing codec for the float32-accumulating quantized path.
-    ``chunk_bytes``: pipelining granularity in tensor bytes (at least one
-    element a chunk). Every rank must pass the same length, dtype, op, codec
-    and chunk_bytes.
+    At step ``s`` rank ``r`` sends segment ``(r - s + shift) % W``; after the
+    reduce-scatter phase it owns segment ``(r + 1 + shift) % W``. ``op`` is
+    None exactly when there is no reduce-scatter phase.
     """
 
     algorithm = "ring"
+    collective = "all-reduce"
 
     def __init__(
         self,
         rank: int,
         world: int,
         buf: npt.NDArray[Any],
-        op: str,
-        codec: Codec | None = None,
-        chunk_bytes: int = 1 << 20,
+        op: str | None,
+        codec: Codec | None,
+        chunk_bytes: int,
+        *,
+        reduce: bool,
+        gather: bool,
+        shift: int = 0,
+        layout: Layout | None = None,
     ) -> None:
         super().__init__(rank, world, buf, op, codec, chunk_bytes)
-        self._part = Partition(self._red.n, world, self._red.chunk_elems)
+        part = (
+            layout if layout is not None else Partition(self._red.n, world, self._red.chunk_elems)
+        )
+        if part.n != self._red.n or part.world != world:
+            raise InvalidArgument("ring layout does not match the buffer and world")
+        self._part: Layout = part
+        self._shift = shift
         self._left = (rank - 1) % world
         self._right = (rank + 1) % world
-        self._nsteps = 2 * world - 2
-        self._maxc = self._part.max_chunks()
+        self._reduce_steps = world - 1 if reduce else 0
+        self._nsteps = self._reduce_steps + (world - 1 if gather else 0)
+        self._gather = gather
+        self._maxc = part.max_chunks()
         # Per (step, chunk) receive state, indexed step * maxc + chunk.
         self._state = bytearray(self._nsteps * self._maxc)
         self._step_done = [0] * self._nsteps
-        self._expected = sum(
-            self._part.num_chunks((rank - s - 1) % world) for s in range(self._nsteps)
-        )
+        self._expected = sum(self._chunks_at(s) for s in range(self._nsteps))
         self._received = 0
 
     def start(self) -> list[Action]:
@@ -96,18 +110,22 @@ class RingAllReduce(ChunkedSchedule):
         self._started = True
         if self.world == 1:
             self._red.finalize_local()
-        if self._expected == 0:
-            self._finished = True
-            return [Complete()]
-        seg = self.rank
+        seg = (self.rank + self._shift) % self.world
         part, red, right = self._part, self._red, self._right
         actions: list[Action] = []
-        try:
-            for c in range(part.num_chunks(seg)):
-                a, b = part.chunk(seg, c)
-                actions.append(Send(right, 0, c, red.outgoing(a, b)))
-        except CodecError as exc:
-            return self._abort(exc)
+        if self._nsteps:
+            # Without a reduce-scatter phase this rank's own segment is final
+            # already: its owner quantizes it once, here.
+            produce = red.outgoing if self._reduce_steps else red.finalize
+            try:
+                for c in range(part.num_chunks(seg)):
+                    a, b = part.chunk(seg, c)
+                    actions.append(Send(right, 0, c, produce(a, b)))
+            except CodecError as exc:
+                return self._abort(exc)
+        if self._expected == 0:
+            self._finished = True
+            actions.append(Complete())
         return actions
 
     def recv_buffer(self, src: int, step: int, chunk: int, nbytes: int) -> memoryview:
@@ -123,16 +141,21 @@ class RingAllReduce(ChunkedSchedule):
             )
         red = self._red
         red.check_nbytes(a, b, nbytes)
-        if step < self.world - 1:
+        if step < self._reduce_steps:
             view, token = red.contribution_buffer(a, b, nbytes)
             self._pending[key] = token
         else:
             # The final value of this chunk can only exist once the right
             # neighbour consumed our contribution, sent when (step - W, chunk)
             # arrived; earlier means a broken peer, and writing now would
-            # corrupt bytes still to be sent.
+            # corrupt bytes still to be sent. (Without a reduce-scatter phase
+            # no received block is ever sent by this rank before it arrives.)
             before = step - self.world
-            if before >= 0 and self._state[before * self._maxc + chunk] != _DONE:
+            if (
+                self._reduce_steps
+                and before >= 0
+                and self._state[before * self._maxc + chunk] != _DONE
+            ):
                 raise ProtocolError(
                     f"all-gather chunk (step {step}, chunk {chunk}) from rank {src} arrived "
                     f"before this rank sent its contribution",
@@ -161,14 +184,17 @@ class RingAllReduce(ChunkedSchedule):
         self._state[key] = _DONE
         red = self._red
         last = self._nsteps - 1
-        if step < self.world - 1:
+        payload: memoryview | None = None
+        if step < self._reduce_steps:
             assert token is not None
             red.accumulate(token, a, b)
             try:
-                if step == self.world - 2:
-                    payload: memoryview | None = red.finalize(a, b)
-                else:
+                if step < self._reduce_steps - 1:
                     payload = red.outgoing(a, b)
+                elif self._gather:
+                    payload = red.finalize(a, b)
+                else:
+                    red.settle(a, b)
             except CodecError as exc:
                 return self._abort(exc)
         else:
@@ -190,22 +216,23 @@ class RingAllReduce(ChunkedSchedule):
             (s for s in range(self._nsteps) if self._step_done[s] < self._chunks_at(s)),
             self._nsteps,
         )
-        phase = "reduce-scatter" if step < self.world - 1 else "all-gather"
+        phase = "reduce-scatter" if step < self._reduce_steps else "all-gather"
         return self._abort(
             PeerLost(
-                f"peer rank {rank} lost during ring all-reduce step {step} ({phase}); "
+                f"peer rank {rank} lost during ring {self.collective} step {step} ({phase}); "
                 f"rank {self.rank} had received {self._received}/{self._expected} chunks",
                 rank=rank,
                 step=step,
                 phase=phase,
                 algorithm=self.algorithm,
+                collective=self.collective,
             )
         )
 
     # -- helpers ------------------------------------------------------------------
 
     def _chunks_at(self, step: int) -> int:
-        return self._part.num_chunks((self.rank - step - 1) % self.world)
+        return self._part.num_chunks((self.rank - step - 1 + self._shift) % self.world)
 
     def _locate(self, src: int, step: int, chunk: int) -> tuple[int, int, int]:
         """Validate a message name; return its state index and element range."""
@@ -222,7 +249,7 @@ class RingAllReduce(ChunkedSchedule):
                 rank=src,
                 step=step,
             )
-        seg = (self.rank - step - 1) % self.world
+        seg = (self.rank - step - 1 + self._shift) % self.world
         if not 0 <= chunk < self._part.num_chunks(seg):
             raise ProtocolError(
                 f"ring chunk {chunk} of step {step} from rank {src} does not exist",
@@ -232,3 +259,27 @@ class RingAllReduce(ChunkedSchedule):
             )
         a, b = self._part.chunk(seg, chunk)
         return step * self._maxc + chunk, a, b
+
+
+class RingAllReduce(RingSchedule):
+    """Ring all-reduce of ``buf`` in place, seen from ``rank``.
+
+    ``buf``: 1-D contiguous writable array of float32, float16, bfloat16,
+    int32 or int64; it holds the result after ``Complete``. ``op``: sum, avg,
+    min, max or prod. ``codec``: None (or a codec named ``"none"``) for exact
+    transfer; a quantizing codec for the float32-accumulating quantized path.
+    ``chunk_bytes``: pipelining granularity in tensor bytes (at least one
+    element a chunk). Every rank must pass the same length, dtype, op, codec
+    and chunk_bytes.
+    """
+
+    def __init__(
+        self,
+        rank: int,
+        world: int,
+        buf: npt.NDArray[Any],
+        op: str,
+        codec: Codec | None = None,
+        chunk_bytes: int = 1 << 20,
+    ) -> None:
+        super().__init__(rank, world, buf, op, codec, chunk_bytes, reduce=True, gather=True)

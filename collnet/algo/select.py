@@ -1,10 +1,13 @@
-"""Choosing an all-reduce schedule by name, or by size for ``auto``.
+"""Choosing an all-reduce or broadcast schedule by name, or by size for ``auto``.
 
 ``auto`` picks the star when the tensor is small (``buf.nbytes <=
 star_max_bytes``: two hops beat ``2(W - 1)`` ring steps when latency
 dominates) or the world has at most two ranks (where the ring saves no
 bandwidth), and the ring otherwise. The choice depends only on arguments
-every rank shares, so all ranks pick the same schedule.
+every rank shares, so all ranks pick the same schedule. A broadcast's
+``auto`` picks its star (one hop from the root) by the same rule and its
+chain (a pipeline from the root, every link carrying the tensor once)
+otherwise.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from typing import Any, Final
 import numpy.typing as npt
 
 from collnet.algo.actions import Schedule
+from collnet.algo.broadcast import TreeBroadcast
 from collnet.algo.reducer import check_tensor
 from collnet.algo.ring import RingAllReduce
 from collnet.algo.star import StarAllReduce
@@ -21,6 +25,7 @@ from collnet.codec.base import Codec
 from collnet.errors import InvalidArgument
 
 ALGORITHMS: Final[tuple[str, ...]] = ("auto", "ring", "star")
+BROADCAST_ALGORITHMS: Final[tuple[str, ...]] = ("auto", "chain", "star")
 
 DEFAULT_STAR_MAX_BYTES: Final = 256 * 1024
 
@@ -55,3 +60,27 @@ def make_all_reduce(
     if chosen == "star":
         return StarAllReduce(rank, world, buf, op, codec, chunk_bytes, root=root)
     return RingAllReduce(rank, world, buf, op, codec, chunk_bytes)
+
+
+def make_broadcast(
+    algo: str,
+    rank: int,
+    world: int,
+    buf: npt.NDArray[Any],
+    root: int = 0,
+    codec: Codec | None = None,
+    chunk_bytes: int = 1 << 20,
+    star_max_bytes: int = DEFAULT_STAR_MAX_BYTES,
+) -> TreeBroadcast:
+    """Build the broadcast ``algo`` (``auto``, ``chain`` or ``star``) names from ``root``."""
+    if algo not in BROADCAST_ALGORITHMS:
+        raise InvalidArgument(
+            f"unknown broadcast algorithm {algo!r}; expected one of {BROADCAST_ALGORITHMS}",
+            algo=algo,
+        )
+    check_tensor(buf)
+    tree = algo
+    if algo == "auto":
+        small = int(buf.nbytes) <= star_max_bytes or world <= 2
+        tree = "star" if small else "chain"
+    return TreeBroadcast(rank, world, buf, root, codec, chunk_bytes, tree=tree)

@@ -1,0 +1,59 @@
+"""Ring reduce-scatter: the ring all-reduce's first phase alone.
+
+Every rank passes the whole tensor ``buf`` (``n`` elements, the same ``n``
+everywhere). The tensor is cut like the all-reduce's (``partition``,
+exactly ``np.array_split(range(n), W)``): segment ``k`` is
+``[k*q + min(k, rem), ...)`` with ``q, rem = divmod(n, W)``, so the first
+``rem`` ranks own ``q + 1`` elements and the others ``q``. After
+``Complete``, ``buf[output_range]`` on rank ``r`` holds the reduction (sum,
+avg, min, max or prod) of segment ``r`` over every rank; the rest of ``buf``
+holds partial sums and is undefined.
+
+This is ``RingSchedule`` with only its reduce-scatter phase and the segments
+shifted by one, so the segment a rank finishes with is its own: ``W - 1``
+steps, each rank sending ``(W - 1) / W`` of the tensor. Messages, zero-copy
+and failure model are the ring's (see ``ring``); a lost peer aborts with
+``PeerLost`` naming the step, in phase ``reduce-scatter``.
+
+With a quantizing codec every hop carries the encoded partial result of a
+chunk (float32 accumulation, as in the all-reduce); the owner's result is
+never re-encoded, since no other rank receives it. The ranks' outputs are
+disjoint, so there is nothing for them to agree on bit for bit.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy.typing as npt
+
+from collnet.algo.partition import Partition
+from collnet.algo.ring import RingSchedule
+from collnet.codec.base import Codec
+
+
+class RingReduceScatter(RingSchedule):
+    """Ring reduce-scatter of ``buf`` in place, seen from ``rank``.
+
+    Arguments as for ``RingAllReduce``; the result is ``buf[output_range]``.
+    """
+
+    collective = "reduce-scatter"
+
+    def __init__(
+        self,
+        rank: int,
+        world: int,
+        buf: npt.NDArray[Any],
+        op: str,
+        codec: Codec | None = None,
+        chunk_bytes: int = 1 << 20,
+    ) -> None:
+        super().__init__(
+            rank, world, buf, op, codec, chunk_bytes, reduce=True, gather=False, shift=-1
+        )
+
+    @property
+    def output_range(self) -> tuple[int, int]:
+        """``(start, stop)`` of the elements of ``buf`` this rank owns."""
+        return Partition(self._red.n, self.world, 1).segment(self.rank)
