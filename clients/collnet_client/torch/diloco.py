@@ -1,4 +1,4 @@
-"""PyTorch on collnet: tensors over SDK memory, state sync of tensors, and DiLoCo.
+"""DiLoCo on collnet: tensors over SDK memory, state sync of tensors, and the DiLoCo loop.
 
 ``DiLoCo`` trains one model on many peers that talk rarely. Every peer runs
 its inner optimizer locally; every ``inner_steps`` steps the peers average
