@@ -1,0 +1,5 @@
+import sys
+
+from wanlab.cli import main
+
+sys.exit(main())
