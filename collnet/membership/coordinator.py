@@ -22,7 +22,13 @@ request, ``Push`` of a new world to members). Invariants:
   completes when every active member of its epoch has arrived, and answers
   each with every member's payload; it belongs to one epoch, so any change of
   the world fails its waiting calls with ``PeerLost`` (the caller updates its
-  topology and retries), never answering a partial set.
+  topology and retries), never answering a partial set;
+- the ring order (the order of ``active``, so rank = position) is chosen by
+  ``planner`` (``collnet.topology.ringorder.RingPlanner``) only at an
+  update_topology barrier, when every member waits: with the members admitted
+  there, or, with none, as an epoch of its own when the planned order beats
+  the current one by the planner's margin. A lost peer's survivors keep their
+  order until then. Without a planner the order is the join order.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ from typing import Any
 from collnet.errors import CollnetError, InvalidArgument, PeerLost, ProtocolError
 from collnet.membership.bounds import MAX_WORLD_PEERS, check_claim
 from collnet.membership.world import PeerInfo, WorldView
+from collnet.topology.ringorder import RingPlanner
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,6 +98,8 @@ class CoordinatorState:
     barriers: dict[str, dict[str, tuple[int, Any]]] = field(default_factory=dict)
     # peer id -> what it last reported at a "synced" barrier (soft state, for status)
     reported: dict[str, Any] = field(default_factory=dict)
+    # Chooses the ring order at barriers (None: the join order).
+    planner: RingPlanner | None = None
 
     def world(self) -> WorldView:
         return WorldView(self.epoch, tuple(self.active), tuple(self.pending))
@@ -224,6 +233,17 @@ class CoordinatorState:
 
     leave = lost
 
+    def _replan(self, members_changed: bool) -> bool:
+        """Put ``active`` in the planner's order; whether it moved."""
+        if self.planner is None:
+            return False
+        order = self.planner.plan([p.id for p in self.active], members_changed)
+        if order is None:
+            return False
+        by_id = {p.id: p for p in self.active}
+        self.active = [by_id[pid] for pid in order]
+        return True
+
     def _maybe_advance(self) -> list[Effect]:
         # Members yet to reconnect after a restart are waited for too: they come
         # back (and call) or expire (and are lost) within the rejoin grace.
@@ -234,9 +254,10 @@ class CoordinatorState:
             return []
         admitted = list(self.pending.values())
         effects: list[Effect] = []
-        if admitted:
-            self.active.extend(admitted)
-            self.pending.clear()
+        self.active.extend(admitted)
+        self.pending.clear()
+        reordered = self._replan(bool(admitted))
+        if admitted or reordered:
             self.epoch += 1
             effects += self._fail_barriers(self.epoch - 1)
         world = self.world()

@@ -1,0 +1,73 @@
+"""How many TCP connections a link gets, and its socket buffers (sans-I/O).
+
+One TCP stream carries at most one window per round trip, and the kernel caps
+a socket's window (``net.core.wmem_max``, doubled; here 8 MiB asked for,
+4 MiB granted). A link whose bandwidth-delay product (BDP) exceeds what one
+window holds needs several streams to stay full: ``connections_for`` gives
+``K = ceil(BDP / window)`` bounded to ``[MIN_CONNECTIONS, MAX_CONNECTIONS]``.
+A loopback or LAN link (tiny BDP) gets one stream: striping there only adds
+frames and wake-ups per byte.
+
+The dialler of a link decides K and says so in its HELLO; the acceptor takes
+any K the wire allows (``collnet.transport.mesh``), so peers configured
+differently still link. Without an estimate the link keeps a fixed default
+(``UNKNOWN_LINK_CONNECTIONS``), except to a loopback address, whose RTT is
+known to be negligible.
+
+Units: bandwidth in bits per second (as ``collnet.topology.matrix``), RTT in
+seconds, sizes in bytes.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import math
+from dataclasses import dataclass
+from typing import Final
+
+MIN_CONNECTIONS: Final = 1
+MAX_CONNECTIONS: Final = 16
+# What a link gets when nothing is known about it (and it is not loopback).
+UNKNOWN_LINK_CONNECTIONS: Final = 4
+# The window one stream can keep in flight: the kernel's send-buffer cap
+# (wmem_max, 4 MiB on the machines measured) is what a socket actually gets.
+DEFAULT_WINDOW_BYTES: Final = 4 << 20
+
+
+@dataclass(frozen=True, slots=True)
+class LinkFigures:
+    """A link's measured (or assumed) bandwidth and round-trip time."""
+
+    bandwidth_bps: float
+    rtt_s: float
+
+    @property
+    def bdp_bytes(self) -> float:
+        return self.bandwidth_bps / 8 * self.rtt_s
+
+
+def connections_for(
+    estimate: LinkFigures | None,
+    host: str = "",
+    window_bytes: int = DEFAULT_WINDOW_BYTES,
+    default: int = UNKNOWN_LINK_CONNECTIONS,
+) -> int:
+    """K for a link to ``host`` with ``estimate`` (see the module docstring)."""
+    if estimate is None:
+        return MIN_CONNECTIONS if is_loopback(host) else clamp_connections(default)
+    if not (math.isfinite(estimate.bdp_bytes) and estimate.bdp_bytes > 0):
+        return MIN_CONNECTIONS
+    return clamp_connections(math.ceil(estimate.bdp_bytes / max(1, window_bytes)))
+
+
+def clamp_connections(k: int) -> int:
+    return max(MIN_CONNECTIONS, min(MAX_CONNECTIONS, k))
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

@@ -1,0 +1,108 @@
+"""Connections per link from the bandwidth-delay product, and the star/ring cost model."""
+
+from __future__ import annotations
+
+import math
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from collnet.topology.costmodel import (
+    MAX_CHUNK_BYTES,
+    LinkCosts,
+    chunk_bytes_for,
+    prefer_star,
+    ring_seconds,
+    star_seconds,
+)
+from collnet.topology.striping import (
+    MAX_CONNECTIONS,
+    UNKNOWN_LINK_CONNECTIONS,
+    LinkFigures,
+    connections_for,
+    is_loopback,
+)
+
+GBIT = 1e9
+WINDOW = 4 << 20
+
+
+def test_loopback_gets_one_connection_with_or_without_an_estimate() -> None:
+    assert connections_for(None, "127.0.0.1") == 1
+    assert connections_for(None, "::1") == 1
+    assert connections_for(None, "localhost") == 1
+    assert connections_for(LinkFigures(40 * GBIT, 50e-6), "127.0.0.1", WINDOW) == 1
+
+
+def test_an_unknown_remote_link_keeps_the_fixed_default() -> None:
+    assert connections_for(None, "10.0.0.2") == UNKNOWN_LINK_CONNECTIONS
+    assert not is_loopback("10.0.0.2") and not is_loopback("example.org")
+
+
+def test_a_long_fat_link_gets_enough_streams_to_cover_its_bdp() -> None:
+    # 1 Gbit/s at 100 ms: 12.5 MB in flight, 4 MiB per stream -> 3 streams.
+    assert connections_for(LinkFigures(GBIT, 0.1), "10.0.0.2", WINDOW) == 3
+    # 1 Gbit/s at 200 ms: 25 MB -> 6.
+    assert connections_for(LinkFigures(GBIT, 0.2), "10.0.0.2", WINDOW) == 6
+    # 10 Gbit/s at 300 ms is past the bound.
+    assert connections_for(LinkFigures(10 * GBIT, 0.3), "10.0.0.2", WINDOW) == MAX_CONNECTIONS
+    # A LAN: one window covers it.
+    assert connections_for(LinkFigures(GBIT, 0.001), "10.0.0.2", WINDOW) == 1
+
+
+@given(
+    st.floats(min_value=1e3, max_value=1e12),
+    st.floats(min_value=0.0, max_value=10.0),
+    st.integers(min_value=64 << 10, max_value=64 << 20),
+)
+def test_k_is_the_ceiling_of_bdp_over_window_within_bounds(bps: float, rtt: float, w: int) -> None:
+    k = connections_for(LinkFigures(bps, rtt), "10.1.2.3", w)
+    want = math.ceil(bps / 8 * rtt / w) if bps * rtt > 0 else 1
+    assert k == max(1, min(MAX_CONNECTIONS, want))
+
+
+# -- the star/ring model ------------------------------------------------------
+WAN = LinkCosts(max_rtt_s=0.1, bottleneck_bps=GBIT)
+LOOPBACK = LinkCosts(max_rtt_s=50e-6, bottleneck_bps=20 * GBIT)
+
+
+def test_on_a_100ms_wan_small_and_mid_tensors_take_the_star_big_ones_the_ring() -> None:
+    assert prefer_star(WAN, 4, 4 << 10)
+    assert prefer_star(WAN, 4, 1 << 20)
+    assert not prefer_star(WAN, 4, 64 << 20)
+
+
+def test_on_loopback_the_ring_wins_from_a_megabyte() -> None:
+    assert prefer_star(LOOPBACK, 4, 4 << 10)
+    assert not prefer_star(LOOPBACK, 4, 1 << 20)
+
+
+def test_two_ranks_always_take_the_star() -> None:
+    assert prefer_star(WAN, 2, 1 << 30) and prefer_star(LOOPBACK, 2, 1 << 30)
+
+
+@given(
+    st.floats(min_value=0.0, max_value=1.0),
+    st.floats(min_value=1e6, max_value=1e11),
+    st.integers(min_value=3, max_value=64),
+    st.integers(min_value=1, max_value=1 << 32),
+)
+def test_the_choice_is_the_cheaper_model_and_the_crossover_is_monotone(
+    rtt: float, bps: float, world: int, nbytes: int
+) -> None:
+    costs = LinkCosts(rtt, bps)
+    star, ring = star_seconds(costs, world, nbytes), ring_seconds(costs, world, nbytes)
+    assert prefer_star(costs, world, nbytes) == (star <= ring)
+    # A bigger tensor never turns the ring's choice back into the star's.
+    if not prefer_star(costs, world, nbytes):
+        assert not prefer_star(costs, world, nbytes * 2)
+
+
+def test_chunk_grows_with_the_bottleneck_bdp_within_bounds() -> None:
+    assert chunk_bytes_for(LOOPBACK, 1 << 20) == 1 << 20
+    # 12.5 MB in flight over 4 chunks: 4 MiB chunks (a power of two at least 3.1 MB).
+    assert chunk_bytes_for(WAN, 1 << 20) == 4 << 20
+    assert chunk_bytes_for(LinkCosts(1.0, 100 * GBIT), 1 << 20) == MAX_CHUNK_BYTES
+    # Never below what the daemon was configured with.
+    assert chunk_bytes_for(LOOPBACK, 8 << 20) == 8 << 20
+    assert not LinkCosts(math.nan, GBIT).valid() and not LinkCosts(0.1, 0.0).valid()
