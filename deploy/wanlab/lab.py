@@ -76,26 +76,34 @@ def _kill_all(nss: list[str], timeout_s: float = 5.0) -> None:
 
 
 def _alive(pid: int) -> bool:
+    """False once the process is gone or a zombie (someone else's child, unreaped)."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
         return False
-    # A zombie child of ours is dead for this purpose; reap it if it is ours.
     with contextlib.suppress(ChildProcessError):
-        if os.waitpid(pid, os.WNOHANG)[0] == pid:
-            return False
-    return True
+        os.waitpid(pid, os.WNOHANG)  # ours: reap it
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
-def down(prefix: str = "wanlab-") -> list[str]:
-    """Remove every namespace starting with ``prefix`` and what runs in it."""
+def _remove_namespaces(prefix: str) -> list[str]:
     nss = namespaces(prefix)
     _kill_all(nss)
     for ns in nss:
         subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+    return nss
+
+
+def _remove_state(prefix: str) -> None:
     name = prefix.removeprefix("wanlab-").rstrip("-")
     for f in STATE_DIR.glob(f"{name or '*'}.*"):
         f.unlink(missing_ok=True)
+
+
+def down(prefix: str = "wanlab-") -> list[str]:
+    """Remove every namespace starting with ``prefix``, what runs in it, and its state files."""
+    nss = _remove_namespaces(prefix)
+    _remove_state(prefix)
     return nss
 
 
@@ -105,6 +113,8 @@ class Lab:
     def __init__(self, spec: LabSpec) -> None:
         self.spec = spec
         self.delay_line: subprocess.Popen[bytes] | None = None
+        # The delay line's counters (packets, bytes, lost, foreign), once it is down.
+        self.final_stats: dict[str, int] = {}
 
     # -- for benches and tests ---------------------------------------------------
     def cmd(self, host: int, *argv: str) -> list[str]:
@@ -130,9 +140,12 @@ class Lab:
         return self
 
     def down(self) -> None:
-        down(self.spec.prefix)
+        _remove_namespaces(self.spec.prefix)
         if self.delay_line is not None:
             self.delay_line.wait()
+        with contextlib.suppress(OSError, ValueError):
+            self.final_stats = json.loads(self.file("stats.json").read_text())
+        _remove_state(self.spec.prefix)
 
     def __enter__(self) -> Lab:
         return self.up()

@@ -10,7 +10,7 @@ root. Each host link gets one htb tree on each end:
   ``down`` rate, plus a leaf per source with a pair rate, matched on the
   source address.
 
-Every leaf queues into a bfifo holding ``QUEUE_S`` of its rate (at least a few
+Every leaf queues into a bfifo holding ``QUEUE_S`` of its rate (at least 8
 packets), the buffer of a WAN router rather than veth's 1000 packets of 64 KB.
 """
 
@@ -27,7 +27,7 @@ UNSHAPED_BIT = 100 * 10**9
 def _leaf(ns: str, dev: str, classid: int, rate: int, mtu: int) -> list[list[str]]:
     burst = max(2 * mtu, rate // 8 // 500)  # >= 2 ms at the rate: htb's timer needs slack
     quantum = min(200_000, 2 * mtu)
-    limit = max(4 * mtu, int(rate / 8 * QUEUE_S))
+    limit = max(8 * mtu, int(rate / 8 * QUEUE_S))
     tc = ["tc", "-n", ns]
     return [
         [*tc, "class", "add", "dev", dev, "parent", "1:1", "classid", f"1:{classid}", "htb",
