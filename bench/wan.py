@@ -1,0 +1,319 @@
+"""collnet and gloo over a WAN lab: busbw as a fraction of the bottleneck link.
+
+What is measured
+----------------
+``wanlab`` (deploy/wanlab) builds ``--hosts`` network namespaces joined by a
+router; every host's access link is shaped to ``--rate-mbit`` both ways (htb)
+and every packet between two hosts waits ``--rtt-ms``/2 each way in the
+user-space delay line, so end-to-end TCP sees the round trip. One daemon runs
+in each host namespace, the coordinator in the router's, and in the same run,
+over the same links:
+
+* collnet fp32, uint8 and uint4 all-reduces of ``--size`` (float32 bytes),
+  timed inside the daemons (``Comm.bench_all_reduce``; a tiny barrier
+  all-reduce precedes each), with striping (``--connections`` K, default 8)
+  and without (1 connection): ``striping_gain`` is the fp32 ratio;
+* the 1 MiB latency of collnet star, ring and auto, and of gloo;
+* torch.distributed gloo (``bench/gloo_worker.py`` in each host namespace);
+* the delay line's own ceiling (``wanlab.measure.ceiling``: a ring of TCP
+  flows through an unshaped lab at the same RTT) and whether the scenario
+  (hosts x rate) fits under it;
+* ``topology_gain``: a 4-host lab whose "diagonal" pairs are 4x slower,
+  daemons joined in the bad ring order; busbw with the coordinator's ring
+  planner over busbw without, next to what the links predict. ``null`` with
+  a reason where the daemons cannot be asked to plan.
+
+A sample is the slowest rank's time of one collective; the first of each
+series is a warm-up and dropped; figures are medians of ``--repeats``.
+busbw = bytes / time x 2(N-1)/N; ``*_busbw_over_link`` divides it by the
+bottleneck link's rate (so uint8 can exceed 1: fewer bytes travel).
+
+``--sweep`` measures fp32, uint8 and gloo at each of ``--sweep-rtts`` and
+draws docs/wan_busbw_vs_rtt.png. Needs root (network namespaces).
+
+Usage::
+
+    python bench/wan.py --json
+    python bench/wan.py --hosts 4 --rate-mbit 400 --rtt-ms 100 --size 64MiB --repeats 3 --json
+    python bench/wan.py --sweep --rate-mbit 400 --size 16MiB --json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import secrets
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import collnet_client
+from allreduce import GLOO_WORKER, busbw, gloo_unavailable_reason, max_over_ranks
+from collnet_lab.localcluster import parse_size
+from tls import BenchCluster
+from wanlab import Lab, LabSpec
+from wanlab.lab import child_env
+from wanlab.measure import ceiling
+
+HERE = Path(__file__).resolve().parent
+PLOT = HERE.parent / "docs" / "wan_busbw_vs_rtt.png"
+GLOO_PORT = 29555
+CODECS = {"fp32": "none", "uint8": "uint8", "uint4": "uint4"}
+
+
+def log(msg: str) -> None:
+    print(f"[wan-bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def _med(samples: list[float]) -> float:
+    return statistics.median(samples)
+
+
+class Collnet:
+    """A coordinator (router namespace) and one daemon per host, with SDK comms to each."""
+
+    def __init__(self, lab: Lab, connections: int, extra: list[str], workdir: Path) -> None:
+        s = lab.spec
+        flags: dict[str, list[str]] = {"coordinator": ["--listen", f"{s.gateway(0)}:0"]}
+        netns = {"coordinator": s.router_ns}
+        for h in range(s.hosts):
+            flags[f"peer{h:02d}"] = ["--listen", f"{s.addr(h)}:0", *extra]
+            netns[f"peer{h:02d}"] = s.host_ns(h)
+        # Without a shared secret the coordinator admits loopback peers only.
+        secret = workdir / "secret"
+        secret.write_text(secrets.token_hex(32))
+        secret.chmod(0o600)
+        self.cluster = BenchCluster(
+            flags, netns, peers=s.hosts, connections=connections, workdir=workdir,
+            secret_file=secret,
+        )  # fmt: skip
+        self.comms: list[Any] = []
+        self.world = s.hosts
+        self._n = 0
+
+    def __enter__(self) -> Collnet:
+        try:
+            self.cluster.start()
+            self.comms = [collnet_client.connect(d.ipc, timeout_s=60) for d in self.cluster.daemons]
+            self.agree()
+        except BaseException:
+            log(f"cluster logs:\n{self.cluster.logs()}")
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        for c in self.comms:
+            c.close()
+        self.cluster.stop()
+
+    def agree(self) -> None:
+        with ThreadPoolExecutor(len(self.comms)) as pool:
+            list(pool.map(lambda c: c.update_topology(timeout_s=120), self.comms))
+
+    def time(self, nbytes: int, iters: int, codec: str = "none", algo: str = "auto") -> list[float]:
+        """``iters`` samples (warm-up dropped) of the slowest rank."""
+        self._n += 1
+        tag = f"wan-{self._n}-{codec}-{algo}"
+        with ThreadPoolExecutor(len(self.comms)) as pool:
+            futs = [
+                pool.submit(c.bench_all_reduce, nbytes // 4, tag=tag, iters=iters + 1,
+                            codec=codec, algo=algo, timeout_s=1800)
+                for c in self.comms
+            ]  # fmt: skip
+            return max_over_ranks([f.result() for f in futs])[1:]
+
+
+def run_gloo(lab: Lab, jobs: list[tuple[int, int]]) -> dict[int, list[float]]:
+    """gloo workers in the host namespaces; per size the samples of the slowest rank."""
+    s = lab.spec
+    env = {**child_env(), "GLOO_SOCKET_IFNAME": "eth0"}
+    job_arg = ",".join(f"{nb}:{it}" for nb, it in jobs)
+    procs = [
+        lab.popen(h, sys.executable, str(GLOO_WORKER), "--rank", str(h), "--world", str(s.hosts),
+                  "--init", f"tcp://{s.addr(0)}:{GLOO_PORT}", "--jobs", job_arg, "--no-check",
+                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+        for h in range(s.hosts)
+    ]  # fmt: skip
+    try:
+        rows = []
+        for p in procs:
+            out, err = p.communicate(timeout=3600)
+            if p.returncode != 0:
+                raise RuntimeError(f"gloo worker failed ({p.returncode}): {err.decode()[-2000:]}")
+            rows.append(json.loads(out.decode().strip().splitlines()[-1]))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    return {nb: max_over_ranks([r["sizes"][str(nb)]["times_s"] for r in rows]) for nb, _ in jobs}
+
+
+@contextmanager
+def collnet_in(lab: Lab, connections: int, extra: list[str]) -> Iterator[Collnet]:
+    with (
+        tempfile.TemporaryDirectory(prefix="collnet-wan-") as tmp,
+        Collnet(lab, connections, extra, Path(tmp)) as c,
+    ):
+        yield c
+
+
+def over_link(nbytes: int, t: float, world: int, link_bit: float) -> float:
+    return round(busbw(nbytes, t, world) * 1e9 * 8 / link_bit, 3)
+
+
+def scenario(args: argparse.Namespace, rtt_ms: float, full: bool) -> dict[str, Any]:
+    """One lab at ``rtt_ms``; ``full`` adds uint4, 1 connection and the 1 MiB latencies."""
+    spec = LabSpec(hosts=args.hosts, rate_bit=int(args.rate_mbit * 1e6), rtt_s=rtt_ms / 1e3,
+                   loss=args.loss, name="wanb", subnet=231)  # fmt: skip
+    link = float(args.rate_mbit * 1e6)
+    n, size, reps = args.hosts, args.nbytes, args.repeats
+    mib = 1 << 20
+    out: dict[str, Any] = {"rtt_ms": rtt_ms, "link_mbit": args.rate_mbit, "hosts": n}
+    samples: dict[str, list[float]] = {}
+    with Lab(spec) as lab:
+        log(f"lab up: {n} hosts, {args.rate_mbit} Mbit/s, {rtt_ms} ms")
+        with collnet_in(lab, args.connections, args.daemon_arg) as c:
+            for name, codec in CODECS.items():
+                if name == "uint4" and not full:
+                    continue
+                samples[name] = c.time(size, reps, codec)
+                out[f"{name}_busbw_over_link"] = over_link(size, _med(samples[name]), n, link)
+                log(f"collnet {name}: {out[f'{name}_busbw_over_link']} of link")
+            if full:
+                lat = {a: c.time(mib, reps, algo=a) for a in ("star", "ring", "auto")}
+        if full:
+            with collnet_in(lab, 1, args.daemon_arg) as c:
+                samples["fp32_1conn"] = c.time(size, reps)
+            one = over_link(size, _med(samples["fp32_1conn"]), n, link)
+            out["fp32_1conn_busbw_over_link"] = one
+            out["striping_gain"] = round(out["fp32_busbw_over_link"] / one, 3)
+            log(f"collnet fp32, 1 connection: {one} of link")
+        if args.no_gloo or (why := gloo_unavailable_reason()) is not None:
+            out["gloo_busbw_over_link"] = None
+            out["gloo_skipped"] = "--no-gloo" if args.no_gloo else why
+        else:
+            g = run_gloo(lab, [(size, reps + 1), *([(mib, reps + 1)] if full else [])])
+            samples["gloo"] = g[size][1:]
+            out["gloo_busbw_over_link"] = over_link(size, _med(samples["gloo"]), n, link)
+            log(f"gloo: {out['gloo_busbw_over_link']} of link")
+            if full:
+                lat["gloo"] = g[mib][1:]
+        if full:
+            out["latency_1MiB_s"] = {k: round(_med(v), 4) for k, v in lat.items()}
+        out["delay_line_stats_during_run"] = None  # filled after teardown
+    out["delay_line_stats_during_run"] = lab.final_stats
+    out["samples_s"] = {k: [round(x, 4) for x in v] for k, v in samples.items()}
+    return out
+
+
+def topology(args: argparse.Namespace) -> dict[str, Any]:
+    """``topology_gain`` on asymmetric links, or why it is null."""
+    if not args.planner_arg:
+        return {"topology_gain": None, "topology_note": "no ring planner flag given "
+                "(--planner-arg): the daemons in this tree cannot be asked to plan"}  # fmt: skip
+    raise NotImplementedError
+
+
+def plot(points: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    rtts = [p["rtt_ms"] for p in points]
+    for key, label in (("fp32_busbw_over_link", "collnet fp32"),
+                       ("uint8_busbw_over_link", "collnet uint8"),
+                       ("gloo_busbw_over_link", "gloo fp32")):  # fmt: skip
+        ys = [p.get(key) for p in points]
+        if any(y is not None for y in ys):
+            ax.plot(rtts, [float("nan") if y is None else y for y in ys], "o-", label=label)
+    ax.axhline(1.0, color="grey", lw=0.8, ls="--")
+    ax.set_xlabel("round-trip time (ms)")
+    ax.set_ylabel("busbw / bottleneck link")
+    p0 = points[0]
+    ax.set_title(
+        f"all-reduce over the WAN lab: {p0['hosts']} hosts, {p0['link_mbit']} Mbit/s links"
+    )
+    ax.set_yscale("log")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--hosts", type=int, default=4)
+    ap.add_argument("--rate-mbit", type=float, default=1000.0)
+    ap.add_argument("--rtt-ms", type=float, default=100.0)
+    ap.add_argument("--size", default="64MiB")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--loss", type=float, default=0.0, help="drop probability per direction")
+    ap.add_argument("--connections", type=int, default=8, help="K of the striped runs")
+    ap.add_argument("--daemon-arg", action="append", default=[], help="extra daemon flag")
+    ap.add_argument("--planner-arg", action="append", default=[],
+                    help="coordinator flag that turns on ring planning (topology_gain)")  # fmt: skip
+    ap.add_argument("--no-gloo", action="store_true")
+    ap.add_argument("--no-ceiling", action="store_true")
+    ap.add_argument("--sweep", action="store_true", help="busbw vs RTT, and the plot")
+    ap.add_argument("--sweep-rtts", default="0,50,100,150,200")
+    ap.add_argument("--plot", default=str(PLOT))
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args(argv)
+    args.nbytes = parse_size(args.size)
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if os.geteuid() != 0:
+        print("bench/wan.py needs root (network namespaces)", file=sys.stderr)
+        return 2
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # unwind: labs removed
+    result: dict[str, Any]
+    rtts = [float(r) for r in args.sweep_rtts.split(",")] if args.sweep else [args.rtt_ms]
+    ceil_mbit = None
+    if not args.no_ceiling:
+        log(f"delay line ceiling at {max(rtts)} ms")
+        ceil = ceiling(args.hosts, max(rtts) / 1e3, seconds=4.0)
+        ceil_mbit = ceil["total_mbit"]
+    if args.sweep:
+        points = [scenario(args, r, full=False) for r in rtts]
+        plot(points, Path(args.plot))
+        result = {"sweep": points, "plot": str(args.plot)}
+    else:
+        result = scenario(args, args.rtt_ms, full=True)
+        result.update(topology(args))
+    result["delay_line_ceiling_mbit"] = ceil_mbit
+    if ceil_mbit is not None:
+        result["delay_line_ceiling"] = ceil
+        result["within_ceiling"] = args.hosts * args.rate_mbit <= ceil_mbit
+    result["size_bytes"] = args.nbytes
+    result["repeats"] = args.repeats
+    result["connections"] = args.connections
+    result["loadavg_after"] = os.getloadavg()
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(json.dumps({k: v for k, v in result.items() if k != "samples_s"}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
