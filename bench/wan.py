@@ -267,8 +267,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--loss", type=float, default=0.0, help="drop probability per direction")
     ap.add_argument("--connections", type=int, default=8, help="K of the striped runs")
     ap.add_argument("--daemon-arg", action="append", default=[], help="extra daemon flag")
-    ap.add_argument("--planner-arg", action="append", default=[],
-                    help="coordinator flag that turns on ring planning (topology_gain)")  # fmt: skip
+    ap.add_argument(
+        "--planner-arg",
+        action="append",
+        default=[],
+        help="coordinator flag that turns on ring planning (topology_gain)",
+    )
     ap.add_argument("--no-gloo", action="store_true")
     ap.add_argument("--no-ceiling", action="store_true")
     ap.add_argument("--sweep", action="store_true", help="busbw vs RTT, and the plot")
