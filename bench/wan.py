@@ -19,9 +19,10 @@ over the same links:
   flows through an unshaped lab at the same RTT) and whether the scenario
   (hosts x rate) fits under it;
 * ``topology_gain``: a 4-host lab whose "diagonal" pairs are 4x slower,
-  daemons joined in the bad ring order; busbw with the coordinator's ring
-  planner over busbw without, next to what the links predict. ``null`` with
-  a reason where the daemons cannot be asked to plan.
+  daemons joined in the bad ring order; fp32 busbw with the coordinator's
+  ring planner (``--ring-order planned``) over busbw in join order, next to
+  what the links predict (4x). ``null`` with a reason where the coordinator
+  has no ``--ring-order``.
 
 A sample is the slowest rank's time of one collective; the first of each
 series is a warm-up and dropped; figures are medians of ``--repeats``.
@@ -81,13 +82,17 @@ def _med(samples: list[float]) -> float:
 class Collnet:
     """A coordinator (router namespace) and one daemon per host, with SDK comms to each."""
 
-    def __init__(self, lab: Lab, connections: int, extra: list[str], workdir: Path) -> None:
+    def __init__(
+        self, lab: Lab, connections: str, extra: list[str], workdir: Path,
+        coordinator: list[str], order: list[int],
+    ) -> None:  # fmt: skip
+        """``order[k]``: the host of the k-th daemon to join (peer id ``peer<k>``)."""
         s = lab.spec
-        flags: dict[str, list[str]] = {"coordinator": ["--listen", f"{s.gateway(0)}:0"]}
+        flags = {"coordinator": ["--listen", f"{s.gateway(0)}:0", *coordinator]}
         netns = {"coordinator": s.router_ns}
-        for h in range(s.hosts):
-            flags[f"peer{h:02d}"] = ["--listen", f"{s.addr(h)}:0", *extra]
-            netns[f"peer{h:02d}"] = s.host_ns(h)
+        for k, h in enumerate(order):
+            flags[f"peer{k:02d}"] = ["--listen", f"{s.addr(h)}:0", *extra]
+            netns[f"peer{k:02d}"] = s.host_ns(h)
         # Without a shared secret the coordinator admits loopback peers only.
         secret = workdir / "secret"
         secret.write_text(secrets.token_hex(32))
@@ -119,9 +124,11 @@ class Collnet:
             c.close()
         self.cluster.stop()
 
-    def agree(self) -> None:
+    def agree(self) -> list[str]:
+        """The update_topology barrier; the ring order (peer ids) agreed on."""
         with ThreadPoolExecutor(len(self.comms)) as pool:
-            list(pool.map(lambda c: c.update_topology(timeout_s=120), self.comms))
+            worlds = list(pool.map(lambda c: c.update_topology(timeout_s=120), self.comms))
+        return list(worlds[0].peers)
 
     def time(self, nbytes: int, iters: int, codec: str = "none", algo: str = "auto") -> list[float]:
         """``iters`` samples (warm-up dropped) of the slowest rank."""
@@ -163,10 +170,14 @@ def run_gloo(lab: Lab, jobs: list[tuple[int, int]]) -> dict[int, list[float]]:
 
 
 @contextmanager
-def collnet_in(lab: Lab, connections: int, extra: list[str]) -> Iterator[Collnet]:
+def collnet_in(
+    lab: Lab, connections: str, extra: list[str],
+    coordinator: list[str] | None = None, order: list[int] | None = None,
+) -> Iterator[Collnet]:  # fmt: skip
+    hosts = order if order is not None else list(range(lab.spec.hosts))
     with (
         tempfile.TemporaryDirectory(prefix="collnet-wan-") as tmp,
-        Collnet(lab, connections, extra, Path(tmp)) as c,
+        Collnet(lab, connections, extra, Path(tmp), coordinator or [], hosts) as c,
     ):
         yield c
 
@@ -196,7 +207,7 @@ def scenario(args: argparse.Namespace, rtt_ms: float, full: bool) -> dict[str, A
             if full:
                 lat = {a: c.time(mib, reps, algo=a) for a in ("star", "ring", "auto")}
         if full:
-            with collnet_in(lab, 1, args.daemon_arg) as c:
+            with collnet_in(lab, "1", args.daemon_arg) as c:
                 samples["fp32_1conn"] = c.time(size, reps)
             one = over_link(size, _med(samples["fp32_1conn"]), n, link)
             out["fp32_1conn_busbw_over_link"] = one
@@ -220,12 +231,43 @@ def scenario(args: argparse.Namespace, rtt_ms: float, full: bool) -> dict[str, A
     return out
 
 
+def _coordinator_has(flag: str) -> bool:
+    r = subprocess.run([sys.executable, "-m", "collnet_daemon", "coordinator", "--help"],
+                       capture_output=True, text=True)  # fmt: skip
+    return flag in r.stdout
+
+
 def topology(args: argparse.Namespace) -> dict[str, Any]:
-    """``topology_gain`` on asymmetric links, or why it is null."""
-    if not args.planner_arg:
-        return {"topology_gain": None, "topology_note": "no ring planner flag given "
-                "(--planner-arg): the daemons in this tree cannot be asked to plan"}  # fmt: skip
-    raise NotImplementedError
+    """Ring planning on asymmetric links: 4 hosts whose diagonal pairs (0-2, 1-3) are
+    4x slower than the rest, daemons joining in the order 0, 2, 1, 3 (so the join-order
+    ring runs over both slow pairs; the best ring avoids them: the links predict 4x)."""
+    if not _coordinator_has("--ring-order"):
+        why = "the coordinator has no --ring-order: no ring planner here"
+        return {"topology_gain": None, "topology_note": why}
+    rate = int(args.rate_mbit * 1e6)
+    spec = LabSpec(hosts=4, rate_bit=rate, rtt_s=args.rtt_ms / 1e3, name="wantop", subnet=232)
+    spec.add_pair(f"0,2:rate={rate // 4}bit")
+    spec.add_pair(f"1,3:rate={rate // 4}bit")
+    join = [0, 2, 1, 3]
+    out: dict[str, Any] = {"topology_predicted_gain": 4.0}
+    times: dict[str, list[float]] = {}
+    with Lab(spec) as lab:
+        for mode in ("join", "planned"):
+            with collnet_in(lab, args.connections, args.daemon_arg, ["--ring-order", mode],
+                            join) as c:  # fmt: skip
+                # Traffic to measure the links by, then barriers where a plan applies.
+                c.time(args.nbytes, 1)
+                c.agree()
+                order = c.agree()
+                times[mode] = c.time(args.nbytes, args.repeats)
+            hosts = [join[int(p.removeprefix("peer"))] for p in order if p.startswith("peer")]
+            out[f"topology_ring_{mode}"] = hosts
+            log(f"ring {mode}: hosts {hosts}, {_med(times[mode]):.3f} s")
+    gain = _med(times["join"]) / _med(times["planned"])
+    out["topology_gain"] = round(gain, 3)
+    out["topology_fraction_of_predicted"] = round((gain - 1) / (4.0 - 1), 3)
+    out["topology_samples_s"] = {k: [round(x, 4) for x in v] for k, v in times.items()}
+    return out
 
 
 def plot(points: list[dict[str, Any]], path: Path) -> None:
@@ -265,14 +307,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--size", default="64MiB")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--loss", type=float, default=0.0, help="drop probability per direction")
-    ap.add_argument("--connections", type=int, default=8, help="K of the striped runs")
+    ap.add_argument("--connections", default="8", help="K of the striped runs (or auto)")
     ap.add_argument("--daemon-arg", action="append", default=[], help="extra daemon flag")
-    ap.add_argument(
-        "--planner-arg",
-        action="append",
-        default=[],
-        help="coordinator flag that turns on ring planning (topology_gain)",
-    )
+    ap.add_argument("--no-topology", action="store_true", help="skip topology_gain")
     ap.add_argument("--no-gloo", action="store_true")
     ap.add_argument("--no-ceiling", action="store_true")
     ap.add_argument("--sweep", action="store_true", help="busbw vs RTT, and the plot")
@@ -303,7 +340,11 @@ def main(argv: list[str] | None = None) -> int:
         result = {"sweep": points, "plot": str(args.plot)}
     else:
         result = scenario(args, args.rtt_ms, full=True)
-        result.update(topology(args))
+        if args.no_topology:
+            result["topology_gain"] = None
+            result["topology_note"] = "skipped (--no-topology)"
+        else:
+            result.update(topology(args))
     result["delay_line_ceiling_mbit"] = ceil_mbit
     if ceil_mbit is not None:
         result["delay_line_ceiling"] = ceil
