@@ -2,10 +2,16 @@
 
 Exactly one side dials each pair (the peer whose id sorts first), so two
 peers that need each other at the same moment never build two links. The
-dialler opens K connections and sends ``HELLO {peer, conn, k, nonce}`` on
-each; the acceptor answers ``HELLO {peer, nonce, proof}``; the dialler checks
-the proof and answers ``HELLO {proof}`` (see ``collnet.membership.auth``), and
-only then does the acceptor attach the connection to its link for that peer.
+dialler chooses the link's K (a fixed ``connections``, or with ``None``,
+"auto", from the link's bandwidth-delay product: ``collnet.topology.striping``,
+so a loopback link gets one stream and a long fat one several), opens K
+connections and sends ``HELLO {peer, conn, k, nonce}`` on each (any K the
+wire allows is accepted, so peers configured differently still link; a link
+keeps its K until it is made again: a stripe does not grow while collectives
+stream over it). The acceptor answers ``HELLO {peer, nonce, proof}``; the
+dialler checks the proof and answers ``HELLO {proof}`` (see
+``collnet.membership.auth``), and only then does the acceptor attach the
+connection to its link for that peer.
 With no shared secret configured, nonces and proofs are left out and only
 loopback peers are accepted. A connection whose frames are not this handshake
 is closed; it can send nothing else before it completes.
@@ -32,6 +38,7 @@ from typing import Any
 from collnet.errors import AuthError, CollnetError, PeerLost, ProtocolError
 from collnet.membership import auth, identity
 from collnet.membership.liveness import Liveness
+from collnet.topology.striping import DEFAULT_WINDOW_BYTES, LinkFigures, connections_for
 from collnet.transport.admission import Admission, fd_bounded
 from collnet.transport.connection import FrameConnection
 from collnet.transport.link import LinkRouter, PeerLink
@@ -184,7 +191,7 @@ class Mesh:
     def __init__(
         self,
         self_id: str,
-        connections: int,
+        connections: int | None,
         router: LinkRouter,
         limits: Limits | None = None,
         connect_timeout_s: float = 10.0,
@@ -194,10 +201,15 @@ class Mesh:
         tls: Tls | None = None,
         members: Callable[[], set[str]] | None = None,
         max_connections: int = MAX_DATA_CONNECTIONS,
+        estimate: Callable[[str], LinkFigures | None] | None = None,
     ) -> None:
         self.self_id = self_id
         self.max_connections = max_connections
+        # A fixed K for every link this daemon dials, or None: per link ("auto").
         self.k = connections
+        # The link estimates "auto" follows (bandwidth and RTT to a peer, if known).
+        self.estimate = estimate
+        self.window_bytes = socket_window_bytes()
         self.router = router
         self.limits = limits or Limits()
         self.connect_timeout_s = connect_timeout_s
@@ -212,6 +224,9 @@ class Mesh:
         # Told of every link as it is made (metrics count its bytes after it is gone).
         self.on_new_link = on_new_link
         self._dialling: dict[str, asyncio.Task[PeerLink]] = {}
+        # Links this daemon waits for a peer to dial (the peer's first connection
+        # makes the link, with the K the peer chose).
+        self._awaited: dict[str, asyncio.Future[PeerLink]] = {}
         self._server: Listening | None = None
 
     async def listen(self, host: str, port: int) -> tuple[str, int]:
@@ -238,8 +253,15 @@ class Mesh:
         for handshake in list(self._parked):
             handshake.admit_if_member()
 
-    def _new_link(self, peer: str) -> PeerLink:
-        link = self.links[peer] = PeerLink(peer, self.k, self.router, self.liveness())
+    def connections_to(self, peer: str, host: str) -> int:
+        """The K this daemon dials ``peer`` at ``host`` with."""
+        if self.k is not None:
+            return self.k
+        estimate = self.estimate(peer) if self.estimate is not None else None
+        return connections_for(estimate, host, self.window_bytes)
+
+    def _new_link(self, peer: str, k: int) -> PeerLink:
+        link = self.links[peer] = PeerLink(peer, k, self.router, self.liveness())
         if self.on_new_link is not None:
             self.on_new_link(link)
         return link
@@ -264,9 +286,37 @@ class Mesh:
             return await asyncio.shield(task)
         link = self.links.get(peer)
         if link is None or link.failed:
-            link = self._new_link(peer)
+            # Its K is the dialler's: the link is made by the first connection.
+            link = await asyncio.shield(self._dialled_by(peer))
         await link.wait_ready(self.connect_timeout_s)
         return link
+
+    def _dialled_by(self, peer: str) -> asyncio.Future[PeerLink]:
+        """The link ``peer`` is about to dial, once its first connection arrives;
+        past the connect deadline the link is lost (the router learns it once)."""
+        waiting = self._awaited.get(peer)
+        if waiting is not None and not waiting.done():
+            return waiting
+        loop = asyncio.get_running_loop()
+        waiting = self._awaited[peer] = loop.create_future()
+        timer = loop.call_later(self.connect_timeout_s, self._not_dialled, peer, waiting)
+
+        def settled(f: asyncio.Future[PeerLink]) -> None:
+            timer.cancel()
+            if not f.cancelled():
+                f.exception()  # retrieved here; the awaiting callers re-raise it
+
+        waiting.add_done_callback(settled)
+        return waiting
+
+    def _not_dialled(self, peer: str, waiting: asyncio.Future[PeerLink]) -> None:
+        if waiting.done():
+            return
+        if self._awaited.get(peer) is waiting:
+            del self._awaited[peer]
+        exc = PeerLost(f"link to {peer} not ready within {self.connect_timeout_s:.1f}s", peer=peer)
+        waiting.set_exception(exc)
+        self.router.on_link_lost(peer, exc)
 
     def _dial_done(self, peer: str, task: asyncio.Task[PeerLink]) -> None:
         self._dialling.pop(peer, None)
@@ -275,11 +325,13 @@ class Mesh:
 
     async def _dial(self, peer: str, addr: tuple[str, int]) -> PeerLink:
         loop = asyncio.get_running_loop()
-        link = self._new_link(peer)
+        k = self.connections_to(peer, addr[0])
+        link = self._new_link(peer, k)
+        log.info("dialling %s at %s:%d with %d connection(s)", peer, *addr, k)
         try:
             async with asyncio.timeout(self.connect_timeout_s):
                 answers = []
-                for index in range(self.k):
+                for index in range(k):
                     answer: asyncio.Future[None] = loop.create_future()
                     handshake = _Handshake(self, answer, (link, index))
                     _, made = await tls_connect(
@@ -292,7 +344,7 @@ class Mesh:
                     assert isinstance(made, FrameConnection)
                     conn = made
                     assert handshake.initiator is not None
-                    hello = {"peer": self.self_id, "conn": index, "k": self.k}
+                    hello = {"peer": self.self_id, "conn": index, "k": k}
                     conn.send(FrameKind.HELLO, handshake.initiator.hello(hello))
                     # Retrieved here: only the first failure is awaited below.
                     answer.add_done_callback(lambda f: f.cancelled() or f.exception())
@@ -307,22 +359,39 @@ class Mesh:
         return link
 
     def _accept(self, peer: str, index: int, k: int, conn: FrameConnection) -> None:
-        if k != self.k:
-            raise ProtocolError(f"{peer} uses {k} connections per link, this daemon {self.k}")
         link = self.links.get(peer)
         if link is None or link.failed:
-            link = self._new_link(peer)
+            link = self._new_link(peer, k)
+        elif link.k != k:
+            raise ProtocolError(f"{peer} announced {k} connections on a link of {link.k}")
+        waiting = self._awaited.pop(peer, None)
+        if waiting is not None and not waiting.done():
+            waiting.set_result(link)
         link.attach(index, conn)
 
     def drop(self, peer: str, reason: str = "dropped") -> None:
+        waiting = self._awaited.pop(peer, None)
+        if waiting is not None and not waiting.done():
+            waiting.set_exception(PeerLost(f"link to {peer} {reason}", peer=peer))
         link = self.links.pop(peer, None)
         if link is not None:
             link.fail(PeerLost(f"link to {peer} {reason}", peer=peer))
 
     async def close(self) -> None:
+        for peer in list(self._awaited):
+            self.drop(peer, "closed")
         for link in list(self.links.values()):
             link.close()
         self.links.clear()
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()
+
+
+def socket_window_bytes() -> int:
+    """What one stream keeps in flight at most: the kernel's send-buffer cap."""
+    try:
+        with open("/proc/sys/net/core/wmem_max") as f:
+            return max(64 << 10, int(f.read().split()[0]))
+    except (OSError, ValueError, IndexError):
+        return DEFAULT_WINDOW_BYTES

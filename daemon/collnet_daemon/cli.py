@@ -182,10 +182,12 @@ def coordinator(
 @click.option("--advertise-host", default=None, help="Host other peers dial (default: --listen).")
 @click.option(
     "--connections",
-    default=4,
+    default="auto",
     show_default=True,
-    type=click.IntRange(1, 64),
-    help="Parallel TCP connections per peer link.",
+    callback=options.parse_connections,
+    help="Parallel TCP connections per peer link this daemon dials: 1-64, or auto "
+    "(from the link's bandwidth-delay product: 1 on loopback, up to 16 on a long fat "
+    "link). Peers may differ: the dialler's choice holds.",
 )
 @click.option(
     "--chunk-bytes",
@@ -228,7 +230,7 @@ def daemon(
     ipc_token_file: str | None,
     listen: str,
     advertise_host: str | None,
-    connections: int,
+    connections: int | None,
     chunk_bytes: int,
     connect_timeout_s: float,
     heartbeat_interval_s: float,

@@ -28,7 +28,9 @@ class DaemonConfig:
     ipc: str
     listen: tuple[str, int] = ("127.0.0.1", 0)
     advertise_host: str | None = None
-    connections: int = 4
+    # Connections per data link this daemon dials; None: from each link's
+    # bandwidth-delay product (collnet.topology.striping).
+    connections: int | None = None
     chunk_bytes: int = 1 << 20
     # Shared-state fetch ranges: big enough to stripe over K connections, small
     # enough that a tensor's ranges spread over several holders.

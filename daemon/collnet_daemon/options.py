@@ -147,3 +147,16 @@ def metrics_options(f: Callable[..., Any]) -> Callable[..., Any]:
 
 def metrics_address(addr: tuple[str, int] | None) -> dict[str, str]:
     return {} if addr is None else {"metrics": f"{addr[0]}:{addr[1]}"}
+
+
+def parse_connections(ctx: click.Context, param: click.Parameter, value: str) -> int | None:
+    """``--connections``: ``auto`` (None: per link, from its estimate) or a fixed 1-64."""
+    if value == "auto":
+        return None
+    try:
+        k = int(value)
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: expected auto or 1-64") from None
+    if not 1 <= k <= 64:
+        raise click.BadParameter(f"{value!r}: expected auto or 1-64")
+    return k
