@@ -100,6 +100,7 @@ class Problem:
         import torch
 
         self.torch = torch
+        self.name = peer_name
         self.gen = torch.Generator().manual_seed(zlib.crc32(peer_name.encode()))
         g = torch.Generator().manual_seed(99)
         self.eval_x = torch.randn(EVAL_SAMPLES, IN_DIM, generator=g)
@@ -119,6 +120,18 @@ class Problem:
             )
             pred = self.eval_model(self.eval_x)
             return float(torch.nn.functional.mse_loss(pred, self.eval_y))
+
+
+def outer_factory(args: argparse.Namespace) -> Any:
+    """The outer optimizer --outer-optimizer names, with --outer-lr (and --outer-momentum)."""
+    import torch
+
+    lr, mu = args.outer_lr, args.outer_momentum
+    if args.outer_optimizer == "nesterov":
+        return lambda ps: torch.optim.SGD(ps, lr=lr, momentum=mu, nesterov=True)
+    if args.outer_optimizer == "sgd":
+        return lambda ps: torch.optim.SGD(ps, lr=lr)
+    return lambda ps: torch.optim.Adam(ps, lr=lr, betas=(mu, 0.999))
 
 
 # -- trainer ----------------------------------------------------------------------
@@ -159,13 +172,24 @@ def train(args: argparse.Namespace) -> int:
             model,
             inner,
             inner_steps=args.inner_steps,
-            outer_lr=args.outer_lr,
-            outer_momentum=args.outer_momentum,
-            codec=args.codec,
+            outer_optimizer=outer_factory(args),
+            compression=args.compression,
+            density=args.density,
             error_feedback=args.error_feedback,
             streaming=args.streaming,
+            fragments=args.fragments,
+            overlap=args.overlap,
+            alpha=args.alpha,
             timeout_s=args.timeout_s,
         )
+        checkpoint = Path(args.checkpoint or args.resume or ".") / f"{problem.name}.pt"
+        if args.resume:
+            # The whole trainer as it stood: DiLoCo, model, inner optimizer, data position.
+            saved = torch.load(checkpoint, weights_only=False)
+            model.load_state_dict(saved["model"])
+            inner.load_state_dict(saved["inner"])
+            problem.gen.set_state(saved["data"])
+            diloco.load_state_dict(saved["diloco"])
         # Founders wait until enough daemons are registered, by looking (not by
         # update_topology, a barrier: an extra one would put this trainer a round
         # out of step with the others); start() then admits them all at once.
@@ -183,7 +207,11 @@ def train(args: argparse.Namespace) -> int:
               "revision": first.revision, "hash": first.hash, "loss": initial_loss,
               "world": first.world, "joined": first.fetched})  # fmt: skip
         hashes_equal = first.in_parity
-        while diloco.round < args.outer_steps:
+        # A sync per fragment: --outer-steps counts rounds of --inner-steps steps.
+        syncs = args.outer_steps * diloco.syncs_per_round
+        checkpointed = False
+        outer = None
+        while diloco.round < syncs:
             x, y = problem.batch()
             loss = torch.nn.functional.mse_loss(model(x), y)
             inner.zero_grad()
@@ -198,16 +226,26 @@ def train(args: argparse.Namespace) -> int:
                   "epoch": outer.epoch, "revision": outer.revision, "hash": outer.hash,
                   "loss": problem.eval_loss(diloco.global_weights), "world": outer.world,
                   "reduced": outer.reduced, "fetched": outer.fetched,
-                  "error": outer.error})  # fmt: skip
-        # A joiner admitted at the members' finish() (streaming) has nothing left to do.
-        last = diloco.finish() if diloco.round <= args.outer_steps else first
+                  "error": outer.error, "fragment": outer.fragment})  # fmt: skip
+            if args.checkpoint and outer.round == args.checkpoint_at:
+                saved = {"diloco": diloco.state_dict(), "model": model.state_dict(),
+                         "inner": inner.state_dict(), "data": problem.gen.get_state()}  # fmt: skip
+                checkpoint.parent.mkdir(parents=True, exist_ok=True)
+                torch.save(saved, checkpoint)
+                checkpointed = True
+                break
+        # A joiner admitted at the members' finish() (streaming) has nothing left to do;
+        # a checkpointed world stops where it stands.
+        last = diloco.finish() if diloco.round <= syncs and not checkpointed else (outer or first)
         hashes_equal &= last.in_parity
         final_loss = problem.eval_loss(diloco.global_weights)
         done = {"event": "done", "peer": comm.peer_id, "step": last.round, "epoch": last.epoch,
                 "revision": last.revision, "hash": last.hash, "loss": final_loss,
                 "world": last.world, "initial_loss": initial_loss,
                 "final_loss": final_loss, "hashes_equal": hashes_equal,
-                "peers_final": last.world}  # fmt: skip
+                "peers_final": last.world, "final_hash": last.hash,
+                "bytes_sent": diloco.bytes_sent, "inner_steps_run": diloco.inner_step,
+                "checkpointed": checkpointed}  # fmt: skip
         emit(done)
         if args.json and not args.progress_json:
             print(json.dumps(done), flush=True)
@@ -291,8 +329,23 @@ def launch(args: argparse.Namespace) -> int:
         str(args.outer_lr),
         "--outer-momentum",
         str(args.outer_momentum),
-        "--codec",
-        args.codec,
+        "--outer-optimizer",
+        args.outer_optimizer,
+        "--compression",
+        args.compression,
+        "--density",
+        str(args.density),
+        "--fragments",
+        str(args.fragments),
+        "--alpha",
+        str(args.alpha),
+        *(["--overlap", str(args.overlap)] if args.overlap is not None else []),
+        *(
+            ["--checkpoint", args.checkpoint, "--checkpoint-at", str(args.checkpoint_at)]
+            if args.checkpoint
+            else []
+        ),
+        *(["--resume", args.resume] if args.resume else []),
         "--timeout-s",
         str(args.timeout_s),
         "--step-ms",
@@ -397,6 +450,8 @@ def launch(args: argparse.Namespace) -> int:
     initial_loss = float(first["loss"]) if first else float("nan")
     final_loss = float(final.get("final_loss", float("nan")))
     survivors = args.peers - len(killed) + len(joined)
+    bytes_sent = float(np.mean([e["bytes_sent"] for e in done.values()])) if done else 0.0
+    steps_run = max((e["inner_steps_run"] for e in done.values()), default=0)
     # Every restarted trainer came back into the world and trained to the end.
     rejoined = (
         all(
@@ -418,7 +473,17 @@ def launch(args: argparse.Namespace) -> int:
         "outer_steps": args.outer_steps,
         "inner_steps": args.inner_steps,
         "streaming": args.streaming,
-        "codec": args.codec,
+        "fragments": args.fragments,
+        "codec": args.compression,
+        "compression": args.compression,
+        "density": args.density if args.compression == "topk" else None,
+        "outer_optimizer": args.outer_optimizer,
+        "final_hash": final.get("final_hash"),
+        "final_hashes_equal": len({e.get("final_hash") for e in done.values()}) == 1,
+        # Per peer (the mean over the peers that finished), modelled ring bytes.
+        "bytes_sent": bytes_sent,
+        "bytes_per_step": bytes_sent / max(1, steps_run),
+        "checkpointed": bool(done) and all(e.get("checkpointed") for e in done.values()),
         "killed": killed,
         "joined": joined,
         "joined_at_step": joined_at,
@@ -429,7 +494,7 @@ def launch(args: argparse.Namespace) -> int:
         "wall_s": round(time.monotonic() - started, 2),
     }
     result["ok"] = bool(
-        result["converged"]
+        (result["converged"] or result["checkpointed"])
         and hashes_equal
         and not failures
         and len(done) == survivors
@@ -473,8 +538,30 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--inner-lr", type=float, default=3e-3)
     ap.add_argument("--outer-lr", type=float, default=None, help="0.7 (streaming: 0.5)")
     ap.add_argument("--outer-momentum", type=float, default=None, help="0.9 (streaming: 0.8)")
-    ap.add_argument("--codec", default="none", help="Codec of the pseudo-gradient all-reduce.")
-    ap.add_argument("--streaming", action="store_true", help="Overlap the all-reduce.")
+    ap.add_argument(
+        "--outer-optimizer", choices=["nesterov", "sgd", "adam"], default="nesterov",
+        help="The outer optimizer (adam: --outer-momentum is its beta1).",
+    )  # fmt: skip
+    ap.add_argument(
+        "--compression", "--codec", choices=["none", "fp16", "bf16", "uint8", "uint4", "topk"],
+        default="none", help="How pseudo-gradients travel: an all-reduce codec, or topk.",
+    )  # fmt: skip
+    ap.add_argument("--density", type=float, default=0.01, help="topk: share of values sent.")
+    ap.add_argument("--streaming", action="store_true", help="Streaming DiLoCo.")
+    ap.add_argument("--fragments", type=int, default=1, help="Streaming: model fragments.")
+    ap.add_argument(
+        "--overlap", type=int, default=None,
+        help="Streaming: inner steps a fragment's exchange overlaps (default: until the next).",
+    )  # fmt: skip
+    ap.add_argument(
+        "--alpha", type=float, default=0.5, help="Streaming: local share kept when merging."
+    )
+    ap.add_argument("--checkpoint", default=None, help="Directory of per-trainer checkpoints.")
+    ap.add_argument(
+        "--checkpoint-at", type=int, default=None,
+        help="Save after this sync (round) to --checkpoint and stop the whole world.",
+    )  # fmt: skip
+    ap.add_argument("--resume", default=None, help="Resume every trainer from this directory.")
     ap.add_argument(
         "--error-feedback", action="store_true", help="With a lossy --codec: error feedback."
     )
@@ -500,6 +587,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.outer_lr = 0.5 if args.streaming else 0.7
     if args.outer_momentum is None:
         args.outer_momentum = 0.8 if args.streaming else 0.9
+    if bool(args.checkpoint) != (args.checkpoint_at is not None):
+        ap.error("--checkpoint and --checkpoint-at go together")
     if args.daemon is None and not 0 <= args.kill < args.peers:
         ap.error("--kill must leave at least one of the --peers running")
     if args.daemon is None and not 0 <= args.restart_trainer < args.peers - args.kill:

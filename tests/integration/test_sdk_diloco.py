@@ -17,6 +17,7 @@ from collnet_client import Comm
 
 torch = pytest.importorskip("torch")
 from collnet_client.torch import DiLoCo, sync_state  # noqa: E402
+from collnet_client.torch.exchange import Exchange  # noqa: E402
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -28,9 +29,15 @@ def _model() -> Any:
     return torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Tanh(), torch.nn.Linear(3, 1))
 
 
-@pytest.mark.parametrize("streaming", [False, True], ids=["blocking", "streaming"])
-def test_diloco_outer_step_is_nesterov_on_the_averaged_pseudo_gradient(
-    tmp_path: Path, streaming: bool
+def _outer(kind: str) -> Any:
+    if kind == "nesterov":
+        return None  # the default, through outer_lr and outer_momentum
+    return lambda ps: torch.optim.Adam(ps, lr=0.05, betas=(0.8, 0.99))
+
+
+@pytest.mark.parametrize("outer", ["nesterov", "adam"])
+def test_diloco_outer_step_is_the_outer_optimizer_on_the_averaged_pseudo_gradient(
+    tmp_path: Path, outer: str
 ) -> None:
     torch.set_num_threads(1)
     lr, mu, rounds, inner = 0.7, 0.9, 3, 2
@@ -39,10 +46,12 @@ def test_diloco_outer_step_is_nesterov_on_the_averaged_pseudo_gradient(
     def one(rank: int, comm: Comm) -> tuple[list[np.ndarray], list[str], np.ndarray]:
         model = models[rank]
         opt = torch.optim.SGD(model.parameters(), lr=0.05)
-        d = DiLoCo(
-            comm, model, opt, inner_steps=inner, outer_lr=lr, outer_momentum=mu,
-            streaming=streaming, timeout_s=CALL_TIMEOUT_S,
-        )  # fmt: skip
+        kwargs: dict[str, Any] = (
+            {"outer_lr": lr, "outer_momentum": mu}
+            if outer == "nesterov"
+            else {"outer_optimizer": _outer(outer)}
+        )
+        d = DiLoCo(comm, model, opt, inner_steps=inner, timeout_s=CALL_TIMEOUT_S, **kwargs)
         d.start()
         gen = torch.Generator().manual_seed(rank)
         deltas, hashes = [], []
@@ -53,7 +62,7 @@ def test_diloco_outer_step_is_nesterov_on_the_averaged_pseudo_gradient(
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
-            deltas.append(d.anchor - d._read_local())
+            deltas.append(d.anchor - d._read_local(0, len(d.params)))
             hashes.append(d.outer_step().hash)
         hashes.append(d.finish().hash)
         return deltas, hashes, d.global_weights.copy()
@@ -62,13 +71,20 @@ def test_diloco_outer_step_is_nesterov_on_the_averaged_pseudo_gradient(
         results = run_on_all(p.comms, one)
     assert results[0][1] == results[1][1], "peers' global weights differ after a round"
     assert np.array_equal(results[0][2], results[1][2])
-    # The reference: average the peers' pseudo-gradients, Nesterov momentum.
+    # The reference: average the peers' pseudo-gradients, then the outer optimizer.
     g = torch.nn.utils.parameters_to_vector(_model().parameters()).detach().numpy().copy()
-    m = np.zeros_like(g)
-    for r in range(rounds):
-        avg = (results[0][0][r] + results[1][0][r]) / np.float32(2)
-        m = np.float32(mu) * m + avg
-        g = g - np.float32(lr) * (avg + np.float32(mu) * m)
+    if outer == "nesterov":
+        m = np.zeros_like(g)
+        for r in range(rounds):
+            avg = (results[0][0][r] + results[1][0][r]) / np.float32(2)
+            m = np.float32(mu) * m + avg
+            g = g - np.float32(lr) * (avg + np.float32(mu) * m)
+    else:
+        w = torch.from_numpy(g)
+        ref = _outer(outer)([w])
+        for r in range(rounds):
+            w.grad = torch.from_numpy((results[0][0][r] + results[1][0][r]) / np.float32(2))
+            ref.step()
     np.testing.assert_allclose(results[0][2], g, rtol=1e-5, atol=1e-6)
 
 
@@ -133,10 +149,10 @@ def test_a_round_completed_on_some_peers_only_is_reconciled_by_the_sync(tmp_path
         model = models[rank]
         d = DiLoCo(comm, model, torch.optim.SGD(model.parameters(), lr=0.1), inner_steps=1)
         d.start()
-        delta = d._deltas[0]
-        delta.fill(0.01)  # the averaged pseudo-gradient, as the completing peer got it
+        d._buffer.fill(0.01)  # the averaged pseudo-gradient, as the completing peer got it
         error = None if rank == 0 else PeerLost("lost at the end of the all-gather", peer="x")
-        reduced, _ = d._apply(_Outcome(error), delta)  # type: ignore[arg-type]
+        d._apply(Exchange(0, 0, 0, _Outcome(error), d._buffer, 0))
+        reduced = d._applied
         d._round[0] += 1
         _, result = d._agree(CALL_TIMEOUT_S)
         return reduced, d.revision, d.state_hash(), tuple(result.fetched), result.in_parity
