@@ -29,6 +29,7 @@ from typing import Any, Final
 from collnet.errors import ProtocolError
 from collnet.membership.identity import valid_name
 from collnet.membership.world import PeerInfo, WorldView
+from collnet.topology.costmodel import LinkCosts
 
 MAX_EPOCH: Final = 2**53 - 1
 # A claimed world must leave this many epoch bumps before MAX_EPOCH.
@@ -97,7 +98,8 @@ def world_from_wire(obj: Any, what: str) -> WorldView:
     ids = [p.id for p in members] + pending
     if len(set(ids)) != len(ids):
         raise ProtocolError(f"{what} names a peer twice")
-    return WorldView(epoch_from_wire(obj.get("epoch"), what), members, tuple(pending))
+    costs = LinkCosts.from_wire(obj.get("costs"))
+    return WorldView(epoch_from_wire(obj.get("epoch"), what), members, tuple(pending), costs)
 
 
 def check_claim(claimant: PeerInfo, world: WorldView) -> None:

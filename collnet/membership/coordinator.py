@@ -28,7 +28,11 @@ request, ``Push`` of a new world to members). Invariants:
   update_topology barrier, when every member waits: with the members admitted
   there, or, with none, as an epoch of its own when the planned order beats
   the current one by the planner's margin. A lost peer's survivors keep their
-  order until then. Without a planner the order is the join order.
+  order until then. Without a planner the order is the join order;
+- each epoch publishes the link figures it was planned on (``costs``: worst
+  RTT, ring bottleneck), fixed for the epoch; figures that became known or
+  moved past the planner's tolerance are, like a better order, an epoch of
+  their own at the next barrier.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ from typing import Any
 from collnet.errors import CollnetError, InvalidArgument, PeerLost, ProtocolError
 from collnet.membership.bounds import MAX_WORLD_PEERS, check_claim
 from collnet.membership.world import PeerInfo, WorldView
+from collnet.topology.costmodel import LinkCosts
 from collnet.topology.ringorder import RingPlanner
 
 
@@ -100,9 +105,11 @@ class CoordinatorState:
     reported: dict[str, Any] = field(default_factory=dict)
     # Chooses the ring order at barriers (None: the join order).
     planner: RingPlanner | None = None
+    # The current epoch's agreed link figures (see WorldView.costs).
+    costs: LinkCosts | None = None
 
     def world(self) -> WorldView:
-        return WorldView(self.epoch, tuple(self.active), tuple(self.pending))
+        return WorldView(self.epoch, tuple(self.active), tuple(self.pending), self.costs)
 
     def is_known(self, peer_id: str) -> bool:
         return peer_id in self.pending or any(p.id == peer_id for p in self.active)
@@ -140,6 +147,7 @@ class CoordinatorState:
             if not self.active and world.epoch >= self.epoch:
                 self.epoch = world.epoch
                 self.active = list(world.peers)
+                self.costs = world.costs
                 self.unconfirmed = set(world.ids) - {peer.id}
                 return True, []
             held = next((p for p in self.active if p.id == peer.id), None)
@@ -225,13 +233,26 @@ class CoordinatorState:
         self.active = [p for p in self.active if p.id != peer_id]
         if len(self.active) == before:
             return []
-        self.epoch += 1
+        self._new_epoch()
         world = self.world()
         effects: list[Effect] = self._fail_barriers(self.epoch - 1)
         effects += [Push(p.id, world) for p in self.active]
         return effects + self._maybe_advance()
 
     leave = lost
+
+    def _new_epoch(self) -> None:
+        self.epoch += 1
+        if self.planner is not None:
+            self.costs = self.planner.costs([p.id for p in self.active])
+
+    def _costs_moved(self) -> bool:
+        """Whether the figures the world publishes are worth a new epoch: they
+        became known, or moved by more than the planner's tolerance."""
+        if self.planner is None or not self.active:
+            return False
+        now = self.planner.costs([p.id for p in self.active])
+        return self.planner.costs_moved(self.costs, now)
 
     def _replan(self, members_changed: bool) -> bool:
         """Put ``active`` in the planner's order; whether it moved."""
@@ -257,8 +278,8 @@ class CoordinatorState:
         self.active.extend(admitted)
         self.pending.clear()
         reordered = self._replan(bool(admitted))
-        if admitted or reordered:
-            self.epoch += 1
+        if admitted or reordered or self._costs_moved():
+            self._new_epoch()
             effects += self._fail_barriers(self.epoch - 1)
         world = self.world()
         for p in self.active:

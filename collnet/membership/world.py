@@ -1,7 +1,10 @@
 """The world as every participant sees it: an epoch and an ordered member list.
 
 A ``WorldView`` is immutable; a new epoch is a new object. The ring order is
-the order of ``peers``: rank i sends to rank (i + 1) % size.
+the order of ``peers``: rank i sends to rank (i + 1) % size. ``costs``, when
+the coordinator has link figures, are the epoch's agreed worst RTT and ring
+bottleneck: fixed with the epoch, so every rank that decides from them (the
+``auto`` algorithm) decides alike.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from collnet.errors import ProtocolError
+from collnet.topology.costmodel import LinkCosts
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,6 +47,7 @@ class WorldView:
     epoch: int
     peers: tuple[PeerInfo, ...]
     pending: tuple[str, ...] = ()
+    costs: LinkCosts | None = None
 
     @property
     def size(self) -> int:
@@ -59,11 +64,14 @@ class WorldView:
         return None
 
     def to_wire(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "epoch": self.epoch,
             "peers": [p.to_wire() for p in self.peers],
             "pending": list(self.pending),
         }
+        if self.costs is not None:
+            out["costs"] = self.costs.to_wire()
+        return out
 
     @staticmethod
     def from_wire(obj: Any) -> WorldView:
@@ -76,5 +84,8 @@ class WorldView:
         if not all(isinstance(p, str) for p in pending):
             raise ProtocolError("bad world record: pending ids must be strings")
         return WorldView(
-            int(obj["epoch"]), tuple(PeerInfo.from_wire(p) for p in peers), tuple(pending)
+            int(obj["epoch"]),
+            tuple(PeerInfo.from_wire(p) for p in peers),
+            tuple(pending),
+            LinkCosts.from_wire(obj.get("costs")),
         )

@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Final
+from typing import Any, Final
+
+from collnet.errors import ProtocolError
 
 # Per message and hop: a frame through two event loops and a reduction.
 HOP_OVERHEAD_S: Final = 100e-6
@@ -31,6 +33,9 @@ MIN_CHUNK_BYTES: Final = 1 << 20
 MAX_CHUNK_BYTES: Final = 16 << 20
 # Chunks of one step the ring keeps in flight on a link, for the chunk rule.
 PIPELINE_DEPTH: Final = 4
+# Beyond these a figure is not one of a real link.
+MAX_RTT_S: Final = 600.0
+MAX_BPS: Final = 1e13
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,10 +48,29 @@ class LinkCosts:
     def valid(self) -> bool:
         return (
             math.isfinite(self.max_rtt_s)
-            and self.max_rtt_s >= 0
+            and 0 <= self.max_rtt_s <= MAX_RTT_S
             and math.isfinite(self.bottleneck_bps)
-            and self.bottleneck_bps > 0
+            and 0 < self.bottleneck_bps <= MAX_BPS
         )
+
+    def to_wire(self) -> list[float]:
+        return [self.max_rtt_s, self.bottleneck_bps]
+
+    @staticmethod
+    def from_wire(obj: Any) -> LinkCosts | None:
+        """``[max_rtt_s, bottleneck_bps]`` or nil, within bounds (``ProtocolError``)."""
+        if obj is None:
+            return None
+        if (
+            not isinstance(obj, list)
+            or len(obj) != 2
+            or not all(isinstance(v, int | float) and not isinstance(v, bool) for v in obj)
+        ):
+            raise ProtocolError(f"bad link costs {obj!r:.60}: expected [max_rtt_s, bottleneck_bps]")
+        costs = LinkCosts(float(obj[0]), float(obj[1]))
+        if not costs.valid():
+            raise ProtocolError(f"link costs out of range: {obj!r:.60}")
+        return costs
 
 
 def star_seconds(costs: LinkCosts, world: int, nbytes: int) -> float:

@@ -35,6 +35,8 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
+from collnet.topology.costmodel import LinkCosts
+
 # A figure reported for a pair, or None when that pair has no estimate.
 LinkFigure = Callable[[str, str], float | None]
 
@@ -234,11 +236,14 @@ class RingPlanner:
         rtt: LinkFigure | None = None,
         margin: float = 0.1,
         budget_s: float = 0.5,
+        costs_tolerance: float = 0.25,
     ) -> None:
         self.bandwidth = bandwidth
         self.rtt = rtt
         self.margin = margin
         self.budget_s = budget_s
+        # Published figures are re-published when one moves by more than this.
+        self.costs_tolerance = costs_tolerance
 
     def plan(self, current: Sequence[str], members_changed: bool) -> list[str] | None:
         if len(current) < 3:
@@ -251,3 +256,33 @@ class RingPlanner:
         now = score_ring(current, self.bandwidth, self.rtt)
         new = score_ring(best, self.bandwidth, self.rtt)
         return best if new.beats(now, self.margin) else None
+
+    def costs(self, order: Sequence[str]) -> LinkCosts | None:
+        """The figures a world in ``order`` publishes for its epoch: the largest RTT
+        between any two members and the ring's bottleneck; None unless every pair
+        has both figures (a partial guess must not steer every rank's choice)."""
+        if len(order) < 2 or self.rtt is None:
+            return None
+        rtts = [self.rtt(a, b) for a in order for b in order if a != b]
+        if any(r is None for r in rtts):
+            return None
+        m = _Matrix(order, self.bandwidth, self.rtt)
+        if any(m.bw[i][j] <= UNKNOWN_BPS for i in range(m.n) for j in range(m.n) if i != j):
+            return None
+        costs = LinkCosts(max(r for r in rtts if r is not None), m.score(range(m.n)).bottleneck_bps)
+        return costs if costs.valid() else None
+
+    def costs_moved(self, held: LinkCosts | None, now: LinkCosts | None) -> bool:
+        """Whether ``now`` differs from the ``held`` figures enough to publish."""
+        if now is None:
+            return False
+        if held is None:
+            return True
+        rtt_floor = 1e-3  # below a millisecond every RTT is loopback to the model
+        rtt_moved = abs(now.max_rtt_s - held.max_rtt_s) > self.costs_tolerance * max(
+            held.max_rtt_s, rtt_floor
+        )
+        bps_moved = abs(now.bottleneck_bps - held.bottleneck_bps) > (
+            self.costs_tolerance * held.bottleneck_bps
+        )
+        return rtt_moved or bps_moved

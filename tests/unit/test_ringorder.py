@@ -176,3 +176,30 @@ def test_a_small_gain_does_not_reorder_but_a_member_change_replans() -> None:
     state.register(_peer("d"))
     after = _barrier(state, 3)
     assert {w.ids for w in after} == {("a", "c", "b", "d")}
+
+
+def test_each_epoch_publishes_the_figures_it_was_planned_on() -> None:
+    table = _ring_table(["a", "b", "c", "d"], 1e9, 1e6)
+    rtts: dict[tuple[str, str], float | None] = {k: 0.05 for k in table}
+    state = CoordinatorState(planner=RingPlanner(matrix_fn(table), matrix_fn(rtts)))  # type: ignore[arg-type]
+    world = _admit(state, ["a", "b", "c", "d"])
+    assert world.costs is not None
+    assert (world.costs.max_rtt_s, world.costs.bottleneck_bps) == (0.05, 1e9)
+    for p in ("b", "c", "d"):
+        state.request_update(p, 1, world.epoch)
+    # A small drift is not worth an epoch...
+    rtts.update({k: 0.055 for k in rtts})
+    assert {w.epoch for w in _barrier(state, 2)} == {world.epoch}
+    # ...a move past the tolerance is, with the same order.
+    rtts.update({k: 0.1 for k in rtts})
+    moved = _barrier(state, 3)
+    assert {w.epoch for w in moved} == {world.epoch + 1}
+    assert {w.ids for w in moved} == {world.ids}
+    assert {w.costs.max_rtt_s for w in moved if w.costs is not None} == {0.1}
+
+
+def test_no_figures_are_published_while_some_pair_is_unknown() -> None:
+    table = _ring_table(["a", "b", "c"], 1e9, 1e6)
+    rtts = {("a", "b"): 0.01}
+    state = CoordinatorState(planner=RingPlanner(matrix_fn(table), matrix_fn(rtts)))  # type: ignore[arg-type]
+    assert _admit(state, ["a", "b", "c"]).costs is None

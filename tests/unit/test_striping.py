@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import math
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from collnet.algo.select import choose_algorithm
+from collnet.errors import ProtocolError
+from collnet.membership import PeerInfo, WorldView
+from collnet.membership.bounds import world_from_wire
 from collnet.topology.costmodel import (
     MAX_CHUNK_BYTES,
     LinkCosts,
@@ -106,3 +111,29 @@ def test_chunk_grows_with_the_bottleneck_bdp_within_bounds() -> None:
     # Never below what the daemon was configured with.
     assert chunk_bytes_for(LOOPBACK, 8 << 20) == 8 << 20
     assert not LinkCosts(math.nan, GBIT).valid() and not LinkCosts(0.1, 0.0).valid()
+
+
+# -- auto from the epoch's agreed figures ---------------------------------------
+def test_auto_follows_the_model_when_the_world_publishes_figures() -> None:
+    assert choose_algorithm("auto", 4, 1 << 20, costs=WAN) == "star"
+    assert choose_algorithm("auto", 4, 1 << 20, costs=LOOPBACK) == "ring"
+    assert choose_algorithm("auto", 4, 64 << 20, costs=WAN) == "ring"
+    # Without figures, the size rule; a named algorithm is never overridden.
+    assert choose_algorithm("auto", 4, 1 << 20) == "ring"
+    assert choose_algorithm("auto", 4, 4 << 10) == "star"
+    assert choose_algorithm("ring", 4, 4 << 10, costs=WAN) == "ring"
+
+
+def test_world_carries_its_costs_through_the_wire_and_refuses_bad_ones() -> None:
+    world = WorldView(3, (PeerInfo("a", "127.0.0.1", 1), PeerInfo("b", "127.0.0.1", 2)), ("c",))
+    for costs in (None, LinkCosts(0.1, 1e9), LinkCosts(0, 5e6)):
+        w = WorldView(world.epoch, world.peers, world.pending, costs)
+        wire = w.to_wire()
+        assert ("costs" in wire) == (costs is not None)
+        assert WorldView.from_wire(wire) == w == world_from_wire(wire, "test")
+    for bad in ([0.1], [0.1, 0], [-1, 1e9], [0.1, float("nan")], ["0.1", 1e9], [True, 1e9], 7):
+        wire = {**world.to_wire(), "costs": bad}
+        with pytest.raises(ProtocolError):
+            WorldView.from_wire(wire)
+        with pytest.raises(ProtocolError):
+            world_from_wire(wire, "test")
