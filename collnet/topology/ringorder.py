@@ -44,6 +44,9 @@ LinkFigure = Callable[[str, str], float | None]
 EXACT_MAX = 9
 # Stands for a link with no bandwidth estimate: worse than any real link.
 UNKNOWN_BPS = 0.0
+# Beyond this the coordinator keeps the order it has: planning reads n^2
+# figures and runs for its whole budget at every barrier.
+MAX_PLANNED_PEERS = 256
 
 
 @dataclass(frozen=True, slots=True)
@@ -227,7 +230,8 @@ class RingPlanner:
     have, or ``None`` to keep ``current``. A change of members is a new epoch
     anyway, so it always takes the best order; the same members are re-ordered
     only when the best order's bottleneck beats the current one's by more than
-    ``margin`` (noisy estimates must not reshuffle ranks every epoch).
+    ``margin`` (noisy estimates must not reshuffle ranks every epoch). A world
+    of more than ``MAX_PLANNED_PEERS`` keeps its order and publishes no figures.
     """
 
     def __init__(
@@ -246,7 +250,7 @@ class RingPlanner:
         self.costs_tolerance = costs_tolerance
 
     def plan(self, current: Sequence[str], members_changed: bool) -> list[str] | None:
-        if len(current) < 3:
+        if not 3 <= len(current) <= MAX_PLANNED_PEERS:
             return None
         best = plan_ring(current, self.bandwidth, self.rtt, self.budget_s)
         if list(best) == list(current):
@@ -261,7 +265,7 @@ class RingPlanner:
         """The figures a world in ``order`` publishes for its epoch: the largest RTT
         between any two members and the ring's bottleneck; None unless every pair
         has both figures (a partial guess must not steer every rank's choice)."""
-        if len(order) < 2 or self.rtt is None:
+        if not 2 <= len(order) <= MAX_PLANNED_PEERS or self.rtt is None:
             return None
         rtts = [self.rtt(a, b) for a in order for b in order if a != b]
         if any(r is None for r in rtts):
