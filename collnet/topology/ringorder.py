@@ -230,7 +230,8 @@ class RingPlanner:
     have, or ``None`` to keep ``current``. A change of members is a new epoch
     anyway, so it always takes the best order; the same members are re-ordered
     only when the best order's bottleneck beats the current one's by more than
-    ``margin`` (noisy estimates must not reshuffle ranks every epoch). A world
+    ``margin`` (noisy estimates must not reshuffle ranks every epoch), and
+    only once every pair has a bandwidth figure. A world
     of more than ``MAX_PLANNED_PEERS`` keeps its order and publishes no figures.
     """
 
@@ -240,7 +241,7 @@ class RingPlanner:
         rtt: LinkFigure | None = None,
         margin: float = 0.1,
         budget_s: float = 0.5,
-        costs_tolerance: float = 0.25,
+        costs_tolerance: float = 0.5,
     ) -> None:
         self.bandwidth = bandwidth
         self.rtt = rtt
@@ -252,6 +253,10 @@ class RingPlanner:
     def plan(self, current: Sequence[str], members_changed: bool) -> list[str] | None:
         if not 3 <= len(current) <= MAX_PLANNED_PEERS:
             return None
+        if not members_changed and not self._complete(current):
+            # Figures still arriving (a new link, a restarted coordinator): an
+            # order that merely avoids the unmeasured pairs is no real gain.
+            return None
         best = plan_ring(current, self.bandwidth, self.rtt, self.budget_s)
         if list(best) == list(current):
             return None
@@ -260,6 +265,9 @@ class RingPlanner:
         now = score_ring(current, self.bandwidth, self.rtt)
         new = score_ring(best, self.bandwidth, self.rtt)
         return best if new.beats(now, self.margin) else None
+
+    def _complete(self, members: Sequence[str]) -> bool:
+        return all(self.bandwidth(a, b) is not None for a in members for b in members if a != b)
 
     def costs(self, order: Sequence[str]) -> LinkCosts | None:
         """The figures a world in ``order`` publishes for its epoch: the largest RTT

@@ -203,3 +203,17 @@ def test_no_figures_are_published_while_some_pair_is_unknown() -> None:
     rtts = {("a", "b"): 0.01}
     state = CoordinatorState(planner=RingPlanner(matrix_fn(table), matrix_fn(rtts)))  # type: ignore[arg-type]
     assert _admit(state, ["a", "b", "c"]).costs is None
+
+
+def test_partial_figures_never_reorder_a_standing_world() -> None:
+    table: dict[tuple[str, str], float | None] = {}
+    state = CoordinatorState(planner=RingPlanner(matrix_fn(table)))
+    world = _admit(state, ["a", "b", "c", "d"])
+    for p in ("b", "c", "d"):
+        state.request_update(p, 1, world.epoch)
+    # Only the hops of another ring are measured: it would "beat" the current
+    # ring (whose hops are unknown), but the figures are incomplete.
+    table.update(_ring_table(["a", "c", "b", "d"], 1e9, 1e6))
+    for pair in [("a", "b"), ("b", "a")]:
+        table[pair] = None
+    assert {w.epoch for w in _barrier(state, 2)} == {world.epoch}
