@@ -11,6 +11,8 @@ owner, wired here once:
 - ``world.Agreement``: the epoch this trainer agreed to and its default tags;
 - ``handles.AllReduces``: all-reduces in flight (staging, retry, error
   feedback) and their ``Handle``;
+- ``collectives.Collectives``: broadcast, all-gather(-v), reduce-scatter and
+  barrier (docs/sdk.md, "Collectives");
 - ``sharedstate.StateSync``: ``sync_state``.
 
 Requests are the typed ones of ``collnet.wire.localapi``, which the daemon
@@ -38,6 +40,7 @@ from collnet.addresses import DEFAULT_IPC, DEFAULT_TCP_PORT, loopback_tcp
 from collnet.errors import DaemonUnavailable, InvalidArgument
 from collnet.wire.localapi import BenchAllReduce, Leave, Release
 from collnet.wire.localreplies import SyncStateReply
+from collnet_client.collectives import Collectives
 from collnet_client.feedback import ErrorFeedback
 from collnet_client.handles import AllReduces, Handle
 from collnet_client.memory import SharedMemory
@@ -89,6 +92,7 @@ class Comm:
             self._transport, self.memory, self._agreement, self.feedback, local_size
         )
         self._state = StateSync(self._transport, self.memory, self._agreement, local_size)
+        self._collectives = Collectives(self._transport, self.memory, self._agreement, local_size)
 
     @property
     def timeout_s(self) -> float:
@@ -108,6 +112,17 @@ class Comm:
     def epoch(self) -> int:
         """The epoch this trainer agreed to (at connect, then at ``update_topology``)."""
         return self._agreement.epoch
+
+    @property
+    def rank(self) -> int:
+        """This peer's index in the world of the epoch it agreed to (its position in
+        that world's peer list); ``InvalidArgument`` while it is not a member."""
+        return self._collectives.rank()
+
+    @property
+    def size(self) -> int:
+        """How many peers the world of the agreed epoch has."""
+        return self._agreement.world.size
 
     @property
     def world(self) -> World:
@@ -209,6 +224,109 @@ class Comm:
             error_feedback=error_feedback,
             feedback_key=feedback_key,
         )
+
+    # -- broadcast, all-gather, reduce-scatter, barrier ------------------------
+    # Each blocking call is its ``*_async`` twin's ``wait()``: see docs/sdk.md.
+    def broadcast(
+        self,
+        tensor: Any,
+        root: int,
+        codec: str = "none",
+        algo: str = "auto",
+        tag: int | str | None = None,
+        timeout_s: float | None = None,
+    ) -> Any:
+        """Overwrite ``tensor`` on every rank with rank ``root``'s, in place; returns it."""
+        return self.broadcast_async(tensor, root, codec, algo, tag, timeout_s).wait()
+
+    def broadcast_async(
+        self,
+        tensor: Any,
+        root: int,
+        codec: str = "none",
+        algo: str = "auto",
+        tag: int | str | None = None,
+        timeout_s: float | None = None,
+    ) -> Handle:
+        """Start a broadcast; ``algo``: auto, chain or star. With a quantizing
+        codec (float tensors) every rank, the root too, ends with the same
+        decoded values."""
+        return self._collectives.broadcast(tensor, root, codec, algo, tag, timeout_s)
+
+    def all_gather(
+        self,
+        tensor: Any,
+        out: Any = None,
+        codec: str = "none",
+        tag: int | str | None = None,
+        timeout_s: float | None = None,
+    ) -> Any:
+        """Every rank's ``tensor`` in rank order: ``out`` (default a new array of shape
+        ``(size, *tensor.shape)``; a given one needs ``size * numel`` elements)."""
+        return self.all_gather_async(tensor, out, codec, tag, timeout_s).wait()
+
+    def all_gather_async(
+        self,
+        tensor: Any,
+        out: Any = None,
+        codec: str = "none",
+        tag: int | str | None = None,
+        timeout_s: float | None = None,
+    ) -> Handle:
+        return self._collectives.all_gather(tensor, out, codec, tag, timeout_s)
+
+    def all_gather_v(
+        self,
+        tensor: Any,
+        codec: str = "none",
+        tag: int | str | None = None,
+        timeout_s: float | None = None,
+    ) -> list[Any]:
+        """Every rank's ``tensor`` (flattened; element counts may differ, 0 too), in
+        rank order: a list of 1-D arrays (torch tensors for a torch input)."""
+        result: list[Any] = self.all_gather_v_async(tensor, codec, tag, timeout_s).wait()
+        return result
+
+    def all_gather_v_async(
+        self,
+        tensor: Any,
+        codec: str = "none",
+        tag: int | str | None = None,
+        timeout_s: float | None = None,
+    ) -> Handle:
+        return self._collectives.all_gather_v(tensor, codec, tag, timeout_s)
+
+    def reduce_scatter(
+        self,
+        tensor: Any,
+        out: Any = None,
+        op: str = "sum",
+        codec: str = "none",
+        tag: int | str | None = None,
+        timeout_s: float | None = None,
+    ) -> Any:
+        """This rank's block of ``op`` over every rank's ``tensor`` (flattened): block
+        ``k`` is ``collnet.algo.reducescatter.output_range(numel, size, k)``. The
+        input is not modified; ``out`` (default a new 1-D array) receives it."""
+        return self.reduce_scatter_async(tensor, out, op, codec, tag, timeout_s).wait()
+
+    def reduce_scatter_async(
+        self,
+        tensor: Any,
+        out: Any = None,
+        op: str = "sum",
+        codec: str = "none",
+        tag: int | str | None = None,
+        timeout_s: float | None = None,
+    ) -> Handle:
+        return self._collectives.reduce_scatter(tensor, out, op, codec, tag, timeout_s)
+
+    def barrier(self, tag: int | str | None = None, timeout_s: float | None = None) -> None:
+        """Return once every member of the agreed world has entered the barrier."""
+        self.barrier_async(tag, timeout_s).wait()
+
+    def barrier_async(self, tag: int | str | None = None, timeout_s: float | None = None) -> Handle:
+        return self._collectives.barrier(tag, timeout_s)
 
     # -- shared state ------------------------------------------------------
     def sync_state(

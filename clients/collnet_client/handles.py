@@ -33,16 +33,16 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
 
-from collnet.algo.ops import DTYPE_BY_NAME
-from collnet.errors import CollnetError, InvalidArgument, PeerLost, Timeout, WaitTimeout
+from collnet.errors import CollnetError, PeerLost, Timeout, WaitTimeout
 from collnet.wire.localapi import AllReduce, Cancel
 from collnet_client.feedback import ErrorFeedback
 from collnet_client.memory import SharedMemory, Staging
+from collnet_client.placement import check_dtype, place
 from collnet_client.tensors import HostTensor, host_tensor, is_torch_tensor
 from collnet_client.transport import Transport
 from collnet_client.world import Agreement
@@ -104,20 +104,8 @@ class AllReduces:
     ) -> Handle:
         """Send the all-reduce of ``tensor``; see ``Comm.all_reduce_async``."""
         host = host_tensor(tensor)
-        if DTYPE_BY_NAME.get(host.dtype.name) != host.dtype:
-            raise InvalidArgument(
-                f"unsupported dtype {host.dtype}; use one of {list(DTYPE_BY_NAME)}"
-            )
-        where = self._memory.locate(host.array) if host.array is not None else None
-        staging = None
-        if where is None:
-            staging = self._memory.stage(host.nbytes)
-            view = staging[1][: host.nbytes].view(host.dtype).reshape(host.shape)
-            host.copy_into(view)
-            where = (staging[0], 0)
-        else:
-            assert host.array is not None
-            view = host.array
+        check_dtype(host)
+        view, where, staging = place(self._memory, host, copy_in=True)
         undo_feedback = None
         if error_feedback:
             key = _memory_key(tensor) if feedback_key is None else feedback_key
@@ -131,8 +119,8 @@ class AllReduces:
         # other peers at once (see collnet.wire.localapi).
         request = AllReduce(
             tag=self._agreement.next_tag() if tag is None else tag,
-            shm=where[0].name,
-            offset=where[1],
+            shm=where.shm,
+            offset=where.offset,
             count=int(view.size),
             dtype=host.dtype.name,
             reduction=op,
@@ -154,7 +142,7 @@ class AllReduces:
             default_tag=tag is None,
         )
         self._issue(pending)
-        return Handle(self, pending)
+        return Handle(_AllReduceOp(self, pending))
 
     def _issue(self, pending: PendingAllReduce) -> None:
         pending.request = dataclasses.replace(pending.request, epoch=self._agreement.epoch)
@@ -241,34 +229,81 @@ class AllReduces:
         self._transport.call(Cancel(epoch=pending.epoch, tag=pending.request.tag), timeout_s)
 
 
-class Handle:
-    """An all-reduce in flight.
+class Operation(Protocol):
+    """A collective in flight as a ``Handle`` drives it."""
 
-    ``wait()`` returns the caller's tensor, reduced in place (or raises the
-    typed error of a failed collective); ``done()`` says whether ``wait()``
-    would return at once; ``cancel()`` aborts the collective on every peer.
-    Several handles may be in flight at once.
+    @property
+    def tag(self) -> int | str: ...
+
+    @property
+    def epoch(self) -> int: ...
+
+    def poll(self) -> bool:
+        """Whether ``finish`` would return (or raise) without waiting."""
+
+    def finish(self, timeout_s: float | None) -> Any:
+        """The result, or the collective's typed error; ``WaitTimeout`` leaves it pending."""
+
+    def cancel(self, timeout_s: float) -> None:
+        """Ask the daemon to abort it on every peer."""
+
+
+@dataclass
+class _AllReduceOp:
+    """An all-reduce as an ``Operation``."""
+
+    all_reduces: AllReduces
+    pending: PendingAllReduce
+
+    @property
+    def tag(self) -> int | str:
+        return self.pending.request.tag
+
+    @property
+    def epoch(self) -> int:
+        return self.pending.epoch
+
+    def poll(self) -> bool:
+        return self.all_reduces.poll(self.pending)
+
+    def finish(self, timeout_s: float | None) -> Any:
+        self.all_reduces.finish(self.pending, timeout_s)
+        return self.pending.host.original
+
+    def cancel(self, timeout_s: float) -> None:
+        self.all_reduces.cancel(self.pending, timeout_s)
+
+
+class Handle:
+    """A collective in flight (any kind: all-reduce, broadcast, all-gather, ...).
+
+    ``wait()`` returns the collective's result (an all-reduce's or a
+    broadcast's: the caller's tensor, in place; an all-gather's: its output;
+    a barrier's: None) or raises the typed error of a failed collective;
+    ``done()`` says whether ``wait()`` would return at once; ``cancel()``
+    aborts the collective on every peer. Several handles may be in flight at
+    once.
     """
 
-    def __init__(self, all_reduces: AllReduces, pending: PendingAllReduce) -> None:
-        self._all_reduces = all_reduces
-        self._pending = pending
+    def __init__(self, op: Operation) -> None:
+        self._op = op
         self._finished = False
+        self._result: Any = None
         self._error: CollnetError | None = None
 
     @property
     def tag(self) -> int | str:
-        return self._pending.request.tag
+        return self._op.tag
 
     @property
     def epoch(self) -> int:
-        return self._pending.epoch
+        return self._op.epoch
 
     def done(self) -> bool:
-        return self._finished or self._all_reduces.poll(self._pending)
+        return self._finished or self._op.poll()
 
     def wait(self, timeout_s: float | None = None) -> Any:
-        """The reduced tensor, or the collective's error.
+        """The result, or the collective's error.
 
         ``WaitTimeout`` (a ``Timeout``) when ``timeout_s`` ran out here rather
         than the collective's own deadline: the collective goes on; wait
@@ -276,7 +311,7 @@ class Handle:
         """
         if not self._finished:
             try:
-                self._all_reduces.finish(self._pending, timeout_s)
+                self._result = self._op.finish(timeout_s)
             except WaitTimeout:
                 raise
             except CollnetError as exc:
@@ -284,7 +319,7 @@ class Handle:
             self._finished = True
         if self._error is not None:
             raise self._error
-        return self._pending.host.original
+        return self._result
 
     def cancel(self, timeout_s: float = 30.0) -> bool:
         """Abort this collective on every peer (they get ``CollectiveAborted``).
@@ -296,7 +331,7 @@ class Handle:
         """
         if self.done():
             return False
-        self._all_reduces.cancel(self._pending, timeout_s)
+        self._op.cancel(timeout_s)
         try:
             self.wait(timeout_s)
         except WaitTimeout:

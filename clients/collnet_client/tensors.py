@@ -87,6 +87,21 @@ class HostTensor:
                 self.original.copy_(_torch_of(src, self.original))
 
 
+def new_like(host: npt.NDArray[Any], like: Any) -> Any:
+    """A new tensor holding a copy of host array ``host``: a torch tensor on the device
+    and of the dtype of ``like`` when ``like`` is one, else a numpy array."""
+    if not is_torch_tensor(like):
+        return np.array(host, copy=True)
+    return _torch_of(np.array(host, copy=True), like).to(like.device)
+
+
+def empty_like(like: Any, shape: tuple[int, ...]) -> Any:
+    """An uninitialised array of ``shape`` of the kind, dtype (and device) of ``like``."""
+    if not is_torch_tensor(like):
+        return np.empty(shape, dtype=like.dtype)
+    return sys.modules["torch"].empty(shape, dtype=like.dtype, device=like.device)
+
+
 def _torch_of(host: npt.NDArray[Any], like: Any) -> Any:
     """``host`` as a CPU torch tensor sharing its memory, typed like tensor ``like``."""
     torch = sys.modules["torch"]

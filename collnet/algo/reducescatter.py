@@ -56,4 +56,11 @@ class RingReduceScatter(RingSchedule):
     @property
     def output_range(self) -> tuple[int, int]:
         """``(start, stop)`` of the elements of ``buf`` this rank owns."""
-        return Partition(self._red.n, self.world, 1).segment(self.rank)
+        return output_range(self._red.n, self.world, self.rank)
+
+
+def output_range(n: int, world: int, rank: int) -> tuple[int, int]:
+    """``(start, stop)`` of block ``rank`` of an ``n``-element reduce-scatter among
+    ``world`` ranks: ``n // world`` elements each, the first ``n % world`` blocks
+    one more (``np.array_split``'s layout; torch's when ``world`` divides ``n``)."""
+    return Partition(n, world, 1).segment(rank)

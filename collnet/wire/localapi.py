@@ -25,7 +25,9 @@ Invariants:
   ``ProtocolError`` for something that is not a request at all.
 
 The replies with more than a flag in them are typed in
-``collnet.wire.localreplies``.
+``collnet.wire.localreplies``; the field checks live in ``collnet.wire.fields``,
+and broadcast, all-gather, reduce-scatter and barrier in
+``collnet.wire.collectives``.
 """
 
 from __future__ import annotations
@@ -35,107 +37,23 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar, Final, Self, TypeAlias
 
-from collnet.algo import ALGORITHMS
-from collnet.algo.ops import DTYPE_BY_NAME, OPS
-from collnet.codec.registry import get_codec
 from collnet.errors import InvalidArgument, ProtocolError
 from collnet.state.digest import MAX_REVISION, numpy_dtype
-
-# Trainers of one node sharing a daemon: bounds what one group may make it hold.
-MAX_LOCAL_SIZE: Final = 256
-MAX_BENCH_ITERS: Final = 1000
-
-Tag: TypeAlias = int | str
-_REQUIRED: Final[Any] = object()
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _value(obj: dict[str, Any], kind: str, name: str, default: Any) -> Any:
-    value = obj.get(name)
-    if value is None:  # nil on the wire is the same as absent
-        if default is _REQUIRED:
-            raise InvalidArgument(f"request {kind!r} needs field {name!r}")
-        return default
-    return value
-
-
-def _int(obj: dict[str, Any], kind: str, name: str, default: Any = _REQUIRED) -> int:
-    value = _value(obj, kind, name, default)
-    if not _is_int(value):
-        raise InvalidArgument(f"field {name!r} must be int, got {value!r:.40}")
-    if value < 0:
-        raise InvalidArgument(f"field {name!r} must not be negative, got {value}")
-    return int(value)
-
-
-def _str(obj: dict[str, Any], kind: str, name: str, default: Any = _REQUIRED) -> str:
-    value = _value(obj, kind, name, default)
-    if not isinstance(value, str):
-        raise InvalidArgument(f"field {name!r} must be str, got {value!r:.40}")
-    return value
-
-
-def _tag(obj: dict[str, Any], kind: str, name: str = "tag") -> Tag:
-    tag = obj.get(name)
-    if not isinstance(tag, int | str) or isinstance(tag, bool):
-        raise InvalidArgument(f"{kind} needs an int or str {name!r}")
-    return tag
-
-
-def _epoch(obj: dict[str, Any]) -> int | None:
-    """The epoch a request runs in; None: the daemon's current one."""
-    epoch = obj.get("epoch")
-    if epoch is not None and (not _is_int(epoch) or epoch < 0):
-        raise InvalidArgument(f"bad epoch {epoch!r:.40}: an epoch is a non-negative int")
-    return epoch
-
-
-def _timeout(obj: dict[str, Any]) -> float | None:
-    value = obj.get("timeout_s")
-    if value is None:
-        return None
-    if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value):
-        raise InvalidArgument(f"field 'timeout_s' must be a number, got {value!r:.40}")
-    if value <= 0:
-        raise InvalidArgument(f"field 'timeout_s' must be positive, got {value!r}")
-    return float(value)
-
-
-def _local_size(obj: dict[str, Any]) -> int:
-    size = obj.get("local_size", 1)
-    if not _is_int(size) or not 1 <= size <= MAX_LOCAL_SIZE:
-        raise InvalidArgument(f"local_size must be an int in [1, {MAX_LOCAL_SIZE}], got {size!r}")
-    return int(size)
-
-
-def _dtype(obj: dict[str, Any], kind: str, default: Any = _REQUIRED) -> str:
-    name = _str(obj, kind, "dtype", default)
-    if name not in DTYPE_BY_NAME:
-        raise InvalidArgument(f"unsupported dtype {name!r}; use one of {list(DTYPE_BY_NAME)}")
-    return name
-
-
-def _reduction(obj: dict[str, Any], kind: str) -> tuple[str, str, str]:
-    """The reduction op, codec and algorithm of an all-reduce (or its benchmark)."""
-    op = _str(obj, kind, "reduce", "sum")
-    if op not in OPS:
-        raise InvalidArgument(f"unknown reduce op {op!r}; use one of {list(OPS)}")
-    algo = _str(obj, kind, "algo", "auto")
-    if algo not in ALGORITHMS:
-        raise InvalidArgument(f"unknown algorithm {algo!r}; use one of {list(ALGORITHMS)}")
-    codec = _str(obj, kind, "codec", "none")
-    get_codec(codec)  # the name only: the daemon's block size is checked where it is known
-    return op, codec, algo
-
-
-def _wire(kind: str, local_size: int = 1, **fields: Any) -> dict[str, Any]:
-    wire = {"op": kind, **{k: v for k, v in fields.items() if v is not None}}
-    if local_size != 1:
-        wire["local_size"] = local_size
-    return wire
+from collnet.wire.collectives import COLLECTIVE_TYPES, CollectiveRequest
+from collnet.wire.fields import MAX_BENCH_ITERS, Tag
+from collnet.wire.fields import MAX_LOCAL_SIZE as MAX_LOCAL_SIZE  # re-exported
+from collnet.wire.fields import REQUIRED as _REQUIRED
+from collnet.wire.fields import dtype_field as _dtype
+from collnet.wire.fields import epoch_field as _epoch
+from collnet.wire.fields import int_field as _int
+from collnet.wire.fields import is_int as _is_int
+from collnet.wire.fields import local_size_field as _local_size
+from collnet.wire.fields import reduction_fields as _reduction
+from collnet.wire.fields import str_field as _str
+from collnet.wire.fields import tag_field as _tag
+from collnet.wire.fields import timeout_field as _timeout
+from collnet.wire.fields import value_of as _value
+from collnet.wire.fields import wire as _wire
 
 
 @dataclass(frozen=True, slots=True)
@@ -456,6 +374,7 @@ Request: TypeAlias = (
     | BenchAllReduce
     | Release
     | Leave
+    | CollectiveRequest
 )
 
 REQUEST_TYPES: Final[tuple[type[Request], ...]] = (
@@ -468,6 +387,7 @@ REQUEST_TYPES: Final[tuple[type[Request], ...]] = (
     BenchAllReduce,
     Release,
     Leave,
+    *COLLECTIVE_TYPES,
 )
 _PARSERS: Final[dict[str, Callable[[dict[str, Any]], Request]]] = {
     cls.KIND: cls.from_wire for cls in REQUEST_TYPES

@@ -286,6 +286,12 @@ class Executor:
         if isinstance(piece, StatePiece):
             self.state.on_data(peer, piece, payload)
             return
+        if not payload.nbytes:
+            # The reader asks no sink where an empty payload goes, but the engine
+            # must place every message, and a barrier's are nothing but their names.
+            payload, placed = self.engine.data_sink(peer, piece, 0)
+            if placed:
+                self.perform(placed)
         actions = self.engine.on_data(peer, piece, payload)
         if actions:
             self.perform(actions)

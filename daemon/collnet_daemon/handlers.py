@@ -20,6 +20,7 @@ from typing import Any
 from collnet.errors import InvalidArgument
 from collnet.membership.peer import PeerMembership
 from collnet.membership.world import WorldView
+from collnet.wire.collectives import COLLECTIVE_TYPES, CollectiveRequest
 from collnet.wire.localapi import (
     AllReduce,
     BenchAllReduce,
@@ -37,6 +38,7 @@ from collnet.wire.localreplies import HelloReply, WorldReply
 from collnet_daemon import clientops
 from collnet_daemon.allreduce import AllReduces
 from collnet_daemon.buffers import SharedBuffers
+from collnet_daemon.collectives import Collectives
 from collnet_daemon.config import DaemonConfig
 from collnet_daemon.control import ControlPlane
 from collnet_daemon.executor import Executor
@@ -47,6 +49,9 @@ from collnet_daemon.statesync.requests import SyncRequests
 log = logging.getLogger(__name__)
 
 Reply = dict[str, Any]
+
+# Requests that name a collective run with the all-reduce's refusal path.
+_COLLECTIVE_KINDS = frozenset({AllReduce.KIND, *(cls.KIND for cls in COLLECTIVE_TYPES)})
 
 
 class LocalApi:
@@ -59,6 +64,7 @@ class LocalApi:
         control: ControlPlane,
         executor: Executor,
         all_reduces: AllReduces,
+        collectives: Collectives,
         syncs: SyncRequests,
         buffers: SharedBuffers,
         local: LocalGroups,
@@ -71,6 +77,7 @@ class LocalApi:
         self.control = control
         self.executor = executor
         self.all_reduces = all_reduces
+        self.collectives = collectives
         self.syncs = syncs
         self.buffers = buffers
         self.local = local
@@ -87,13 +94,14 @@ class LocalApi:
             BenchAllReduce: self._bench,
             Release: self._release,
             Leave: self._leave,
+            **{cls: self._collective for cls in COLLECTIVE_TYPES},
         }
 
     async def handle(self, ident: bytes, raw: dict[str, Any]) -> Reply:
         try:
             req: Request = parse_request(raw)
         except InvalidArgument as exc:
-            if raw.get("op") == AllReduce.KIND:
+            if raw.get("op") in _COLLECTIVE_KINDS:
                 self.all_reduces.refuse(exc)
             elif raw.get("op") == SyncState.KIND:
                 self.syncs.refuse(exc, raw.get("epoch"))
@@ -142,6 +150,9 @@ class LocalApi:
             self.session.joined(ident, req.local_size)
         await self.all_reduces.handle(req)
         return {}
+
+    async def _collective(self, ident: bytes, req: CollectiveRequest) -> Reply:
+        return await self.collectives.handle(req)
 
     async def _sync_state(self, ident: bytes, req: SyncState) -> Reply:
         if req.local_size > 1:

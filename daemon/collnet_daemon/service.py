@@ -8,6 +8,7 @@ them, wires them by their constructors, starts and stops them:
 - ``Executor`` (executor.py): the data links and the collective engine;
 - ``StateSync`` and ``SyncRequests`` (statesync/): shared-state sync;
 - ``AllReduces`` (allreduce.py): all-reduce requests, alone or per node;
+- ``Collectives`` (collectives.py): broadcast, all-gather, reduce-scatter, barrier;
 - ``LocalApi`` (handlers.py) behind ``IpcServer`` (ipc.py): the trainers;
 - ``Session`` (session.py): leaves the world when the node's trainers are
   gone (the daemon stays up) and registers again when one joins;
@@ -29,6 +30,7 @@ from collnet.membership import PeerInfo, WorldView
 from collnet.membership.peer import PeerMembership
 from collnet_daemon.allreduce import AllReduces
 from collnet_daemon.buffers import SharedBuffers
+from collnet_daemon.collectives import Collectives
 from collnet_daemon.config import DaemonConfig
 from collnet_daemon.control import ControlPlane
 from collnet_daemon.executor import Executor
@@ -71,6 +73,9 @@ class Daemon:
             self.metrics,
             self._leaving,
         )
+        self.collectives = Collectives(
+            config, self.membership, self.executor, self.buffers, self.metrics, self._leaving
+        )
         self.syncs = SyncRequests(
             config,
             self.membership,
@@ -96,6 +101,7 @@ class Daemon:
             self.control,
             self.executor,
             self.all_reduces,
+            self.collectives,
             self.syncs,
             self.buffers,
             self.local,

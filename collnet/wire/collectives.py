@@ -1,0 +1,349 @@
+"""Local-API requests of the collectives beside all-reduce: broadcast, all-gather
+(equal and variable sizes), reduce-scatter and barrier.
+
+They follow ``collnet.wire.localapi``'s rules (``parse_request`` knows them
+too): parsed once, ``parse_request(r.to_wire()) == r``, absent fields left out,
+and an ``InvalidArgument`` about a request whose ``tag`` parsed carries
+``tag`` (and ``epoch``) in its fields, so the daemon refuses the collective
+on the other members at once. Every request names a collective ``(epoch,
+tag)`` in the world of the epoch the trainer agreed to; ranks are positions
+in that world's peer list.
+
+A tensor is ``count`` elements of ``dtype`` at byte ``offset`` of segment
+``shm``; an output is ``out_shm`` at ``out_offset``, its length implied by the
+kind. Every reply is empty but the counts phase of ``AllGatherV``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar, Final, Self
+
+from collnet.algo.ops import OPS
+from collnet.algo.select import BROADCAST_ALGORITHMS
+from collnet.codec.registry import get_codec
+from collnet.errors import InvalidArgument
+from collnet.membership.bounds import MAX_WORLD_PEERS
+from collnet.wire.fields import (
+    Tag,
+    dtype_field,
+    epoch_field,
+    int_field,
+    is_int,
+    local_size_field,
+    str_field,
+    tag_field,
+    timeout_field,
+    wire,
+)
+
+__all__ = [
+    "COLLECTIVE_TYPES",
+    "AllGather",
+    "AllGatherV",
+    "Barrier",
+    "Broadcast",
+    "CollectiveRequest",
+    "ReduceScatter",
+    "counts_tag",
+]
+
+
+def counts_tag(tag: Tag) -> str:
+    """The tag of an ``AllGatherV``'s counts phase: derived from the collective's own
+    (``repr``, so ``5`` and ``"5"`` stay apart) and never a default tag (an int)."""
+    return f"{tag!r}/counts"
+
+
+def _named(kind: str, obj: dict[str, Any]) -> tuple[Tag, int | None]:
+    return tag_field(obj, kind), epoch_field(obj)
+
+
+def _refused(exc: InvalidArgument, tag: Tag, epoch: int | None) -> InvalidArgument:
+    """``exc`` naming its collective, so the daemon can abort it on the other peers."""
+    where: dict[str, Any] = {"tag": tag} if epoch is None else {"tag": tag, "epoch": epoch}
+    return InvalidArgument(exc.message, **{**exc.fields, **where})
+
+
+def _codec(obj: dict[str, Any], kind: str) -> str:
+    codec = str_field(obj, kind, "codec", "none")
+    get_codec(codec)  # the name only: the daemon's block size is checked where it is known
+    return codec
+
+
+def _common(obj: dict[str, Any], kind: str) -> dict[str, Any]:
+    """The fields every tensor collective has: its tensor, codec, deadline, local size."""
+    return {
+        "shm": str_field(obj, kind, "shm"),
+        "offset": int_field(obj, kind, "offset", 0),
+        "count": int_field(obj, kind, "count"),
+        "dtype": dtype_field(obj, kind),
+        "codec": _codec(obj, kind),
+        "timeout_s": timeout_field(obj),
+        "local_size": local_size_field(obj),
+    }
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Broadcast:
+    """Broadcast ``root``'s tensor into every member's, in place.
+
+    ``algo``: ``auto``, ``chain`` or ``star`` (``collnet.algo.select``).
+    """
+
+    KIND: ClassVar[str] = "broadcast"
+    tag: Tag
+    shm: str
+    count: int
+    dtype: str
+    root: int
+    offset: int = 0
+    codec: str = "none"
+    algo: str = "auto"
+    epoch: int | None = None
+    timeout_s: float | None = None
+    local_size: int = 1
+
+    def to_wire(self) -> dict[str, Any]:
+        return wire(
+            self.KIND,
+            self.local_size,
+            tag=self.tag,
+            epoch=self.epoch,
+            shm=self.shm,
+            offset=self.offset,
+            count=self.count,
+            dtype=self.dtype,
+            root=self.root,
+            codec=self.codec,
+            algo=self.algo,
+            timeout_s=self.timeout_s,
+        )
+
+    @classmethod
+    def from_wire(cls, obj: dict[str, Any]) -> Self:
+        tag, epoch = _named(cls.KIND, obj)
+        try:
+            fields = _common(obj, cls.KIND)
+            root = int_field(obj, cls.KIND, "root")
+            algo = str_field(obj, cls.KIND, "algo", "auto")
+            if algo not in BROADCAST_ALGORITHMS:
+                raise InvalidArgument(
+                    f"unknown broadcast algorithm {algo!r}; use one of {list(BROADCAST_ALGORITHMS)}"
+                )
+        except InvalidArgument as exc:
+            raise _refused(exc, tag, epoch) from None
+        return cls(tag=tag, epoch=epoch, root=root, algo=algo, **fields)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AllGather:
+    """Every member's ``count`` elements, in rank order, into ``out_shm`` (``size *
+    count`` elements): rank ``k``'s at ``[k * count, (k + 1) * count)``."""
+
+    KIND: ClassVar[str] = "all_gather"
+    tag: Tag
+    shm: str
+    count: int
+    dtype: str
+    out_shm: str
+    offset: int = 0
+    out_offset: int = 0
+    codec: str = "none"
+    epoch: int | None = None
+    timeout_s: float | None = None
+    local_size: int = 1
+
+    def to_wire(self) -> dict[str, Any]:
+        return wire(
+            self.KIND,
+            self.local_size,
+            tag=self.tag,
+            epoch=self.epoch,
+            shm=self.shm,
+            offset=self.offset,
+            count=self.count,
+            dtype=self.dtype,
+            out_shm=self.out_shm,
+            out_offset=self.out_offset,
+            codec=self.codec,
+            timeout_s=self.timeout_s,
+        )
+
+    @classmethod
+    def from_wire(cls, obj: dict[str, Any]) -> Self:
+        tag, epoch = _named(cls.KIND, obj)
+        try:
+            fields = _common(obj, cls.KIND)
+            out_shm = str_field(obj, cls.KIND, "out_shm")
+            out_offset = int_field(obj, cls.KIND, "out_offset", 0)
+        except InvalidArgument as exc:
+            raise _refused(exc, tag, epoch) from None
+        return cls(tag=tag, epoch=epoch, out_shm=out_shm, out_offset=out_offset, **fields)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AllGatherV:
+    """All-gather where every member contributes its own ``count`` (0 allowed).
+
+    Two phases, one request each, both under this collective's tag:
+
+    - without ``counts``: the daemons all-gather their ``count`` (under
+      ``counts_tag(tag)``); the reply is ``{"counts": [...]}`` in rank order;
+    - with ``counts`` (that reply) and ``out_shm``: the data, rank ``k``'s
+      ``counts[k]`` elements at ``sum(counts[:k])`` of the output.
+    """
+
+    KIND: ClassVar[str] = "all_gather_v"
+    tag: Tag
+    shm: str
+    count: int
+    dtype: str
+    offset: int = 0
+    out_shm: str | None = None
+    out_offset: int = 0
+    counts: tuple[int, ...] | None = None
+    codec: str = "none"
+    epoch: int | None = None
+    timeout_s: float | None = None
+    local_size: int = 1
+
+    def to_wire(self) -> dict[str, Any]:
+        return wire(
+            self.KIND,
+            self.local_size,
+            tag=self.tag,
+            epoch=self.epoch,
+            shm=self.shm,
+            offset=self.offset,
+            count=self.count,
+            dtype=self.dtype,
+            out_shm=self.out_shm,
+            out_offset=self.out_offset,
+            counts=None if self.counts is None else list(self.counts),
+            codec=self.codec,
+            timeout_s=self.timeout_s,
+        )
+
+    @classmethod
+    def from_wire(cls, obj: dict[str, Any]) -> Self:
+        tag, epoch = _named(cls.KIND, obj)
+        try:
+            fields = _common(obj, cls.KIND)
+            out_offset = int_field(obj, cls.KIND, "out_offset", 0)
+            counts = _counts(obj.get("counts"))
+            out_shm = None if obj.get("out_shm") is None else str_field(obj, cls.KIND, "out_shm")
+            if (counts is None) != (out_shm is None):
+                raise InvalidArgument("all_gather_v: 'counts' and 'out_shm' come together")
+        except InvalidArgument as exc:
+            raise _refused(exc, tag, epoch) from None
+        return cls(
+            tag=tag, epoch=epoch, out_shm=out_shm, out_offset=out_offset, counts=counts, **fields
+        )
+
+
+def _counts(value: Any) -> tuple[int, ...] | None:
+    if value is None:
+        return None
+    if not isinstance(value, list | tuple) or not 1 <= len(value) <= MAX_WORLD_PEERS:
+        raise InvalidArgument(
+            f"field 'counts' must be a list of 1 to {MAX_WORLD_PEERS} ints, got {value!r:.40}"
+        )
+    if not all(is_int(c) and c >= 0 for c in value):
+        raise InvalidArgument(f"field 'counts' must hold non-negative ints, got {value!r:.40}")
+    return tuple(value)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ReduceScatter:
+    """Reduce ``count`` elements across the world; this rank's block of the result goes
+    to ``out_shm``. Block ``k`` is ``collnet.algo.reducescatter.output_range(count,
+    size, k)``. The input is not modified."""
+
+    KIND: ClassVar[str] = "reduce_scatter"
+    tag: Tag
+    shm: str
+    count: int
+    dtype: str
+    out_shm: str
+    offset: int = 0
+    out_offset: int = 0
+    reduction: str = "sum"
+    codec: str = "none"
+    epoch: int | None = None
+    timeout_s: float | None = None
+    local_size: int = 1
+
+    def to_wire(self) -> dict[str, Any]:
+        return wire(
+            self.KIND,
+            self.local_size,
+            tag=self.tag,
+            epoch=self.epoch,
+            shm=self.shm,
+            offset=self.offset,
+            count=self.count,
+            dtype=self.dtype,
+            out_shm=self.out_shm,
+            out_offset=self.out_offset,
+            reduce=self.reduction,
+            codec=self.codec,
+            timeout_s=self.timeout_s,
+        )
+
+    @classmethod
+    def from_wire(cls, obj: dict[str, Any]) -> Self:
+        tag, epoch = _named(cls.KIND, obj)
+        try:
+            fields = _common(obj, cls.KIND)
+            out_shm = str_field(obj, cls.KIND, "out_shm")
+            out_offset = int_field(obj, cls.KIND, "out_offset", 0)
+            reduction = str_field(obj, cls.KIND, "reduce", "sum")
+            if reduction not in OPS:
+                raise InvalidArgument(f"unknown reduce op {reduction!r}; use one of {list(OPS)}")
+        except InvalidArgument as exc:
+            raise _refused(exc, tag, epoch) from None
+        return cls(
+            tag=tag,
+            epoch=epoch,
+            out_shm=out_shm,
+            out_offset=out_offset,
+            reduction=reduction,
+            **fields,
+        )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Barrier:
+    """Returns once every member of the world has entered it; no tensor."""
+
+    KIND: ClassVar[str] = "barrier"
+    tag: Tag
+    epoch: int | None = None
+    timeout_s: float | None = None
+    local_size: int = 1
+
+    def to_wire(self) -> dict[str, Any]:
+        return wire(
+            self.KIND, self.local_size, tag=self.tag, epoch=self.epoch, timeout_s=self.timeout_s
+        )
+
+    @classmethod
+    def from_wire(cls, obj: dict[str, Any]) -> Self:
+        tag, epoch = _named(cls.KIND, obj)
+        try:
+            timeout_s, local_size = timeout_field(obj), local_size_field(obj)
+        except InvalidArgument as exc:
+            raise _refused(exc, tag, epoch) from None
+        return cls(tag=tag, epoch=epoch, timeout_s=timeout_s, local_size=local_size)
+
+
+CollectiveRequest = Broadcast | AllGather | AllGatherV | ReduceScatter | Barrier
+
+COLLECTIVE_TYPES: Final[tuple[type[CollectiveRequest], ...]] = (
+    Broadcast,
+    AllGather,
+    AllGatherV,
+    ReduceScatter,
+    Barrier,
+)

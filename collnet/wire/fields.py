@@ -1,0 +1,114 @@
+"""The checks every local-API request field goes through, shared by its typed homes.
+
+``collnet.wire.localapi`` and ``collnet.wire.collectives`` build their
+``from_wire`` parsers from these: each takes the decoded map, the request
+kind (for the message) and the field name, and returns the checked value or
+raises ``InvalidArgument`` (a bool is never an int; nil is the same as
+absent). ``wire`` builds a request map, leaving out what is absent.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Final, TypeAlias
+
+from collnet.algo import ALGORITHMS
+from collnet.algo.ops import DTYPE_BY_NAME, OPS
+from collnet.codec.registry import get_codec
+from collnet.errors import InvalidArgument
+
+# Trainers of one node sharing a daemon: bounds what one group may make it hold.
+MAX_LOCAL_SIZE: Final = 256
+MAX_BENCH_ITERS: Final = 1000
+
+Tag: TypeAlias = int | str
+REQUIRED: Final[Any] = object()
+
+
+def is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def value_of(obj: dict[str, Any], kind: str, name: str, default: Any) -> Any:
+    value = obj.get(name)
+    if value is None:  # nil on the wire is the same as absent
+        if default is REQUIRED:
+            raise InvalidArgument(f"request {kind!r} needs field {name!r}")
+        return default
+    return value
+
+
+def int_field(obj: dict[str, Any], kind: str, name: str, default: Any = REQUIRED) -> int:
+    value = value_of(obj, kind, name, default)
+    if not is_int(value):
+        raise InvalidArgument(f"field {name!r} must be int, got {value!r:.40}")
+    if value < 0:
+        raise InvalidArgument(f"field {name!r} must not be negative, got {value}")
+    return int(value)
+
+
+def str_field(obj: dict[str, Any], kind: str, name: str, default: Any = REQUIRED) -> str:
+    value = value_of(obj, kind, name, default)
+    if not isinstance(value, str):
+        raise InvalidArgument(f"field {name!r} must be str, got {value!r:.40}")
+    return value
+
+
+def tag_field(obj: dict[str, Any], kind: str, name: str = "tag") -> Tag:
+    tag = obj.get(name)
+    if not isinstance(tag, int | str) or isinstance(tag, bool):
+        raise InvalidArgument(f"{kind} needs an int or str {name!r}")
+    return tag
+
+
+def epoch_field(obj: dict[str, Any]) -> int | None:
+    """The epoch a request runs in; None: the daemon's current one."""
+    epoch = obj.get("epoch")
+    if epoch is not None and (not is_int(epoch) or epoch < 0):
+        raise InvalidArgument(f"bad epoch {epoch!r:.40}: an epoch is a non-negative int")
+    return epoch
+
+
+def timeout_field(obj: dict[str, Any]) -> float | None:
+    value = obj.get("timeout_s")
+    if value is None:
+        return None
+    if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value):
+        raise InvalidArgument(f"field 'timeout_s' must be a number, got {value!r:.40}")
+    if value <= 0:
+        raise InvalidArgument(f"field 'timeout_s' must be positive, got {value!r}")
+    return float(value)
+
+
+def local_size_field(obj: dict[str, Any]) -> int:
+    size = obj.get("local_size", 1)
+    if not is_int(size) or not 1 <= size <= MAX_LOCAL_SIZE:
+        raise InvalidArgument(f"local_size must be an int in [1, {MAX_LOCAL_SIZE}], got {size!r}")
+    return int(size)
+
+
+def dtype_field(obj: dict[str, Any], kind: str, default: Any = REQUIRED) -> str:
+    name = str_field(obj, kind, "dtype", default)
+    if name not in DTYPE_BY_NAME:
+        raise InvalidArgument(f"unsupported dtype {name!r}; use one of {list(DTYPE_BY_NAME)}")
+    return name
+
+
+def reduction_fields(obj: dict[str, Any], kind: str) -> tuple[str, str, str]:
+    """The reduction op, codec and algorithm of an all-reduce (or its benchmark)."""
+    op = str_field(obj, kind, "reduce", "sum")
+    if op not in OPS:
+        raise InvalidArgument(f"unknown reduce op {op!r}; use one of {list(OPS)}")
+    algo = str_field(obj, kind, "algo", "auto")
+    if algo not in ALGORITHMS:
+        raise InvalidArgument(f"unknown algorithm {algo!r}; use one of {list(ALGORITHMS)}")
+    codec = str_field(obj, kind, "codec", "none")
+    get_codec(codec)  # the name only: the daemon's block size is checked where it is known
+    return op, codec, algo
+
+
+def wire(kind: str, local_size: int = 1, **fields: Any) -> dict[str, Any]:
+    wire = {"op": kind, **{k: v for k, v in fields.items() if v is not None}}
+    if local_size != 1:
+        wire["local_size"] = local_size
+    return wire
