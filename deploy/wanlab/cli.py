@@ -14,7 +14,7 @@ import signal
 import sys
 from typing import Any
 
-from wanlab.lab import Lab, LabError, down
+from wanlab.lab import ENGINES, Lab, LabError, down
 from wanlab.measure import ceiling
 from wanlab.spec import LabSpec, SpecError, parse_loss, parse_rate, parse_time
 
@@ -64,6 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     up.add_argument("--name", default="wl")
     up.add_argument("--subnet", type=int, default=201, help="labs use 10.SUBNET.0.0/16")
     up.add_argument("--mtu", type=int, default=65000)
+    up.add_argument("--delay-line", choices=ENGINES, default="auto", help="auto: C if it builds")
     up.add_argument("--json", action="store_true")
     dn = sub.add_parser("down", help="remove a lab (every lab without --name)")
     dn.add_argument("--name")
@@ -72,7 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     ce.add_argument("--hosts", type=int, default=4)
     ce.add_argument("--rtt", action="append", help="RTTs to measure at (default 0ms and 100ms)")
     ce.add_argument("--seconds", type=float, default=4.0)
-    ce.add_argument("--streams", type=int, default=4)
+    ce.add_argument("--streams", type=int, default=16)
+    ce.add_argument("--delay-line", choices=ENGINES, default="auto")
     ce.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     # SIGTERM unwinds like Ctrl-C, through Lab.up's cleanup.
@@ -80,13 +82,17 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.cmd == "up":
             spec = _spec(args)
-            Lab(spec).up()
-            out: Any = describe(spec)
+            lab = Lab(spec, args.delay_line).up()
+            out: Any = {**describe(spec), "delay_line": lab.engine}
         elif args.cmd == "down":
             out = {"removed": down(f"wanlab-{args.name}-" if args.name else "wanlab-")}
         else:
             rtts = [parse_time(t) for t in (args.rtt or ["0ms", "100ms"])]
-            out = [ceiling(args.hosts, r, seconds=args.seconds, streams=args.streams) for r in rtts]
+            out = [
+                ceiling(args.hosts, r, seconds=args.seconds, streams=args.streams,
+                        engine=args.delay_line)
+                for r in rtts
+            ]  # fmt: skip
     except (SpecError, LabError) as e:
         print(f"wanlab: {e}", file=sys.stderr)
         return 2
@@ -99,7 +105,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"removed {len(out['removed'])} namespaces")
     else:
         for c in out:
-            print(f"rtt {c['rtt_set_ms']} ms: {c['total_mbit']} Mbit/s over {c['hosts']} flows, "
-                  f"delay line cpu {c['delay_line_cpu']:.0%}, rtt seen {c['rtt_median_ms']} ms "
-                  f"(min {c['rtt_min_ms']}, max {c['rtt_max_ms']})")  # fmt: skip
+            idle = f"{c['rtt_median_ms']} ms (min {c['rtt_min_ms']}, max {c['rtt_max_ms']})"
+            busy = f"{c['loaded_rtt_median_ms']} ms (max {c['loaded_rtt_max_ms']})"
+            print(f"{c['engine']} delay line, rtt {c['rtt_set_ms']} ms: {c['total_mbit']} Mbit/s "
+                  f"over {c['hosts']} flows, delay line cpu {c['delay_line_cpu']:.0%}; rtt seen "
+                  f"idle {idle}, under load {busy}")  # fmt: skip
     return 0

@@ -16,12 +16,16 @@ broken by arrival). With the lab's 65000-byte MTU a 1 Gbit/s stream is about
 ``ceiling`` command measures what this loop carries on the machine at hand.
 
 Run by ``wanlab up``: ``python -m wanlab.delayline --spec FILE --ready FILE``.
+``delayline.c`` is the same loop in C (epoll, a timerfd, batched reads): the
+lab builds it with gcc at start and prefers it (``engine="auto"``), falling
+back to this one where it does not build.
 """
 
 from __future__ import annotations
 
 import argparse
 import fcntl
+import hashlib
 import heapq
 import json
 import os
@@ -30,6 +34,7 @@ import select
 import signal
 import socket
 import struct
+import subprocess
 import sys
 import time
 from pathlib import Path as FsPath
@@ -64,6 +69,32 @@ def path_table(spec: LabSpec) -> dict[bytes, tuple[float, float]]:
                 key = socket.inet_aton(spec.addr(a)) + socket.inet_aton(spec.addr(b))
                 table[key] = (p.delay_s, p.loss)
     return table
+
+
+C_SOURCE = FsPath(__file__).with_name("delayline.c")
+
+
+def build_c(out_dir: FsPath) -> FsPath | None:
+    """The C delay line, compiled once per source version; None where gcc fails or is absent."""
+    digest = hashlib.sha256(C_SOURCE.read_bytes()).hexdigest()[:12]
+    exe = out_dir / f"delayline-{digest}"
+    if exe.exists():
+        return exe
+    try:
+        r = subprocess.run(["gcc", "-O2", "-o", str(exe), str(C_SOURCE)], capture_output=True)
+    except FileNotFoundError:
+        return None
+    return exe if r.returncode == 0 else None
+
+
+def c_matrix(spec: LabSpec) -> str:
+    """The C loop's path table: ``N SUBNET``, then per (source, destination) delay_ns loss_ppm."""
+    rows = [f"{spec.hosts} {spec.subnet}"]
+    for a in range(spec.hosts):
+        for b in range(spec.hosts):
+            p = spec.path(a, b) if a != b else None
+            rows.append("0 0" if p is None else f"{round(p.delay_s * 1e9)} {round(p.loss * 1e6)}")
+    return "\n".join(rows) + "\n"
 
 
 class Stats:

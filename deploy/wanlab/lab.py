@@ -26,13 +26,14 @@ import time
 from pathlib import Path
 from types import TracebackType
 
-from wanlab.delayline import DEVICE
+from wanlab.delayline import DEVICE, build_c, c_matrix
 from wanlab.shaping import shaping_commands
 from wanlab.spec import LabSpec
 
 STATE_DIR = Path(os.environ.get("WANLAB_STATE_DIR", "/run/wanlab"))
 _PKG_ROOT = str(Path(__file__).resolve().parent.parent)  # so children can -m wanlab.*
 _TABLE = "100"
+ENGINES = ("auto", "c", "python")
 
 
 class LabError(RuntimeError):
@@ -110,8 +111,12 @@ def down(prefix: str = "wanlab-") -> list[str]:
 class Lab:
     """One lab; ``with Lab(spec) as lab:`` builds it and always tears it down."""
 
-    def __init__(self, spec: LabSpec) -> None:
+    def __init__(self, spec: LabSpec, engine: str = "auto") -> None:
+        """``engine``: the delay line's loop, ``c``, ``python``, or ``auto`` (C if it builds)."""
+        if engine not in ENGINES:
+            raise LabError(f"delay line engine {engine!r}: one of {', '.join(ENGINES)}")
         self.spec = spec
+        self.engine = engine
         self.delay_line: subprocess.Popen[bytes] | None = None
         # The delay line's counters (packets, bytes, lost, foreign), once it is down.
         self.final_stats: dict[str, int] = {}
@@ -177,11 +182,22 @@ class Lab:
     def _start_delay_line(self) -> None:
         ready = self.file("ready")
         ready.unlink(missing_ok=True)
+        stats = str(self.file("stats.json"))
+        exe = build_c(STATE_DIR) if self.engine != "python" else None
+        if exe is None and self.engine == "c":
+            raise LabError("the C delay line does not build (is gcc installed?)")
+        if exe is not None:
+            self.file("matrix").write_text(c_matrix(self.spec))
+            loop = [str(exe), DEVICE, str(ready), stats, str(self.file("matrix"))]
+            self.engine = "c"
+        else:
+            spec = str(self.file("spec.json"))
+            loop = [sys.executable, "-m", "wanlab.delayline", "--spec", spec]
+            loop += ["--ready", str(ready), "--stats", stats]
+            self.engine = "python"
         with open(self.file("delayline.log"), "wb") as log:
             self.delay_line = subprocess.Popen(
-                ["ip", "netns", "exec", self.spec.router_ns, sys.executable, "-m",
-                 "wanlab.delayline", "--spec", str(self.file("spec.json")),
-                 "--ready", str(ready), "--stats", str(self.file("stats.json"))],
+                ["ip", "netns", "exec", self.spec.router_ns, *loop],
                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                 env=child_env(), start_new_session=True,
             )  # fmt: skip

@@ -3,8 +3,10 @@
 ``Probes`` starts ``wanlab.probe serve`` on every host; ``ping`` and ``blast``
 run the clients in a host's namespace. ``ceiling`` builds a lab with nothing
 shaped (so only the delay line limits), blasts every host to the next one at
-once (the traffic a ring all-reduce makes), and reports the aggregate rate,
-the delay line's CPU share, and the RTT distribution against the setting.
+once (the traffic a ring all-reduce makes; 16 streams each, so that TCP
+windows do not cap a flow at high RTT), and reports the aggregate rate, the
+delay line's CPU share, and the RTT TCP sees, idle and beside the flows,
+against the setting.
 """
 
 from __future__ import annotations
@@ -100,21 +102,26 @@ def _cpu_s(pid: int) -> float:
 
 
 def ceiling(
-    hosts: int, rtt_s: float, *, seconds: float = 4.0, streams: int = 4, name: str = "ceil",
-    subnet: int = 202, mtu: int = 65000,
+    hosts: int, rtt_s: float, *, seconds: float = 4.0, streams: int = 16, name: str = "ceil",
+    subnet: int = 202, mtu: int = 65000, engine: str = "auto",
 ) -> dict[str, Any]:  # fmt: skip
     """What the delay line carries with ``hosts`` ring flows at ``rtt_s``, nothing shaped."""
     spec = LabSpec(hosts=hosts, rate_bit=None, rtt_s=rtt_s, name=name, subnet=subnet, mtu=mtu)
     ring = [(h, (h + 1) % hosts) for h in range(hosts)]
-    with Lab(spec) as lab, Probes(lab) as probes:
+    with Lab(spec, engine) as lab, Probes(lab) as probes:
         assert lab.delay_line is not None
         rtt = probes.ping(0, 1, count=30)
         cpu0, t0 = _cpu_s(lab.delay_line.pid), time.monotonic()
-        flows = probes.blast(ring, seconds, streams)
-        cpu = (_cpu_s(lab.delay_line.pid) - cpu0) / (time.monotonic() - t0)
+        with ThreadPoolExecutor(1) as pool:
+            # Pings beside the flows (they pass the same delay line): jitter under load.
+            loaded = pool.submit(probes.ping, 1, 0, max(5, int(seconds / (rtt_s + 0.01))))
+            flows = probes.blast(ring, seconds, streams)
+            cpu = (_cpu_s(lab.delay_line.pid) - cpu0) / (time.monotonic() - t0)
+            rtt_loaded = loaded.result()
     total = sum(f["mbit"] for f in flows)
     return {
         "hosts": hosts,
+        "engine": lab.engine,
         "rtt_set_ms": round(rtt_s * 1e3, 3),
         "streams_per_flow": streams,
         "total_mbit": round(total, 1),
@@ -124,4 +131,6 @@ def ceiling(
         "rtt_min_ms": rtt["min_ms"],
         "rtt_max_ms": rtt["max_ms"],
         "added_jitter_ms": round(rtt["max_ms"] - rtt["min_ms"], 3),
+        "loaded_rtt_median_ms": rtt_loaded["median_ms"],
+        "loaded_rtt_max_ms": rtt_loaded["max_ms"],
     }
