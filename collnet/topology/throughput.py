@@ -33,6 +33,8 @@ class ThroughputMeter:
     alpha: float = 0.3
     bytes_per_s: float | None = None
     samples: int = 0
+    # When the latest sample was taken (what a report's age is measured from).
+    sampled_s: float | None = None
     _in_flight: int = 0
     _window_start_s: float = 0.0
     _window_start_bytes: int = 0
@@ -58,11 +60,11 @@ class ThroughputMeter:
             # The byte counter, not the pieces' sizes: pieces straddling a cut
             # count only the bytes that arrived inside the window.
             received = received_bytes()
-            self._sample(received - self._window_start_bytes, elapsed_s)
+            self._sample(received - self._window_start_bytes, elapsed_s, now_s)
             self._window_start_s = now_s
             self._window_start_bytes = received
 
-    def _sample(self, nbytes: int, elapsed_s: float) -> None:
+    def _sample(self, nbytes: int, elapsed_s: float, now_s: float) -> None:
         if nbytes < self.min_sample_bytes or elapsed_s <= 0:
             return
         rate = nbytes / elapsed_s
@@ -71,3 +73,4 @@ class ThroughputMeter:
         else:
             self.bytes_per_s += self.alpha * (rate - self.bytes_per_s)
         self.samples += 1
+        self.sampled_s = now_s

@@ -154,7 +154,8 @@ class FrameConnection(asyncio.BufferedProtocol):
             self.transport.write(head)
         size = len(head) + len(body)
         self.bytes_sent += size
-        if kind != FrameKind.DATA:
+        # A probe's pieces are bounded by its sender's policy (collnet.topology.probe).
+        if kind != FrameKind.DATA and kind != FrameKind.PROBE:
             self._count_copy(size)
 
     def queued_bytes(self) -> int:

@@ -26,8 +26,11 @@ class Heartbeat:
         traffic: Callable[[], int],
         on_dead: Callable[[float], None],
         liveness: Liveness,
+        on_rtt: Callable[[float, float], None] | None = None,
     ) -> None:
         self.send = send
+        # Told of every round-trip sample (seconds, and when it was taken).
+        self.on_rtt = on_rtt
         self.traffic = traffic
         self.on_dead = on_dead
         self.liveness = liveness
@@ -55,7 +58,14 @@ class Heartbeat:
             with contextlib.suppress(CollnetError):
                 self.send({"pong": ping})
         elif isinstance(pong, int):
-            self.liveness.pong(pong, now)
+            rtt = self.liveness.pong(pong, now)
+            if rtt is not None and self.on_rtt is not None:
+                self.on_rtt(rtt, now)
+
+    def probe(self) -> None:
+        """One extra ping now: a round-trip sample sooner than the next beat."""
+        with contextlib.suppress(CollnetError):
+            self.send({"ping": self.liveness.ping(time.monotonic())})
 
     async def _run(self) -> None:
         lv = self.liveness

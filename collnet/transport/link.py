@@ -13,6 +13,13 @@ reaching the kernel (``FrameConnection.stalled_s``), and past the failure
 detector's ceiling the link fails with ``PeerLost`` naming the peer, so its
 collectives fail and a ``drain`` waiting on it ends. The check runs per
 heartbeat, never per piece sent.
+
+The link measures its own path as it goes: the round-trip time of its
+heartbeats (``rtt``, the minimum of recent samples) and the bandwidth of what
+it receives (``rx_meter``). A bandwidth probe (``send_probe``, decided by
+``collnet.topology.probe``) is a burst of PROBE pieces striped like data; the
+receiving link times it with the same meter and discards the bytes into one
+bounded scratch buffer.
 """
 
 from __future__ import annotations
@@ -24,11 +31,14 @@ from typing import Any, Protocol
 
 from collnet.errors import CollnetError, PeerLost, ProtocolError
 from collnet.membership.liveness import Liveness
+from collnet.topology.probe import MIN_BURST_BYTES
+from collnet.topology.rtt import MinRtt
 from collnet.topology.throughput import ThroughputMeter
 from collnet.transport.connection import FrameConnection
 from collnet.transport.heartbeat import Heartbeat
 from collnet.transport.loglimit import REMOTE, host_of
 from collnet.wire import Frame, FrameKind, Header
+from collnet.wire.topology import MAX_PROBE_PIECE_BYTES, MAX_PROBE_PIECES, ProbePiece
 
 log = logging.getLogger(__name__)
 
@@ -67,10 +77,15 @@ class PeerLink:
         self.ready = asyncio.Event()
         self.error: CollnetError | None = None
         self._next = 0
+        # The path's round-trip time, from this link's own heartbeats (topology.rtt).
+        self.rtt = MinRtt()
         self.heartbeat = Heartbeat(
-            self._beat, self.bytes_received, self._silent, liveness or Liveness()
+            self._beat, self.bytes_received, self._silent, liveness or Liveness(), self.rtt.sample
         )
         self.rx_meter = ThroughputMeter()
+        # Where PROBE payloads land, to be discarded (allocated at the first one).
+        self._probe_sink: memoryview | None = None
+        self._probes = 0
         self._checked_s = time.monotonic()
 
     def bytes_received(self) -> int:
@@ -161,6 +176,24 @@ class PeerLink:
             if offset >= total:
                 break
 
+    def send_probe(self, nbytes: int) -> None:
+        """A bandwidth probe: ``nbytes`` of zeros as PROBE pieces striped over the
+        connections, which the far end's meter times (collnet.topology.probe)."""
+        if self.error is not None:
+            raise self.error
+        # Each piece alone big enough for the far end's meter to take a sample
+        # (pieces may arrive one after another), and no piece over the limit.
+        pieces = max(1, min(self.k, nbytes // MIN_BURST_BYTES))
+        pieces = min(MAX_PROBE_PIECES, max(pieces, -(-nbytes // MAX_PROBE_PIECE_BYTES)))
+        size = min(MAX_PROBE_PIECE_BYTES, -(-nbytes // pieces))
+        zeros = bytes(size)
+        seq, self._probes = self._probes, self._probes + 1
+        for piece in range(pieces):
+            conn = self.conns[piece % self.k]
+            if conn is None:
+                raise PeerLost(f"link to {self.peer} is not connected", peer=self.peer)
+            conn.send(FrameKind.PROBE, ProbePiece(seq, piece, pieces).to_wire(), zeros)
+
     def send_control(self, kind: FrameKind, meta: Any, payload: bytes = b"") -> None:
         conn = self.conns[0]
         if self.error is not None or conn is None:
@@ -178,6 +211,13 @@ class PeerLink:
             if header.payload_len >= METERED_PIECE_BYTES:
                 self.rx_meter.begin(time.monotonic(), self.bytes_received)
             return self.router.data_sink(self.peer, meta, header.payload_len)
+        if header.kind == FrameKind.PROBE:
+            ProbePiece.from_wire(meta, header.payload_len)  # bounded before any byte is read
+            if header.payload_len >= METERED_PIECE_BYTES:
+                self.rx_meter.begin(time.monotonic(), self.bytes_received)
+            if self._probe_sink is None:
+                self._probe_sink = memoryview(bytearray(MAX_PROBE_PIECE_BYTES))
+            return self._probe_sink[: header.payload_len]
         return None
 
     def on_frame(self, conn: FrameConnection, frame: Frame) -> None:
@@ -187,6 +227,9 @@ class PeerLink:
             self.router.on_data(self.peer, frame.meta, frame.payload)
         elif frame.kind == FrameKind.HEARTBEAT:
             self.heartbeat.on_frame(frame.meta)
+        elif frame.kind == FrameKind.PROBE:
+            if len(frame.payload) >= METERED_PIECE_BYTES:
+                self.rx_meter.end(time.monotonic(), self.bytes_received)
         else:
             self.router.on_control(self.peer, frame)
 

@@ -117,6 +117,12 @@ class _Handshake:
                 self.dialled.set_result(None)
             return
         if self.hello is None and self.parked is None:
+            if isinstance(frame.meta, dict) and frame.meta.get("probe") is True:
+                # A reachability check (the coordinator's, on a join): say who
+                # listens here and hang up; no link, nothing held.
+                conn.send(FrameKind.HELLO, {"peer": self.mesh.self_id})
+                conn.close()
+                return
             hello = _hello_fields(frame.meta)
             certified = peer_name(conn.transport)
             who = f"peer {hello[0]!r} from {conn.peername}"

@@ -30,6 +30,7 @@ import msgpack
 from collnet.errors import CollnetError, ProtocolError
 from collnet.membership.bounds import epoch_from_wire, peer_from_wire, world_from_wire
 from collnet.membership.world import PeerInfo, WorldView
+from collnet.wire.topology import LinkAck, LinkReport, TopologyStatus
 
 BARRIER_NAMES: Final = ("state", "synced")
 PeerState: TypeAlias = Literal["active", "pending", "unconfirmed"]
@@ -252,9 +253,12 @@ class GetStatus(_Empty):
     T: ClassVar[str] = "status"
 
 
-RequestBody: TypeAlias = Register | UpdateTopology | Barrier | GetWorld | Leave | GetStatus
+RequestBody: TypeAlias = (
+    Register | UpdateTopology | Barrier | GetWorld | Leave | GetStatus | LinkReport
+)
 _REQUESTS: Final[dict[str, type[RequestBody]]] = {
-    cls.T: cls for cls in (Register, UpdateTopology, Barrier, GetWorld, Leave, GetStatus)
+    cls.T: cls
+    for cls in (Register, UpdateTopology, Barrier, GetWorld, Leave, GetStatus, LinkReport)
 }
 
 
@@ -376,9 +380,11 @@ class CoordinatorStatus:
     peers: tuple[PeerStatus, ...]
     address: str  # where the coordinator listens
     uptime_s: float
+    topology: TopologyStatus | None = None  # link estimates and reachability
 
     def to_wire(self) -> dict[str, Any]:
         return {
+            **(self.topology.to_wire() if self.topology is not None else {}),
             "epoch": self.epoch,
             "world": self.world.to_wire(),
             "peers": [p.to_wire() for p in self.peers],
@@ -398,6 +404,7 @@ class CoordinatorStatus:
             tuple(PeerStatus.from_wire(p) for p in peers),
             _get(coord, "address", f"{what}: coordinator", str),
             _get(coord, "uptime_s", f"{what}: coordinator", float),
+            TopologyStatus.from_wire(status),
         )
 
 
@@ -416,8 +423,8 @@ class StatusAnswer(_Message):
         return StatusAnswer(CoordinatorStatus.from_wire(msg.get("status")))
 
 
-Answer: TypeAlias = WorldAnswer | BarrierAnswer | Left | StatusAnswer
-A = TypeVar("A", WorldAnswer, BarrierAnswer, Left, StatusAnswer)
+Answer: TypeAlias = WorldAnswer | BarrierAnswer | Left | StatusAnswer | LinkAck
+A = TypeVar("A", WorldAnswer, BarrierAnswer, Left, StatusAnswer, LinkAck)
 
 
 @dataclass(frozen=True, slots=True)

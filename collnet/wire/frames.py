@@ -66,6 +66,8 @@ class FrameKind(enum.IntEnum):
     ABORT = 3
     CONTROL = 4
     HEARTBEAT = 5
+    # A bandwidth probe's piece on a data link (collnet.wire.topology.ProbePiece).
+    PROBE = 6
 
 
 @dataclass(frozen=True, slots=True)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import ipaddress
 import secrets
 import socket
 from dataclasses import dataclass, field
 
+from collnet.errors import InvalidArgument
 from collnet.membership.liveness import Liveness
 from collnet.transport.tls import Tls
 
@@ -18,6 +20,22 @@ def parse_hostport(text: str, default_host: str = "127.0.0.1") -> tuple[str, int
     return host, int(port)
 
 
+def check_dialable(host: str, option: str) -> None:
+    """Refuse an advertised host no peer can dial: an unspecified address
+    (0.0.0.0, ::) means "every interface" to a listener and nothing to a dialler."""
+    try:
+        unspecified = ipaddress.ip_address(host.strip("[]")).is_unspecified
+    except ValueError:
+        return  # a host name: whether it resolves is the reachability check's business
+    if unspecified:
+        hint = "" if option == "--advertise-host" else " without --advertise-host"
+        raise InvalidArgument(
+            f"{option} {host}{hint}: peers cannot dial the unspecified address {host}; "
+            "give --advertise-host with an address of this host that the other peers "
+            "can reach (and --advertise-port if a NAT maps the port)"
+        )
+
+
 def default_peer_id() -> str:
     return f"{socket.gethostname()[:24]}-{secrets.token_hex(3)}"
 
@@ -28,6 +46,10 @@ class DaemonConfig:
     ipc: str
     listen: tuple[str, int] = ("127.0.0.1", 0)
     advertise_host: str | None = None
+    # The port others dial when it is not the one listened on (a NAT's mapping).
+    advertise_port: int | None = None
+    # How often link estimates go to the coordinator (linkreport.py).
+    link_report_s: float = 2.0
     # Connections per data link this daemon dials; None: from each link's
     # bandwidth-delay product (collnet.topology.striping).
     connections: int | None = None
@@ -64,6 +86,12 @@ class DaemonConfig:
     # Mutual TLS on every control and data connection; the peer id is then the
     # name on this daemon's certificate.
     tls: Tls | None = field(default=None, repr=False)
+
+    def advertised(self, bound: tuple[str, int]) -> tuple[str, int]:
+        """The data address others dial, given where the listener is bound."""
+        host = self.advertise_host or bound[0]
+        check_dialable(host, "--advertise-host" if self.advertise_host else "--listen")
+        return host, self.advertise_port or bound[1]
 
     def liveness(self) -> Liveness:
         """A fresh failure detector with this daemon's heartbeat settings."""

@@ -35,6 +35,7 @@ from collnet.transport.tls import Tls, peer_name
 from collnet.transport.tls import connect as tls_connect
 from collnet.wire import Frame, FrameKind, Header, Limits
 from collnet.wire import control as wire
+from collnet.wire.topology import LinkAck, LinkReport
 from collnet_daemon.config import DaemonConfig
 from collnet_daemon.tasks import TaskSet, quiet
 
@@ -442,6 +443,12 @@ class ControlPlane:
                     raise
             await self.wait_connected()
             check()
+
+    async def report_links(self, report: LinkReport, timeout_s: float) -> LinkAck:
+        """Send this daemon's link estimates (registered only: linkreport.py)."""
+        if not self._in_session:
+            raise DaemonUnavailable(f"daemon {self.id} is not registered")
+        return await self._client.call(report, LinkAck, timeout_s)
 
     async def leave(self, timeout_s: float) -> bool:
         """Announce a graceful leave; whether the coordinator took it (logged either way)."""

@@ -7,18 +7,23 @@ shared secret is what lets an operator look): the epoch, every registered peer w
 its state (``active`` in ring order, ``pending``, or ``unconfirmed`` after a
 coordinator restart), data address, whether its control connection is up,
 that connection's heartbeat RTT, and, once the peer has taken part in a
-shared-state sync, the revision and state digest it reported. The answer is
-``collnet.wire.control.CoordinatorStatus``; the coordinator builds it in
-``CoordinatorService.status``.
+shared-state sync, the revision and state digest it reported. Then the link
+matrix (``links``: per ordered pair of members the bandwidth measured at the
+receiving end, the RTT, and each figure's age) and whether each peer's
+advertised data port answered the coordinator's check (``reachability``).
+The answer is ``collnet.wire.control.CoordinatorStatus``; the coordinator
+builds it in ``CoordinatorService.status``.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from typing import Any
 
 from collnet.transport.tls import Tls
 from collnet.wire import control as wire
+from collnet.wire.topology import TopologyStatus
 from collnet_daemon.control import CoordinatorClient
 
 
@@ -62,11 +67,42 @@ def render_table(status: wire.CoordinatorStatus | dict[str, Any]) -> str:
                 p.sync_error or (p.state_digest or "-")[:16],
             )
         )
-    widths = [max(len(row[i]) for row in table) for i in range(len(head))]
-    lines += [
+    lines += _columns(table)
+    if not status.peers:
+        lines.append("(no peers registered)")
+    if status.topology is not None:
+        lines += _topology(status.topology)
+    return "\n".join(lines)
+
+
+def _columns(table: Sequence[tuple[str, ...]]) -> list[str]:
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+    return [
         "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
         for row in table
     ]
-    if not status.peers:
-        lines.append("(no peers registered)")
-    return "\n".join(lines)
+
+
+def _topology(topology: TopologyStatus) -> list[str]:
+    """The unreachable data ports, then the link matrix, one ordered pair a row."""
+    lines = [
+        f"UNREACHABLE data port of {r.peer} at {r.address}: {r.error}"
+        for r in topology.reachability
+        if r.reachable is False
+    ]
+    rows = topology.links.to_wire(topology.now_s)
+    if not rows:
+        return lines
+    table: list[tuple[str, ...]] = [("LINK", "BANDWIDTH", "AGE", "RTT", "AGE")]
+    for row in rows:
+        bw, rtt = row["bandwidth_bps"], row["rtt_s"]
+        table.append(
+            (
+                f"{row['src']} -> {row['dst']}",
+                "-" if bw is None else f"{bw / 1e6:.1f} Mbit/s",
+                "-" if bw is None else f"{row['bandwidth_age_s']:.0f} s",
+                "-" if rtt is None else f"{rtt * 1e3:.2f} ms",
+                "-" if rtt is None else f"{row['rtt_age_s']:.0f} s",
+            )
+        )
+    return [*lines, "", *_columns(table)]

@@ -137,7 +137,7 @@ def test_encode_rejects_non_contiguous_payload() -> None:
         encode_frame(FrameKind.DATA, None, memoryview(arr)[::2])
 
 
-@pytest.mark.parametrize("kind", [0, 6, 255, "DATA"])
+@pytest.mark.parametrize("kind", [0, 7, 255, "DATA"])
 def test_encode_rejects_unknown_kind(kind: Any) -> None:
     with pytest.raises(InvalidArgument, match="kind"):
         encode_frame(kind, None)
@@ -359,7 +359,7 @@ def test_bad_version_is_rejected() -> None:
     expect_error(raw_header(version=2) + b"\xc0", ProtocolError, "unsupported frame version 2")
 
 
-@pytest.mark.parametrize("kind", [0, 6, 200, 255])
+@pytest.mark.parametrize("kind", [0, 7, 200, 255])
 def test_unknown_kind_is_rejected(kind: int) -> None:
     expect_error(raw_header(kind=kind) + b"\xc0", ProtocolError, f"unknown frame kind {kind}")
 

@@ -1,0 +1,77 @@
+"""When a daemon sends a bandwidth probe on a link, and how large it is.
+
+Bandwidth is measured by the receiver (``ThroughputMeter``) from the large
+pieces it gets anyway, so a link that carries collectives needs no probe. A
+new link has carried nothing yet: the sender then sends one short burst of
+PROBE frames, striped like data, which the receiver's meter times. A burst is
+
+- sent only when the daemon runs no collective (``busy`` is false): it never
+  competes with real traffic on that link;
+- BDP-sized: twice the link's bandwidth-delay product when both are known
+  (enough to fill the pipe for a round trip, so the sample measures the
+  link, not the sender's start), clamped to ``[min_bytes, max_bytes]``, and
+  ``default_bytes`` before anything is known;
+- rate-limited: at most one per link every ``min_interval_s``, and after the
+  first, only when the link has sent no large traffic for ``fresh_s`` (the
+  receiver's estimate would otherwise be fresh from real traffic already).
+
+Pure: ``BurstPolicy.burst_bytes`` decides from a ``ProbeState`` and the clock.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# The receiver's meter drops samples under 1 MiB (they measure latency).
+MIN_BURST_BYTES = 1 << 20
+DEFAULT_BURST_BYTES = 4 << 20
+MAX_BURST_BYTES = 16 << 20
+
+
+@dataclass
+class ProbeState:
+    """What the prober remembers of one link."""
+
+    # When the last burst went out (None: never).
+    burst_s: float | None = None
+    # Bytes this end had sent on the link, and when that count last grew by a
+    # large transfer (a collective's), as the prober last saw them.
+    sent_bytes: int = 0
+    traffic_s: float | None = None
+
+    def saw_sent(self, sent_bytes: int, now_s: float, large_bytes: int = MIN_BURST_BYTES) -> None:
+        """The link's sent-byte counter now: a jump of ``large_bytes`` or more since
+        the last look is real traffic the receiver could measure."""
+        if sent_bytes - self.sent_bytes >= large_bytes:
+            self.traffic_s = now_s
+        self.sent_bytes = sent_bytes
+
+
+@dataclass(frozen=True)
+class BurstPolicy:
+    min_interval_s: float = 60.0
+    fresh_s: float = 120.0
+    min_bytes: int = MIN_BURST_BYTES
+    default_bytes: int = DEFAULT_BURST_BYTES
+    max_bytes: int = MAX_BURST_BYTES
+
+    def burst_bytes(
+        self,
+        state: ProbeState,
+        now_s: float,
+        busy: bool,
+        bandwidth_bps: float | None = None,
+        rtt_s: float | None = None,
+    ) -> int:
+        """How many bytes to send as a probe now (0: none)."""
+        if busy:
+            return 0
+        if state.burst_s is not None:
+            if now_s - state.burst_s < self.min_interval_s:
+                return 0
+            if state.traffic_s is not None and now_s - state.traffic_s < self.fresh_s:
+                return 0
+        if bandwidth_bps is None or rtt_s is None:
+            return self.default_bytes
+        bdp_bytes = int(bandwidth_bps / 8 * rtt_s)
+        return max(self.min_bytes, min(self.max_bytes, 2 * bdp_bytes))

@@ -1,0 +1,150 @@
+"""Link estimates of this daemon, kept fresh and sent to the coordinator.
+
+Every ``link_report_s`` the reporter looks at the data links that are up:
+
+- a link seen for the first time gets a few extra heartbeat pings at once
+  (its RTT, ``collnet.topology.rtt.MinRtt``, is then known in one round trip
+  rather than one heartbeat interval), and a bandwidth probe burst when the
+  policy allows it (``collnet.topology.probe.BurstPolicy``: only while this
+  daemon runs no collective, BDP-sized, at most one per link a minute, and
+  after the first only when no large traffic has refreshed the far end's
+  estimate). The far end times the burst with the meter it uses for
+  collective traffic, so probes and real transfers feed one estimate;
+- then one ``LinkReport`` goes to the coordinator: for each peer the
+  bandwidth of what this daemon received from it (bits/s) and that
+  figure's age, and the RTT. The answer carries the coordinator's verdict
+  on this daemon's advertised data port; an unreachable one is logged as an
+  error (once per change), since the peers will fail to link to it.
+
+Failure model: a report that cannot be sent (no coordinator, not
+registered) is skipped; the next one carries fresh figures anyway.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+
+from collnet.errors import CollnetError
+from collnet.topology.matrix import LinkSample
+from collnet.topology.probe import BurstPolicy, ProbeState
+from collnet.transport.link import PeerLink
+from collnet.transport.mesh import Mesh
+from collnet.wire.topology import MAX_REPORT_LINKS, LinkAck, LinkReport
+from collnet_daemon.control import ControlPlane
+from collnet_daemon.tasks import TaskSet
+
+log = logging.getLogger(__name__)
+
+# Extra pings on a new link: a first RTT within one round trip.
+FIRST_PINGS = 3
+
+
+class LinkReporter:
+    """See the module docstring."""
+
+    def __init__(
+        self,
+        peer_id: str,
+        interval_s: float,
+        mesh: Mesh,
+        control: ControlPlane,
+        busy: Callable[[], bool],
+        policy: BurstPolicy | None = None,
+    ) -> None:
+        self.id = peer_id
+        self.interval_s = interval_s
+        self.mesh = mesh
+        self.control = control
+        self.busy = busy
+        self.policy = policy or BurstPolicy()
+        # Per peer: the link object last seen and what the prober remembers of it.
+        self._probes: dict[str, tuple[PeerLink, ProbeState]] = {}
+        self._verdict = LinkAck()
+        self._tasks = TaskSet(lambda exc: log.warning("link report failed: %r", exc))
+
+    def start(self) -> None:
+        self._tasks.spawn(self._run())
+
+    def close(self) -> None:
+        self._tasks.cancel()
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval_s)
+            now = time.monotonic()
+            self.probe(now)
+            try:
+                ack = await self.control.report_links(self.report(now), self.interval_s * 2)
+            except (CollnetError, TimeoutError) as exc:
+                log.debug("daemon %s: link report not sent: %s", self.id, exc)
+                continue
+            self._heard(ack)
+
+    def _ready(self) -> dict[str, PeerLink]:
+        return {
+            peer: link
+            for peer, link in self.mesh.links.items()
+            if link.ready.is_set() and not link.failed
+        }
+
+    def probe(self, now_s: float) -> None:
+        """Pings for new links, and a bandwidth burst where the policy allows one."""
+        links = self._ready()
+        for peer in [p for p in self._probes if p not in links]:
+            del self._probes[peer]
+        busy = self.busy()
+        for peer, link in links.items():
+            seen = self._probes.get(peer)
+            if seen is None or seen[0] is not link:
+                seen = self._probes[peer] = (link, ProbeState(sent_bytes=link.bytes_sent()))
+                for _ in range(FIRST_PINGS):
+                    link.heartbeat.probe()
+            state = seen[1]
+            state.saw_sent(link.bytes_sent(), now_s)
+            received_bps = link.rx_meter.bytes_per_s
+            nbytes = self.policy.burst_bytes(
+                state,
+                now_s,
+                busy,
+                None if received_bps is None else received_bps * 8,
+                link.rtt.value(now_s),
+            )
+            if nbytes:
+                try:
+                    link.send_probe(nbytes)
+                except CollnetError:
+                    continue
+                log.debug("daemon %s: probing the link to %s with %d bytes", self.id, peer, nbytes)
+                state.burst_s = now_s
+                state.sent_bytes = link.bytes_sent()
+                busy = True  # one burst at a time: the next link waits for the next tick
+
+    def report(self, now_s: float) -> LinkReport:
+        samples = []
+        for peer, link in sorted(self._ready().items())[:MAX_REPORT_LINKS]:
+            meter = link.rx_meter
+            bps = None if meter.bytes_per_s is None else meter.bytes_per_s * 8
+            age_s = 0.0 if meter.sampled_s is None else max(0.0, now_s - meter.sampled_s)
+            samples.append(LinkSample(peer, bps, round(age_s, 3), link.rtt.value(now_s)))
+        return LinkReport(tuple(samples))
+
+    def _heard(self, ack: LinkAck) -> None:
+        before, self._verdict = self._verdict, ack
+        if ack.reachable is False and (before.reachable is not False or before.error != ack.error):
+            log.error(
+                "daemon %s: the coordinator cannot reach this daemon's advertised data port: "
+                "%s; other peers will fail to link to it (check --advertise-host and "
+                "--advertise-port, firewalls and NAT port mappings)",
+                self.id,
+                ack.error,
+            )
+        elif ack.reachable and before.reachable is False:
+            log.info("daemon %s: the coordinator reaches this daemon's data port now", self.id)
+
+    @property
+    def reachable(self) -> bool | None:
+        """The coordinator's last verdict on this daemon's data port (None: none yet)."""
+        return self._verdict.reachable

@@ -1,0 +1,184 @@
+"""Link reports, their answers, reachability rows and PROBE pieces on the wire;
+the probe policy and the RTT filter."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from collnet.errors import ProtocolError
+from collnet.topology.matrix import LinkSample
+from collnet.topology.probe import (
+    DEFAULT_BURST_BYTES,
+    MAX_BURST_BYTES,
+    MIN_BURST_BYTES,
+    BurstPolicy,
+    ProbeState,
+)
+from collnet.topology.rtt import MinRtt
+from collnet.wire import FrameKind, FrameReader, Limits, frame_bytes
+from collnet.wire import control as wire
+from collnet.wire.topology import (
+    MAX_PROBE_PIECE_BYTES,
+    LinkAck,
+    LinkReport,
+    ProbePiece,
+    Reachability,
+    TopologyStatus,
+)
+
+FAST = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+ids = st.from_regex(r"[A-Za-z0-9][A-Za-z0-9._-]{0,11}", fullmatch=True)
+samples = st.builds(
+    LinkSample,
+    ids,
+    st.none() | st.floats(0, 1e12),
+    st.floats(0, 1e6),
+    st.none() | st.floats(0, 600),
+)
+reports = st.lists(samples, max_size=8, unique_by=lambda s: s.peer).map(
+    lambda s: LinkReport(tuple(s))
+)
+
+
+def through_a_frame(meta: Any) -> Any:
+    reader = FrameReader(Limits())
+    (frame,) = reader.feed(frame_bytes(FrameKind.CONTROL, meta))
+    return frame.meta
+
+
+@FAST
+@given(st.integers(0, 2**32), reports)
+def test_a_link_report_round_trips_as_a_control_request(rid: int, report: LinkReport) -> None:
+    sent = wire.Request(rid, report)
+    meta = through_a_frame(sent.to_wire())
+    assert meta["t"] == "links"
+    assert wire.Request.from_wire(meta, b"") == sent
+
+
+@pytest.mark.parametrize("ack", [LinkAck(), LinkAck(True), LinkAck(False, "connection refused")])
+def test_a_link_ack_round_trips_as_a_reply(ack: LinkAck) -> None:
+    sent = wire.Reply(7, ack)
+    assert wire.Reply.from_wire(through_a_frame(sent.to_wire()), b"", LinkAck) == sent
+
+
+@pytest.mark.parametrize(
+    ("links", "why"),
+    [
+        ("x", "list"),
+        ([["a", 1.0, 0.0]], "entry"),
+        ([["a", 1.0, 0.0, 0.1, 5]], "entry"),
+        ([["", 1.0, 0.0, 0.1]], "peer id"),
+        ([["a", 1.0, 0.0, 0.1], ["a", 2.0, 0.0, 0.1]], "twice"),
+        ([["a", -1.0, 0.0, 0.1]], "range"),
+        ([["a", 1.0, -1.0, 0.1]], "range"),
+        ([["a", 1.0, 0.0, 601.0]], "range"),
+        ([["a", False, 0.0, 0.1]], "number"),
+        ([["a", 1.0, 0.0, 0.1]] * 1025, "at most"),
+    ],
+)
+def test_malformed_link_reports_are_protocol_errors(links: Any, why: str) -> None:
+    with pytest.raises(ProtocolError, match=why):
+        wire.Request.from_wire({"t": "links", "id": 1, "links": links}, b"")
+
+
+def test_a_link_report_carries_no_payload() -> None:
+    with pytest.raises(ProtocolError, match="payload"):
+        wire.Request.from_wire({"t": "links", "id": 1, "links": []}, b"x")
+
+
+@pytest.mark.parametrize(
+    "msg", [{"reachable": 1}, {"reachable": "yes"}, {"error": 3}, {"error": "x" * 301}]
+)
+def test_malformed_link_acks_are_protocol_errors(msg: dict[str, Any]) -> None:
+    with pytest.raises(ProtocolError):
+        LinkAck.from_wire(msg)
+
+
+anything = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=5) | st.dictionaries(st.text(max_size=8), inner),
+    max_leaves=16,
+)
+
+
+@FAST
+@given(anything, anything)
+def test_arbitrary_reports_and_status_topology_parse_or_raise_protocol_error_only(
+    links: Any, reach: Any
+) -> None:
+    for parse in (
+        lambda: wire.Request.from_wire({"t": "links", "id": 1, "links": links}, b""),
+        lambda: TopologyStatus.from_wire({"links": links, "reachability": reach}),
+        lambda: LinkAck.from_wire({"reachable": links, "error": reach}),
+        lambda: ProbePiece.from_wire(links, 0),
+    ):
+        with contextlib.suppress(ProtocolError):
+            parse()
+
+
+def test_status_topology_round_trips_and_is_absent_from_an_older_status() -> None:
+    rows = [Reachability("a", "10.0.0.1:1", False, "refused"), Reachability("b", "h:2", True)]
+    status = {"links": [{"src": "a", "dst": "b", "bandwidth_bps": 1e9, "rtt_s": 0.1}],
+              "reachability": [r.to_wire() for r in rows]}  # fmt: skip
+    topo = TopologyStatus.from_wire(status)
+    assert topo is not None and topo.reachability == tuple(rows)
+    assert topo.links.bandwidth("a", "b") == 1e9 and topo.links.rtt("b", "a") == 0.1
+    assert TopologyStatus.from_wire({"epoch": 1}) is None
+
+
+@pytest.mark.parametrize(
+    ("meta", "size", "why"),
+    [
+        ([0, 0, 1], MAX_PROBE_PIECE_BYTES + 1, "over"),
+        ([0, 1, 1], 10, "metadata"),
+        ([0, 0, 65], 10, "metadata"),
+        ([0, -1, 1], 10, "metadata"),
+        ([0, 0], 10, "metadata"),
+        ({"seq": 0}, 10, "metadata"),
+        ([0, True, 2], 10, "metadata"),
+    ],
+)
+def test_probe_pieces_are_bounded_and_parsed_strictly(meta: Any, size: int, why: str) -> None:
+    with pytest.raises(ProtocolError, match=why):
+        ProbePiece.from_wire(meta, size)
+    assert ProbePiece.from_wire([3, 1, 2], MAX_PROBE_PIECE_BYTES) == ProbePiece(3, 1, 2)
+
+
+def test_a_new_idle_link_gets_one_burst_then_only_when_no_traffic_refreshed_it() -> None:
+    policy = BurstPolicy(min_interval_s=60.0, fresh_s=120.0)
+    state = ProbeState()
+    assert policy.burst_bytes(state, 0.0, busy=True) == 0  # never during a collective
+    assert policy.burst_bytes(state, 0.0, busy=False) == DEFAULT_BURST_BYTES
+    state.burst_s = 0.0
+    assert policy.burst_bytes(state, 30.0, busy=False) == 0  # rate-limited
+    state.saw_sent(64 << 20, 50.0)  # a collective moved data over it
+    assert policy.burst_bytes(state, 100.0, busy=False) == 0  # the far end measured that
+    assert policy.burst_bytes(state, 171.0, busy=False) == DEFAULT_BURST_BYTES
+
+
+@given(st.floats(1e6, 1e11), st.floats(1e-5, 1.0))
+def test_a_burst_is_bdp_sized_within_bounds(bandwidth_bps: float, rtt_s: float) -> None:
+    n = BurstPolicy().burst_bytes(ProbeState(), 0.0, False, bandwidth_bps, rtt_s)
+    assert MIN_BURST_BYTES <= n <= MAX_BURST_BYTES
+    bdp = bandwidth_bps / 8 * rtt_s
+    if MIN_BURST_BYTES < 2 * bdp < MAX_BURST_BYTES:
+        assert abs(n - 2 * bdp) <= 2  # BDP-sized, give or take rounding
+
+
+def test_min_rtt_ignores_queueing_and_follows_a_slower_path_after_the_window() -> None:
+    f = MinRtt(window_s=10.0, max_samples=8)
+    assert f.value(0.0) is None
+    f.sample(0.100, 0.0)
+    f.sample(0.400, 1.0)  # a pong queued behind a transfer
+    assert f.value(2.0) == 0.100
+    f.sample(0.200, 12.0)  # the path itself got slower; the fast sample aged out
+    assert f.value(12.5) == 0.200
+    assert f.value(100.0) == 0.200  # a quiet spell keeps the last estimate
+    for i in range(20):
+        f.sample(1.0, 100.0 + i)
+    assert len(f._samples) <= 8
