@@ -23,12 +23,12 @@ is then spent: re-form the group (``collnet_client.torch.reinit()``), wrap
 the model in a new ``DistributedDataParallel`` (which broadcasts rank 0's
 parameters, repairing a step some survivors completed and others did not),
 and go on.
+
+DDP checks the hook's annotations against torch's own classes at
+registration, so this module does not postpone their evaluation.
 """
 
-from __future__ import annotations
-
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -66,7 +66,7 @@ class CollnetHookState:
             raise error
 
 
-def collnet_hook(state: CollnetHookState, bucket: GradBucket) -> torch.futures.Future[Any]:
+def collnet_hook(state: CollnetHookState, bucket: GradBucket) -> torch.futures.Future[torch.Tensor]:
     """Average ``bucket`` over the group with ``state``'s codec; see the module docstring."""
     if bucket.index() == 0:
         state.works = []  # a new backward pass

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+import uuid
 from collections.abc import Iterator
 from datetime import timedelta
 from typing import Any
@@ -46,12 +47,33 @@ _LOOK_S = 0.05
 
 
 class CollnetStore(HashStore):
-    """The store torch is given: it carries the Comm (and who closes it) to the backend."""
+    """The store torch is given: it carries the Comm (and who closes it) to the backend.
+
+    torch keeps only the C++ store (the Python object, and any attribute on it,
+    is gone by the time the backend is built), so the store holds a key that
+    names the Comm in ``_HANDOFF``, which ``create_backend`` claims.
+    """
+
+    KEY = "collnet/comm"
 
     def __init__(self, comm: Comm, *, owns_comm: bool = False) -> None:
         super().__init__()
-        self.comm = comm
-        self.owns_comm = owns_comm
+        token = uuid.uuid4().hex
+        _HANDOFF[token] = (comm, owns_comm)
+        self.set(self.KEY, token)
+
+
+# Comms on their way from a CollnetStore to the group built over them.
+_HANDOFF: dict[str, tuple[Comm, bool]] = {}
+
+
+def _claim(store: Store) -> tuple[Comm, bool] | None:
+    base: Any = store
+    while isinstance(base, PrefixStore):
+        base = base.underlying_store
+    if not base.check([CollnetStore.KEY]):
+        return None
+    return _HANDOFF.pop(base.get(CollnetStore.KEY).decode(), None)
 
 
 def agree(comm: Comm, min_size: int = 1, timeout_s: float | None = None) -> tuple[int, int]:
@@ -126,17 +148,16 @@ def default_group() -> ProcessGroupCollnet:
 
 def create_backend(store: Store, rank: int, size: int, timeout: timedelta) -> ProcessGroupCollnet:
     """torch's constructor hook: the group over the Comm the store carries."""
-    base: Any = store
-    while isinstance(base, PrefixStore):
-        base = base.underlying_store
-    if not isinstance(base, CollnetStore):
+    claimed = _claim(store)
+    if claimed is None:
         raise as_torch_error(
             InvalidArgument(
                 'the collnet backend gets its world from the daemon: use init_method="collnet://" '
                 "or collnet_client.torch.init_process_group(comm)"
             )
         )
-    return ProcessGroupCollnet(base.comm, rank, size, timeout, owns_comm=base.owns_comm)
+    comm, owns_comm = claimed
+    return ProcessGroupCollnet(comm, rank, size, timeout, owns_comm=owns_comm)
 
 
 def collnet_rendezvous(
