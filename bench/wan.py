@@ -195,7 +195,7 @@ def scenario(args: argparse.Namespace, rtt_ms: float, full: bool) -> dict[str, A
     mib = 1 << 20
     out: dict[str, Any] = {"rtt_ms": rtt_ms, "link_mbit": args.rate_mbit, "hosts": n}
     samples: dict[str, list[float]] = {}
-    with Lab(spec) as lab:
+    with Lab(spec, args.delay_line) as lab:
         log(f"lab up: {n} hosts, {args.rate_mbit} Mbit/s, {rtt_ms} ms")
         with collnet_in(lab, args.connections, args.daemon_arg) as c:
             for name, codec in CODECS.items():
@@ -237,10 +237,24 @@ def _coordinator_has(flag: str) -> bool:
     return flag in r.stdout
 
 
+def _link_rows(spec: LabSpec, join: list[int]) -> list[dict[str, Any]]:
+    """The lab's own link figures, as the coordinator's --link-matrix-file reads them."""
+    rows = []
+    for i, a in enumerate(join):
+        for j, b in enumerate(join):
+            if a != b:
+                rtt = 2 * spec.path(a, b).delay_s
+                rows.append({"src": f"peer{i:02d}", "dst": f"peer{j:02d}",
+                             "bandwidth_bps": spec.rate(a, b), "rtt_s": rtt})  # fmt: skip
+    return rows
+
+
 def topology(args: argparse.Namespace) -> dict[str, Any]:
     """Ring planning on asymmetric links: 4 hosts whose diagonal pairs (0-2, 1-3) are
     4x slower than the rest, daemons joining in the order 0, 2, 1, 3 (so the join-order
-    ring runs over both slow pairs; the best ring avoids them: the links predict 4x)."""
+    ring runs over both slow pairs; the best ring avoids them: the links predict 4x).
+    Three worlds: join order; planned on measured links; planned on the lab's figures
+    given in a --link-matrix-file (the planner alone, without the measurement)."""
     if not _coordinator_has("--ring-order"):
         why = "the coordinator has no --ring-order: no ring planner here"
         return {"topology_gain": None, "topology_note": why}
@@ -251,21 +265,33 @@ def topology(args: argparse.Namespace) -> dict[str, Any]:
     join = [0, 2, 1, 3]
     out: dict[str, Any] = {"topology_predicted_gain": 4.0}
     times: dict[str, list[float]] = {}
-    with Lab(spec) as lab:
-        for mode in ("join", "planned"):
-            with collnet_in(lab, args.connections, args.daemon_arg, ["--ring-order", mode],
-                            join) as c:  # fmt: skip
-                # Traffic to measure the links by, then barriers where a plan applies.
-                c.time(args.nbytes, 1)
-                c.agree()
+    with Lab(spec, args.delay_line) as lab, tempfile.TemporaryDirectory() as tmp:
+        links = Path(tmp) / "links.json"
+        links.write_text(json.dumps(_link_rows(spec, join)))
+        modes = {
+            "join": ["--ring-order", "join"],
+            "planned": ["--ring-order", "planned"],
+            "planned_link_file": ["--ring-order", "planned", "--link-matrix-file", str(links)],
+        }
+        for mode, flags in modes.items():
+            with collnet_in(lab, args.connections, args.daemon_arg, flags, join) as c:
+                # Traffic for the links to be measured by, then barriers where a plan applies.
                 order = c.agree()
+                for _ in range(3 if mode == "planned" else 1):
+                    c.time(args.nbytes // 4, 1)
+                    order = c.agree()
+                    order = c.agree()
                 times[mode] = c.time(args.nbytes, args.repeats)
             hosts = [join[int(p.removeprefix("peer"))] for p in order if p.startswith("peer")]
             out[f"topology_ring_{mode}"] = hosts
             log(f"ring {mode}: hosts {hosts}, {_med(times[mode]):.3f} s")
-    gain = _med(times["join"]) / _med(times["planned"])
-    out["topology_gain"] = round(gain, 3)
-    out["topology_fraction_of_predicted"] = round((gain - 1) / (4.0 - 1), 3)
+    for mode, key in (
+        ("planned", "topology_gain"),
+        ("planned_link_file", "topology_gain_link_file"),
+    ):
+        gain = _med(times["join"]) / _med(times[mode])
+        out[key] = round(gain, 3)
+        out[f"{key}_fraction_of_predicted"] = round((gain - 1) / (4.0 - 1), 3)
     out["topology_samples_s"] = {k: [round(x, 4) for x in v] for k, v in times.items()}
     return out
 
@@ -310,6 +336,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--connections", default="8", help="K of the striped runs (or auto)")
     ap.add_argument("--daemon-arg", action="append", default=[], help="extra daemon flag")
     ap.add_argument("--no-topology", action="store_true", help="skip topology_gain")
+    ap.add_argument("--delay-line", choices=["auto", "c", "python"], default="auto")
     ap.add_argument("--no-gloo", action="store_true")
     ap.add_argument("--no-ceiling", action="store_true")
     ap.add_argument("--sweep", action="store_true", help="busbw vs RTT, and the plot")
@@ -332,7 +359,7 @@ def main(argv: list[str] | None = None) -> int:
     ceil_mbit = None
     if not args.no_ceiling:
         log(f"delay line ceiling at {max(rtts)} ms")
-        ceil = ceiling(args.hosts, max(rtts) / 1e3, seconds=4.0)
+        ceil = ceiling(args.hosts, max(rtts) / 1e3, seconds=4.0, engine=args.delay_line)
         ceil_mbit = ceil["total_mbit"]
     if args.sweep:
         points = [scenario(args, r, full=False) for r in rtts]

@@ -76,6 +76,8 @@ C_SOURCE = FsPath(__file__).with_name("delayline.c")
 
 def build_c(out_dir: FsPath) -> FsPath | None:
     """The C delay line, compiled once per source version; None where gcc fails or is absent."""
+    if not C_SOURCE.exists():  # an install without the source
+        return None
     digest = hashlib.sha256(C_SOURCE.read_bytes()).hexdigest()[:12]
     exe = out_dir / f"delayline-{digest}"
     if exe.exists():
