@@ -82,6 +82,21 @@ def main(ctx: click.Context, log_level: str, log_json: bool) -> None:
 )
 @click.option("--max-connections", default=1024, show_default=True, type=click.IntRange(1))
 @click.option("--handshake-timeout-s", default=10.0, show_default=True, type=click.FloatRange(1))
+@click.option(
+    "--ring-order",
+    default="planned",
+    show_default=True,
+    type=click.Choice(["planned", "join"]),
+    help="planned: order the ring for the best bottleneck bandwidth of the measured links, "
+    "re-planned at update_topology; join: the order peers joined in.",
+)
+@click.option(
+    "--link-matrix-file",
+    default=None,
+    help="Plan the ring on the link figures in this JSON file (rows of src, dst, "
+    "bandwidth_bps, rtt_s; re-read when it changes) instead of measured ones: for labs "
+    "and tests.",
+)
 @options.metrics_options
 @click.option("--ready-file", hidden=True, help="Write the bound address here once listening.")
 @click.pass_context
@@ -100,6 +115,8 @@ def coordinator(
     rejoin_grace_s: float,
     max_connections: int,
     handshake_timeout_s: float,
+    ring_order: str,
+    link_matrix_file: str | None,
     ready_file: str | None,
 ) -> None:
     """Run the membership coordinator (sees no tensor data).
@@ -127,7 +144,14 @@ def coordinator(
 
     async def run() -> None:
         service = CoordinatorService(
-            liveness, secret, rejoin_grace_s, max_connections, handshake_timeout_s, tls
+            liveness,
+            secret,
+            rejoin_grace_s,
+            max_connections,
+            handshake_timeout_s,
+            tls,
+            ring_order,
+            link_matrix_file,
         )
         host, port = await service.start(*parse_hostport(listen))
         metrics = CoordinatorMetrics(service)

@@ -13,6 +13,11 @@ answered meanwhile), and at most ``max_connections`` are open, fewer when the
 process's file-descriptor limit would run out first. A request that breaks the
 protocol (a world claimed out of bounds, say) is answered with its typed error
 and closes only its own connection; the state is untouched.
+
+With ``ring_order="planned"`` the state machine orders the world by
+``RingPlanner`` over the link figures: measured ones (``links``), or those of
+a ``--link-matrix-file`` (``collnet_daemon.linkfile``) when one is given;
+``"join"`` keeps the join order (what a bench compares against).
 """
 
 from __future__ import annotations
@@ -37,6 +42,8 @@ from collnet.membership import (
 )
 from collnet.membership.coordinator import Effect
 from collnet.membership.liveness import Liveness
+from collnet.topology.matrix import LinkMatrix
+from collnet.topology.ringorder import RingPlanner
 from collnet.transport.admission import Admission, fd_bounded
 from collnet.transport.connection import FrameConnection
 from collnet.transport.heartbeat import Heartbeat
@@ -46,6 +53,7 @@ from collnet.transport.tls import serve as tls_serve
 from collnet.wire import Frame, FrameKind, Header
 from collnet.wire import control as wire
 from collnet_daemon.control import CONTROL_LIMITS
+from collnet_daemon.linkfile import LinkFile
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +67,8 @@ class CoordinatorService:
         max_connections: int = 1024,
         handshake_timeout_s: float = 10.0,
         tls: Tls | None = None,
+        ring_order: str = "planned",
+        link_matrix_file: str | None = None,
     ) -> None:
         self.liveness = liveness
         self.secret = secret
@@ -68,11 +78,24 @@ class CoordinatorService:
         self.admission = Admission(
             "registration", handshake_timeout_s, _registered, fd_bounded(max_connections)
         )
-        self.state = CoordinatorState()
+        # Link figures the ring order is planned on: measured, or from a file.
+        self.links = LinkMatrix()
+        self.link_file = LinkFile(link_matrix_file) if link_matrix_file else None
+        planner = RingPlanner(self._bandwidth, self._rtt) if ring_order == "planned" else None
+        self.state = CoordinatorState(planner=planner)
         self.conns: dict[str, FrameConnection] = {}
         self._server: Listening | None = None
         self.address: tuple[str, int] | None = None
         self._started_s = time.monotonic()
+
+    def _figures(self) -> LinkMatrix:
+        return self.link_file.matrix if self.link_file is not None else self.links
+
+    def _bandwidth(self, src: str, dst: str) -> float | None:
+        return self._figures().bandwidth(src, dst)
+
+    def _rtt(self, src: str, dst: str) -> float | None:
+        return self._figures().rtt(src, dst)
 
     async def start(self, host: str, port: int) -> tuple[str, int]:
         self._server = await tls_serve(
@@ -333,6 +356,8 @@ class _PeerSession:
         if self.peer_id is None:
             raise ProtocolError(f"{body.T!r} before register")
         if isinstance(body, wire.UpdateTopology):
+            if self.service.link_file is not None:
+                self.service.link_file.refresh()
             before = state.epoch
             self.service.perform(state.request_update(self.peer_id, rid, body.epoch))
             if state.epoch != before:
