@@ -1,0 +1,60 @@
+"""examples/ddp_train.py end to end: DDP over init_process_group("collnet"), a process per rank."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytest.importorskip("torch")
+
+pytestmark = pytest.mark.timeout(240)
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "ddp_train.py"
+
+
+def _run(*args: str, timeout_s: float = 200) -> dict[str, Any]:
+    proc = subprocess.run(
+        [sys.executable, str(EXAMPLE), "--json", "--steps", "30", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+    )
+    assert proc.stdout.strip(), proc.stderr[-3000:]
+    out: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert proc.returncode == 0, (out, proc.stderr[-3000:])
+    return out
+
+
+def test_three_ranks_train_with_bit_identical_parameters_after_every_step() -> None:
+    out = _run("--peers", "3", "--step-ms", "0")
+    assert out["ok"] and out["params_equal"], out
+    assert out["final_loss"] < 0.5 * out["initial_loss"], out
+    assert out["peers_final"] == 3 and out["world_final"] == 3
+    assert out["killed"] == [] and out["errors"] == {} and out["reformed"] == 0
+
+
+def test_killed_peer_gives_survivors_a_typed_error_and_training_goes_on_reformed() -> None:
+    out = _run("--peers", "3", "--kill", "1")
+    assert out["ok"] and out["params_equal"], out
+    assert len(out["killed"]) == 1 and out["reformed"] == 2, out
+    errors = out["errors"]
+    assert set(errors) == {"trainer0", "trainer1"}, out
+    for error in errors.values():
+        # Out of loss.backward(): collnet's PeerLost, also torch's DistBackendError.
+        assert error["class"] == "PeerLost" and error["peer"] == out["killed"][0], error
+        assert error["dist_backend_error"] and error["collnet_error"], error
+        assert error["after_kill_s"] <= out["failure_bound_s"], error
+    assert out["peers_final"] == 2 and out["world_final"] == 2
+    assert out["final_loss"] < 0.5 * out["initial_loss"], out
+
+
+def test_quantized_gradients_with_error_feedback_keep_the_replicas_bit_identical() -> None:
+    # uint8 loses bits on the wire, but every rank decodes the same bytes.
+    out = _run("--peers", "3", "--step-ms", "0", "--codec", "uint8", "--error-feedback")
+    assert out["ok"] and out["params_equal"] and out["codec"] == "uint8", out
+    assert out["final_loss"] < 0.5 * out["initial_loss"], out
