@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import math
+from typing import Any
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from collnet.algo.select import choose_algorithm
-from collnet.errors import ProtocolError
+from collnet.errors import CollnetError, PeerLost, ProtocolError
 from collnet.membership import PeerInfo, WorldView
 from collnet.membership.bounds import world_from_wire
 from collnet.topology.costmodel import (
@@ -27,6 +29,8 @@ from collnet.topology.striping import (
     connections_for,
     is_loopback,
 )
+from collnet.transport.mesh import Mesh
+from collnet.wire import Frame
 
 GBIT = 1e9
 WINDOW = 4 << 20
@@ -137,3 +141,53 @@ def test_world_carries_its_costs_through_the_wire_and_refuses_bad_ones() -> None
             WorldView.from_wire(wire)
         with pytest.raises(ProtocolError):
             world_from_wire(wire, "test")
+
+
+# -- the mesh: the dialler's K over real loopback sockets ------------------------
+class _Router:
+    """Records what two in-process meshes tell their daemon."""
+
+    def __init__(self) -> None:
+        self.lost: list[str] = []
+
+    def data_sink(self, peer: str, meta: Any, nbytes: int) -> memoryview | None:
+        return None
+
+    def on_data(self, peer: str, meta: Any, payload: memoryview) -> None:
+        pass
+
+    def on_control(self, peer: str, frame: Frame) -> None:
+        pass
+
+    def on_link_lost(self, peer: str, exc: CollnetError) -> None:
+        self.lost.append(peer)
+
+
+@pytest.mark.timeout(30)
+async def test_the_acceptor_takes_the_diallers_k_and_an_undialled_wait_fails_once() -> None:
+    # "m" sorts after "a", so "a" dials and "m" waits for it.
+    waiter_router, dialler_router = _Router(), _Router()
+    waiter = Mesh("m", None, waiter_router, connect_timeout_s=0.5)
+    dialler = Mesh("a", 3, dialler_router, connect_timeout_s=5.0)
+    try:
+        addr = await waiter.listen("127.0.0.1", 0)
+        # Nobody dials yet: every waiter fails with PeerLost, the daemon hears once.
+        outcomes = await asyncio.gather(
+            waiter.get_link("a", ("127.0.0.1", 1)),
+            waiter.get_link("a", ("127.0.0.1", 1)),
+            return_exceptions=True,
+        )
+        assert all(isinstance(o, PeerLost) for o in outcomes), outcomes
+        assert waiter_router.lost == ["a"]
+        # Now "a" dials with a forced K of 3; the auto side takes it.
+        accepted = asyncio.ensure_future(waiter.get_link("a", ("127.0.0.1", 1)))
+        dialled = await dialler.get_link("m", addr)
+        link = await accepted
+        assert (dialled.k, link.k) == (3, 3)
+        assert all(c is not None for c in link.conns)
+        # An auto dialler to a loopback address uses one connection.
+        assert waiter.connections_to("b", "127.0.0.1") == 1
+        assert waiter.connections_to("b", "192.0.2.7") == UNKNOWN_LINK_CONNECTIONS
+    finally:
+        await dialler.close()
+        await waiter.close()
