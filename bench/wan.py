@@ -206,6 +206,12 @@ def scenario(args: argparse.Namespace, rtt_ms: float, full: bool) -> dict[str, A
                 log(f"collnet {name}: {out[f'{name}_busbw_over_link']} of link")
             if full:
                 lat = {a: c.time(mib, reps, algo=a) for a in ("star", "ring", "auto")}
+        if full and _has_flag("daemon", "or auto"):
+            with collnet_in(lab, "auto", args.daemon_arg) as c:
+                samples["fp32_auto_conn"] = c.time(size, reps)
+            auto = over_link(size, _med(samples["fp32_auto_conn"]), n, link)
+            out["fp32_auto_conn_busbw_over_link"] = auto
+            log(f"collnet fp32, --connections auto: {auto} of link")
         if full:
             with collnet_in(lab, "1", args.daemon_arg) as c:
                 samples["fp32_1conn"] = c.time(size, reps)
@@ -231,10 +237,11 @@ def scenario(args: argparse.Namespace, rtt_ms: float, full: bool) -> dict[str, A
     return out
 
 
-def _coordinator_has(flag: str) -> bool:
-    r = subprocess.run([sys.executable, "-m", "collnet_daemon", "coordinator", "--help"],
+def _has_flag(command: str, text: str) -> bool:
+    """Whether ``collnet COMMAND --help`` mentions ``text`` (flags other work adds)."""
+    r = subprocess.run([sys.executable, "-m", "collnet_daemon", command, "--help"],
                        capture_output=True, text=True)  # fmt: skip
-    return flag in r.stdout
+    return text in " ".join(r.stdout.split())
 
 
 def _link_rows(spec: LabSpec, join: list[int]) -> list[dict[str, Any]]:
@@ -255,7 +262,7 @@ def topology(args: argparse.Namespace) -> dict[str, Any]:
     ring runs over both slow pairs; the best ring avoids them: the links predict 4x).
     Three worlds: join order; planned on measured links; planned on the lab's figures
     given in a --link-matrix-file (the planner alone, without the measurement)."""
-    if not _coordinator_has("--ring-order"):
+    if not _has_flag("coordinator", "--ring-order"):
         why = "the coordinator has no --ring-order: no ring planner here"
         return {"topology_gain": None, "topology_note": why}
     rate = int(args.rate_mbit * 1e6)
@@ -383,7 +390,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(json.dumps(result, indent=2))
     else:
-        print(json.dumps({k: v for k, v in result.items() if k != "samples_s"}, indent=2))
+        for point in result.get("sweep", [result]):
+            row = {k: v for k, v in point.items() if k.endswith("over_link") or k.endswith("gain")}
+            print(f"rtt {point['rtt_ms']} ms, link {point['link_mbit']} Mbit/s: "
+                  + ", ".join(f"{k} {v}" for k, v in row.items()))  # fmt: skip
+        print(f"delay line ceiling: {ceil_mbit} Mbit/s")
     return 0
 
 
