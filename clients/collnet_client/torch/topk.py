@@ -70,7 +70,7 @@ class TopKExchange:
         indices, values = self.selectors[fragment].compress(buffer, residual)
         part = pack(indices, values)
         try:
-            handle = self.comm.all_gather_v_async(part, tag=tag, timeout_s=timeout_s)  # type: ignore[attr-defined]
+            handle = self.comm.all_gather_v_async(part, tag=tag, timeout_s=timeout_s)
         except BaseException:
             np.copyto(residual, before)
             raise
