@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import collnet_client
 import numpy as np
 import pytest
 import torch
@@ -36,7 +37,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from collnet.algo.reducescatter import output_range
-from collnet.errors import InvalidArgument, MismatchError, PeerLost
+from collnet.errors import CollectiveAborted, InvalidArgument, MismatchError, PeerLost
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -297,6 +298,37 @@ def test_a_root_outside_the_world_is_refused_on_every_rank(peers: Peers) -> None
 
     outcomes = run_on_all_outcomes(peers.comms, one)
     assert all(isinstance(o, InvalidArgument) for o in outcomes), outcomes
+
+
+def test_several_trainers_per_daemon_are_refused_on_every_member(peers: Peers) -> None:
+    tag = fresh_tag()
+    grouped = collnet_client.connect(peers.cluster.daemons[0].ipc, timeout_s=30, local_size=2)
+
+    def one(i: int, comm: Comm) -> None:
+        # Rank order does not matter here: the node with two trainers refuses.
+        (grouped if i == 0 else comm).barrier(tag=tag, timeout_s=20.0)
+
+    try:
+        outcomes = run_on_all_outcomes(peers.comms, one)
+    finally:
+        grouped.close()
+    assert isinstance(outcomes[0], InvalidArgument), outcomes
+    assert "local_size" in outcomes[0].message
+    assert all(isinstance(o, CollectiveAborted) for o in outcomes[1:]), outcomes
+
+
+def test_a_cancelled_collective_fails_on_the_others_with_collective_aborted(peers: Peers) -> None:
+    # The third peer never joins, so neither call can complete on its own.
+    tag, tag2 = fresh_tag(), fresh_tag()
+    first = peers.comms[0].barrier_async(tag=tag, timeout_s=30)
+    other = peers.comms[1].barrier_async(tag=tag, timeout_s=30)
+    assert first.cancel() is True
+    with pytest.raises(CollectiveAborted):
+        other.wait(20)
+    gather = peers.comms[0].all_gather_v_async(np.ones(3, np.int32), tag=tag2, timeout_s=30)
+    assert gather.cancel() is True  # in its counts phase
+    with pytest.raises(CollectiveAborted):
+        gather.wait(20)
 
 
 def test_concurrent_async_collectives_of_every_kind_with_default_tags(peers: Peers) -> None:
