@@ -4,7 +4,9 @@
 (the caller's own bytes when they lie in SDK memory, else a staging copy),
 applies error feedback, sends the request and returns a ``Handle``.
 Finishing it writes a staged result back, retries on ``PeerLost`` as the
-caller allowed, and reports every failure as one typed error.
+caller allowed, and reports every failure as one typed error. ``Handle``
+drives any collective in flight through the small ``Operation`` interface
+(the other kinds' live in ``collectives``).
 
 Failure model, per request:
 
