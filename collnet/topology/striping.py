@@ -10,7 +10,8 @@ frames and wake-ups per byte.
 
 The dialler of a link decides K and says so in its HELLO; the acceptor takes
 any K the wire allows (``collnet.transport.mesh``), so peers configured
-differently still link. Without an estimate the link keeps a fixed default
+differently still link. A link made again is sized from what the previous
+one measured (``connections_after``). Without an estimate the link keeps a fixed default
 (``UNKNOWN_LINK_CONNECTIONS``), except to a loopback address, whose RTT is
 known to be negligible.
 
@@ -32,6 +33,9 @@ UNKNOWN_LINK_CONNECTIONS: Final = 4
 # The window one stream can keep in flight: the kernel's send-buffer cap
 # (wmem_max, 4 MiB on the machines measured) is what a socket actually gets.
 DEFAULT_WINDOW_BYTES: Final = 4 << 20
+# A stripe that carried this share of its windows' worth per round trip was
+# limited by them, not by the path.
+WINDOW_BOUND: Final = 0.7
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,3 +75,17 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def connections_after(measured: LinkFigures, k_before: int, window_bytes: int) -> int:
+    """K for a link made again, from what its previous K of ``k_before`` carried.
+
+    A measured rate is what the link achieved, not what the path holds: a
+    stripe whose streams were each a full window in flight (measured BDP at
+    least ``WINDOW_BOUND`` of ``k_before`` windows) was limited by its own
+    windows, so the next gets twice as many; otherwise the measured BDP says.
+    """
+    full = k_before * max(1, window_bytes)
+    if measured.bdp_bytes >= WINDOW_BOUND * full:
+        return clamp_connections(2 * k_before)
+    return connections_for(measured, "", window_bytes)

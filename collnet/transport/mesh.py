@@ -7,8 +7,8 @@ dialler chooses the link's K (a fixed ``connections``, or with ``None``,
 so a loopback link gets one stream and a long fat one several), opens K
 connections and sends ``HELLO {peer, conn, k, nonce}`` on each (any K the
 wire allows is accepted, so peers configured differently still link; a link
-keeps its K until it is made again: a stripe does not grow while collectives
-stream over it). The acceptor answers ``HELLO {peer, nonce, proof}``; the
+keeps its K until it is made again, sized then from what the previous link
+measured: a stripe does not grow while collectives stream over it). The acceptor answers ``HELLO {peer, nonce, proof}``; the
 dialler checks the proof and answers ``HELLO {proof}`` (see
 ``collnet.membership.auth``), and only then does the acceptor attach the
 connection to its link for that peer.
@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 from functools import partial
 from typing import Any
@@ -38,7 +39,12 @@ from typing import Any
 from collnet.errors import AuthError, CollnetError, PeerLost, ProtocolError
 from collnet.membership import auth, identity
 from collnet.membership.liveness import Liveness
-from collnet.topology.striping import DEFAULT_WINDOW_BYTES, LinkFigures, connections_for
+from collnet.topology.striping import (
+    DEFAULT_WINDOW_BYTES,
+    LinkFigures,
+    connections_after,
+    connections_for,
+)
 from collnet.transport.admission import Admission, fd_bounded
 from collnet.transport.connection import FrameConnection
 from collnet.transport.link import LinkRouter, PeerLink
@@ -53,6 +59,8 @@ log = logging.getLogger(__name__)
 # Data connections a daemon's port holds at once (K per linked peer), lowered to
 # the descriptor limit; at the cap a half-open newcomer displaces an old one.
 MAX_DATA_CONNECTIONS = 8192
+# Peers whose last link's figures are kept for sizing their next link.
+MAX_REMEMBERED_LINKS = 1024
 
 
 def _hello_fields(meta: Any) -> tuple[str, int, int]:
@@ -233,6 +241,8 @@ class Mesh:
         # Links this daemon waits for a peer to dial (the peer's first connection
         # makes the link, with the K the peer chose).
         self._awaited: dict[str, asyncio.Future[PeerLink]] = {}
+        # What each peer's last link measured, and its K: the next link's size.
+        self._measured: dict[str, tuple[LinkFigures, int]] = {}
         self._server: Listening | None = None
 
     async def listen(self, host: str, port: int) -> tuple[str, int]:
@@ -264,9 +274,26 @@ class Mesh:
         if self.k is not None:
             return self.k
         estimate = self.estimate(peer) if self.estimate is not None else None
+        if estimate is None and peer in self._measured:
+            measured, k_before = self._measured[peer]
+            return connections_after(measured, k_before, self.window_bytes)
         return connections_for(estimate, host, self.window_bytes)
 
+    def _remember(self, link: PeerLink) -> None:
+        """Keep what a link that is going measured, for sizing the next one."""
+        rtt_s = link.rtt.value(time.monotonic())
+        rate = link.rx_meter.bytes_per_s
+        if rtt_s is not None and rate is not None:
+            self._measured.pop(link.peer, None)
+            self._measured[link.peer] = (LinkFigures(rate * 8, rtt_s), link.k)
+            # Ids anyone can claim must not grow it without bound: oldest out.
+            while len(self._measured) > MAX_REMEMBERED_LINKS:
+                del self._measured[next(iter(self._measured))]
+
     def _new_link(self, peer: str, k: int) -> PeerLink:
+        old = self.links.get(peer)
+        if old is not None:
+            self._remember(old)
         link = self.links[peer] = PeerLink(peer, k, self.router, self.liveness())
         if self.on_new_link is not None:
             self.on_new_link(link)
@@ -381,6 +408,7 @@ class Mesh:
             waiting.set_exception(PeerLost(f"link to {peer} {reason}", peer=peer))
         link = self.links.pop(peer, None)
         if link is not None:
+            self._remember(link)
             link.fail(PeerLost(f"link to {peer} {reason}", peer=peer))
 
     async def close(self) -> None:

@@ -26,6 +26,7 @@ from collnet.topology.striping import (
     MAX_CONNECTIONS,
     UNKNOWN_LINK_CONNECTIONS,
     LinkFigures,
+    connections_after,
     connections_for,
     is_loopback,
 )
@@ -191,3 +192,14 @@ async def test_the_acceptor_takes_the_diallers_k_and_an_undialled_wait_fails_onc
     finally:
         await dialler.close()
         await waiter.close()
+
+
+def test_a_relink_doubles_a_window_bound_stripe_and_otherwise_follows_the_measured_bdp() -> None:
+    # Four streams that each kept a full window in flight: the windows were the limit.
+    busy = LinkFigures(4 * WINDOW * 8 / 0.1, 0.1)
+    assert connections_after(busy, 4, WINDOW) == 8
+    full16 = LinkFigures(16 * WINDOW * 8 / 0.1, 0.1)
+    assert connections_after(full16, 16, WINDOW) == MAX_CONNECTIONS
+    # A link that carried far less than its windows hold: sized by what it carried.
+    assert connections_after(LinkFigures(GBIT, 0.001), 4, WINDOW) == 1
+    assert connections_after(LinkFigures(GBIT, 0.1), 8, WINDOW) == 3
