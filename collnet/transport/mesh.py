@@ -8,10 +8,10 @@ so a loopback link gets one stream and a long fat one several), opens K
 connections and sends ``HELLO {peer, conn, k, nonce}`` on each (any K the
 wire allows is accepted, so peers configured differently still link; a link
 keeps its K until it is made again, sized then from what the previous link
-measured: a stripe does not grow while collectives stream over it). The acceptor answers ``HELLO {peer, nonce, proof}``; the
-dialler checks the proof and answers ``HELLO {proof}`` (see
-``collnet.membership.auth``), and only then does the acceptor attach the
-connection to its link for that peer.
+measured: a stripe does not grow while collectives stream over it). The
+acceptor answers ``HELLO {peer, nonce, proof}``; the dialler checks the proof
+and answers ``HELLO {proof}`` (see ``collnet.membership.auth``), and only
+then does the acceptor attach the connection to its link for that peer.
 With no shared secret configured, nonces and proofs are left out and only
 loopback peers are accepted. A connection whose frames are not this handshake
 is closed; it can send nothing else before it completes.
