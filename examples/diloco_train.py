@@ -556,11 +556,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--outer-steps", type=int, default=20)
     ap.add_argument("--inner-steps", type=int, default=20)
     ap.add_argument("--inner-lr", type=float, default=3e-3)
-    ap.add_argument("--outer-lr", type=float, default=None, help="0.7 (adam: 0.05)")
+    ap.add_argument("--outer-lr", type=float, default=None, help="0.7 (sgd: 2.0, adam: 0.05)")
     ap.add_argument("--outer-momentum", type=float, default=None, help="0.9")
     ap.add_argument(
-        "--outer-optimizer", choices=["nesterov", "sgd", "adam"], default="nesterov",
-        help="The outer optimizer (adam: --outer-momentum is its beta1).",
+        "--outer-optimizer", choices=["nesterov", "sgd", "adam"], default=None,
+        help="The outer optimizer (default nesterov, topk: sgd; adam: --outer-momentum is "
+        "its beta1).",
     )  # fmt: skip
     ap.add_argument(
         "--compression", "--codec", choices=["none", "fp16", "bf16", "uint8", "uint4", "topk"],
@@ -604,8 +605,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--progress-json", action="store_true", help="Trainer: JSON lines.")
     ap.add_argument("--json", action="store_true", help="Print one JSON object at the end.")
     args = ap.parse_args(argv)
+    # Top-k's error feedback already delays and accumulates what it sends; Nesterov
+    # momentum on top of it overshoots on this model, plain SGD does not.
+    if args.outer_optimizer is None:
+        args.outer_optimizer = "sgd" if args.compression == "topk" else "nesterov"
     if args.outer_lr is None:
-        args.outer_lr = 0.05 if args.outer_optimizer == "adam" else 0.7
+        args.outer_lr = {"adam": 0.05, "sgd": 2.0}.get(args.outer_optimizer, 0.7)
     if args.outer_momentum is None:
         args.outer_momentum = 0.9
     if bool(args.checkpoint) != (args.checkpoint_at is not None):

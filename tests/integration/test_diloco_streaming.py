@@ -13,14 +13,9 @@ from collnet_client import Comm
 torch = pytest.importorskip("torch")
 from collnet_client.torch import DiLoCo  # noqa: E402
 from collnet_client.torch.fragments import split  # noqa: E402
-from test_sdk_diloco import _run_example  # noqa: E402
+from test_sdk_diloco import _loss, _model, _run_example  # noqa: E402
 
 pytestmark = pytest.mark.timeout(240)
-
-
-def _model() -> Any:
-    torch.manual_seed(0)
-    return torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Tanh(), torch.nn.Linear(3, 1))
 
 
 def test_each_fragment_gets_the_outer_step_of_the_peers_average_in_its_turn(
@@ -49,8 +44,7 @@ def test_each_fragment_gets_the_outer_step_of_the_peers_average_in_its_turn(
         gen = torch.Generator().manual_seed(rank)
         syncs = []
         while d.round < rounds * fragments:
-            x = torch.randn(8, 4, generator=gen)
-            loss = (model(x) - x.sum(1, keepdim=True)).pow(2).mean()
+            loss = _loss(model, gen)
             opt.zero_grad()
             loss.backward()
             out = d.step()

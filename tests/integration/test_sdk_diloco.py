@@ -29,6 +29,12 @@ def _model() -> Any:
     return torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Tanh(), torch.nn.Linear(3, 1))
 
 
+def _loss(model: Any, gen: Any) -> Any:
+    """A batch's loss: learn the sum of the inputs."""
+    x = torch.randn(8, 4, generator=gen, device=gen.device)
+    return (model(x) - x.sum(1, keepdim=True)).pow(2).mean()
+
+
 def _outer(kind: str) -> Any:
     if kind == "nesterov":
         return None  # the default, through outer_lr and outer_momentum
@@ -257,3 +263,40 @@ def test_example_trainer_restarted_on_its_live_daemon_rejoins_and_converges() ->
     assert restart["world_at_rejoin"] == 3, restart
     assert restart["rejoined_at_step"] >= restart["killed_at_step"], restart
     assert out["peers_final"] == 3 and out["world_final"] == 3
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("streaming", [False, True], ids=["blocking", "streaming"])
+def test_diloco_with_a_cuda_model_takes_the_staged_path_and_keeps_peers_identical(
+    tmp_path: Path, streaming: bool
+) -> None:
+    models = [_model().cuda() for _ in range(2)]
+
+    def one(rank: int, comm: Comm) -> tuple[list[str], np.ndarray, np.ndarray]:
+        model = models[rank]
+        opt = torch.optim.AdamW(model.parameters(), lr=0.02)
+        d = DiLoCo(
+            comm, model, opt, inner_steps=4, streaming=streaming,
+            fragments=2 if streaming else 1, timeout_s=CALL_TIMEOUT_S,
+        )  # fmt: skip
+        d.start()
+        gen = torch.Generator(device="cuda").manual_seed(rank)
+        hashes = []
+        while d.round < 4:
+            x = torch.randn(8, 4, generator=gen, device="cuda")
+            loss = (model(x) - x.sum(1, keepdim=True)).pow(2).mean()
+            opt.zero_grad()
+            loss.backward()
+            out = d.step()
+            if out is not None:
+                hashes.append(out.hash)
+        hashes.append(d.finish().hash)
+        local = torch.nn.utils.parameters_to_vector(model.parameters()).detach().cpu().numpy()
+        return hashes, d.global_weights.copy(), local
+
+    with running_peers(2, tmp_path) as p:
+        (h0, g0, l0), (h1, g1, l1) = run_on_all(p.comms, one)
+    assert h0 == h1 and np.array_equal(g0, g1)
+    # finish() leaves the global weights in the CUDA model, bit for bit.
+    assert np.array_equal(l0, g0) and np.array_equal(l1, g1)
+    assert all(q.is_cuda for q in models[0].parameters())

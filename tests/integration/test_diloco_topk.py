@@ -1,0 +1,85 @@
+"""DiLoCo with top-k pseudo-gradients (error feedback) through the variable-size all-gather."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from cluster_harness import CALL_TIMEOUT_S, run_on_all, running_peers
+from collnet_client import Comm
+from collnet_client.sparse import unpack
+
+torch = pytest.importorskip("torch")
+from collnet_client.torch import DiLoCo  # noqa: E402
+from test_sdk_diloco import _loss, _model, _run_example  # noqa: E402
+
+pytestmark = pytest.mark.timeout(240)
+
+
+def test_topk_rounds_apply_nesterov_to_the_mean_of_every_peers_sparse_part(
+    tmp_path: Path,
+) -> None:
+    torch.set_num_threads(1)
+    lr, mu, rounds, inner = 0.7, 0.9, 3, 2
+    models = [_model() for _ in range(3)]  # torch's seed is global: not in the threads
+
+    def one(rank: int, comm: Comm) -> tuple[list[np.ndarray], list[str], np.ndarray, int]:
+        model = models[rank]
+        opt = torch.optim.SGD(model.parameters(), lr=0.05)
+        d = DiLoCo(
+            comm, model, opt, inner_steps=inner, outer_lr=lr, outer_momentum=mu,
+            compression="topk", density=0.25, timeout_s=CALL_TIMEOUT_S,
+        )  # fmt: skip
+        sent: list[np.ndarray] = []
+        gather = comm.all_gather_v_async
+
+        def recording(part: np.ndarray, *args: Any, **kwargs: Any) -> Any:
+            sent.append(part.copy())
+            return gather(part, *args, **kwargs)
+
+        comm.all_gather_v_async = recording  # type: ignore[method-assign]
+        d.start()
+        gen = torch.Generator().manual_seed(rank)
+        hashes = []
+        while d.round < rounds:
+            loss = _loss(model, gen)
+            opt.zero_grad()
+            loss.backward()
+            out = d.step()
+            if out is not None:
+                assert out.reduced and out.error is None and out.in_parity, out
+                hashes.append(out.hash)
+        return sent, hashes, d.global_weights.copy(), comm.rank
+
+    with running_peers(3, tmp_path) as p:
+        results = run_on_all(p.comms, one)
+    assert results[0][1] == results[1][1] == results[2][1], "peers differ after a round"
+    g = torch.nn.utils.parameters_to_vector(_model().parameters()).detach().numpy().copy()
+    n = g.size
+    # 25% of each parameter tensor (rounded up), as (index, value) pairs.
+    kept = sum(-(-q.numel() // 4) for q in _model().parameters())
+    by_rank = sorted(results, key=lambda r: r[3])
+    m = np.zeros_like(g)
+    for r in range(rounds):
+        dense = np.zeros(n, np.float32)
+        for sent, *_ in by_rank:
+            idx, vals = unpack(sent[r], n)
+            assert idx.size == kept
+            dense[idx] += vals
+        avg = dense / np.float32(3)
+        m = np.float32(mu) * m + avg
+        g = g - np.float32(lr) * (avg + np.float32(mu) * m)
+    for _, _, weights, _ in results:
+        np.testing.assert_allclose(weights, g, rtol=1e-5, atol=1e-6)
+
+
+def test_example_topk_one_percent_trains_for_over_thirty_times_fewer_bytes() -> None:
+    common = ("--peers", "3", "--step-ms", "0")
+    dense = _run_example(*common)
+    sparse = _run_example(*common, "--compression", "topk", "--density", "0.01",
+                          "--loss-threshold", "100")  # fmt: skip
+    assert sparse["ok"] and sparse["hashes_equal"] and sparse["compression"] == "topk", sparse
+    assert sparse["final_loss"] < 0.1 * sparse["initial_loss"], sparse
+    assert dense["bytes_sent"] >= 30 * sparse["bytes_sent"] > 0, (sparse, dense)
