@@ -15,7 +15,8 @@ Two modes:
 * **trainer** (``--daemon ADDRESS``): one rank. It joins with
   ``dist.init_process_group("collnet", init_method="collnet://?daemon=...",
   world_size=N)`` (N: wait for that many peers; rank and size are the agreed
-  world's), registers ``collnet_client.torch.hooks.collnet_hook`` and prints
+  world's), registers ``collnet_client.torch.hooks.collnet_hook`` (unless
+  ``--no-hook``: DDP's own all-reduce through the group) and prints
   one JSON line per event: ``start``, ``step`` (``step``, ``generation``,
   ``loss``, ``hash`` of the parameters, ``world``), ``error`` (the exception's
   class, whether it is a ``DistBackendError`` and a ``CollnetError``, the lost
@@ -101,7 +102,8 @@ def train(args: argparse.Namespace) -> int:
         # (applied on some survivors only) every rank starts again from the same.
         ddp = DistributedDataParallel(model)
         state = CollnetHookState(codec=args.codec, error_feedback=args.error_feedback)
-        ddp.register_comm_hook(state, collnet_hook)
+        if not args.no_hook:
+            ddp.register_comm_hook(state, collnet_hook)
         return ddp, state
 
     def resync(step: int) -> int:
@@ -202,6 +204,7 @@ def launch(args: argparse.Namespace) -> int:
             "--codec", args.codec, "--timeout-s", str(args.timeout_s),
             "--step-ms", str(args.step_ms)]  # fmt: skip
     argv += ["--error-feedback"] if args.error_feedback else []
+    argv += ["--no-hook"] if args.no_hook else []
     kill_at = max(1, args.steps // 3)
     events: queue.Queue[tuple[int, float, dict[str, Any] | None]] = queue.Queue()
     hashes: dict[tuple[int, int], set[str]] = defaultdict(set)
@@ -323,6 +326,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--lr", type=float, default=0.05)
     ap.add_argument("--codec", default="none", help="Codec of the gradient all-reduce.")
     ap.add_argument("--error-feedback", action="store_true", help="With a lossy --codec.")
+    ap.add_argument(
+        "--no-hook",
+        action="store_true",
+        help="DDP's own all-reduce (through ProcessGroupCollnet.allreduce), no codec; a "
+        "failure then reaches backward() as torch's untyped RuntimeError.",
+    )
     ap.add_argument("--timeout-s", type=float, default=60.0, help="Per collective.")
     ap.add_argument("--step-ms", type=float, default=20.0, help="Simulated compute per step.")
     ap.add_argument(

@@ -58,3 +58,10 @@ def test_quantized_gradients_with_error_feedback_keep_the_replicas_bit_identical
     out = _run("--peers", "3", "--step-ms", "0", "--codec", "uint8", "--error-feedback")
     assert out["ok"] and out["params_equal"] and out["codec"] == "uint8", out
     assert out["final_loss"] < 0.5 * out["initial_loss"], out
+
+
+def test_ddps_own_all_reduce_through_the_group_keeps_the_replicas_bit_identical() -> None:
+    # No hook: DDP's reducer calls ProcessGroupCollnet.allreduce and waits on its futures.
+    out = _run("--peers", "3", "--step-ms", "0", "--no-hook")
+    assert out["ok"] and out["params_equal"], out
+    assert out["final_loss"] < 0.5 * out["initial_loss"], out
