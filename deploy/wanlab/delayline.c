@@ -121,6 +121,10 @@ int main(int argc, char **argv) {
         struct epoll_event evs[2];
         int k = epoll_wait(ep, evs, 2, 500);
         if (k < 0 && errno != EINTR) { perror("epoll_wait"); break; }
+        /* Drain expirations before reading the clock: one that comes after
+         * this stays readable and wakes the next epoll_wait. */
+        uint64_t expirations;
+        while (read(tfd, &expirations, sizeof expirations) > 0) {}
         for (int b = 0; b < BATCH; b++) {
             ssize_t len = read(tun, buf, sizeof buf);
             if (len <= 0) break;
@@ -161,8 +165,6 @@ int main(int argc, char **argv) {
             timerfd_settime(tfd, TFD_TIMER_ABSTIME, &its, NULL);
             armed = next;
         }
-        uint64_t expirations;
-        while (read(tfd, &expirations, sizeof expirations) > 0) {}
     }
     FILE *s = fopen(argv[3], "w");
     if (s) {
