@@ -205,6 +205,13 @@ def coordinator(
 )
 @click.option("--advertise-host", default=None, help="Host other peers dial (default: --listen).")
 @click.option(
+    "--advertise-port",
+    default=None,
+    type=click.IntRange(1, 65535),
+    help="Port other peers dial, when a NAT or forwarder maps another one to --listen's "
+    "(default: the port listened on).",
+)
+@click.option(
     "--connections",
     default="auto",
     show_default=True,
@@ -254,6 +261,7 @@ def daemon(
     ipc_token_file: str | None,
     listen: str,
     advertise_host: str | None,
+    advertise_port: int | None,
     connections: int | None,
     chunk_bytes: int,
     connect_timeout_s: float,
@@ -290,6 +298,7 @@ def daemon(
         ipc=ipc,
         listen=parse_hostport(listen),
         advertise_host=advertise_host,
+        advertise_port=advertise_port,
         connections=connections,
         chunk_bytes=chunk_bytes,
         connect_timeout_s=connect_timeout_s,
@@ -301,6 +310,11 @@ def daemon(
         ipc_group=ipc_group,
         ipc_token_file=ipc_token_file or token_file_for(ipc),
     )
+    try:
+        config.advertised(config.listen)  # refused now, not by a peer's failed dial later
+    except InvalidArgument as exc:
+        hint = "--advertise-host" if advertise_host else "--listen"
+        raise click.BadParameter(exc.message, param_hint=hint) from None
     config.tls = options.load_tls(tls_ca, tls_cert, tls_key)
     if config.tls is not None:
         # With TLS the peer id is the certificate's name: what the others check.

@@ -52,8 +52,10 @@ from collnet.transport.tls import Listening, Tls, peer_name
 from collnet.transport.tls import serve as tls_serve
 from collnet.wire import Frame, FrameKind, Header
 from collnet.wire import control as wire
+from collnet.wire.topology import LinkAck, LinkReport, TopologyStatus
 from collnet_daemon.control import CONTROL_LIMITS
 from collnet_daemon.linkfile import LinkFile
+from collnet_daemon.reachability import ReachabilityChecks
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +82,8 @@ class CoordinatorService:
         )
         # Link figures the ring order is planned on: measured, or from a file.
         self.links = LinkMatrix()
+        # Each registering peer's advertised data port, dialled (reachability.py).
+        self.reachability = ReachabilityChecks(tls, min(5.0, handshake_timeout_s))
         self.link_file = LinkFile(link_matrix_file) if link_matrix_file else None
         planner = RingPlanner(self._bandwidth, self._rtt) if ring_order == "planned" else None
         self.state = CoordinatorState(planner=planner)
@@ -118,6 +122,7 @@ class CoordinatorService:
         return self.address
 
     async def close(self) -> None:
+        self.reachability.close()
         if self._server is not None:
             self._server.close()
         for conn in list(self.conns.values()):
@@ -188,13 +193,19 @@ class CoordinatorService:
                     error,
                 )
             )
+        self.links.retain(self.link_members())
         return wire.CoordinatorStatus(
             state.epoch,
             state.world(),
             tuple(peers),
             ":".join(map(str, self.address or ("?", 0))),
             round(time.monotonic() - self._started_s, 3),
+            TopologyStatus(self.links, self.reachability.rows(), time.monotonic()),
         )
+
+    def link_members(self) -> set[str]:
+        """The peers whose links the matrix may hold: active and pending."""
+        return {p.id for p in self.state.active} | set(self.state.pending)
 
 
 def coordinator_status(service: CoordinatorService) -> dict[str, Any]:
@@ -348,6 +359,7 @@ class _PeerSession:
                 self.service.liveness(),
             )
             self.heartbeat.start()
+            self.service.reachability.check(peer)
             if peer.id in state.pending:
                 log.info("peer %r registered (data %s:%d), pending", peer.id, peer.host, peer.port)
             return wire.WorldAnswer(state.world())
@@ -370,6 +382,12 @@ class _PeerSession:
             return None
         if isinstance(body, wire.GetWorld):
             return wire.WorldAnswer(state.world())
+        if isinstance(body, LinkReport):
+            members = self.service.link_members()
+            self.service.links.retain(members)
+            self.service.links.report(self.peer_id, body.links, time.monotonic(), members)
+            verdict = self.service.reachability.verdict(self.peer_id)
+            return LinkAck() if verdict is None else LinkAck(verdict.reachable, verdict.error)
         if isinstance(body, wire.Leave):
             self._drop("left")
             return wire.Left()
@@ -387,9 +405,11 @@ class _PeerSession:
             return
         peer, self.peer_id = self.peer_id, None
         self.service.conns.pop(peer, None)
+        self.service.reachability.forget(peer)
         state = self.service.state
         before = state.epoch
         self.service.perform(state.lost(peer))
+        self.service.links.retain(self.service.link_members())
         log.info("peer %r %s; epoch %d -> %d", peer, why, before, state.epoch)
 
     def on_lost(self, conn: FrameConnection, exc: CollnetError) -> None:

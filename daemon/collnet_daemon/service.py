@@ -12,6 +12,7 @@ them, wires them by their constructors, starts and stops them:
 - ``LocalApi`` (handlers.py) behind ``IpcServer`` (ipc.py): the trainers;
 - ``Session`` (session.py): leaves the world when the node's trainers are
   gone (the daemon stays up) and registers again when one joins;
+- ``LinkReporter`` (linkreport.py): link probes, and estimates to the coordinator;
 - ``DaemonMetrics`` (metrics.py), reading a ``DaemonSnapshot``.
 
 A world adopted from any source (registration, barrier answer, push) goes
@@ -36,6 +37,7 @@ from collnet_daemon.control import ControlPlane
 from collnet_daemon.executor import Executor
 from collnet_daemon.handlers import LocalApi
 from collnet_daemon.ipc import IpcServer
+from collnet_daemon.linkreport import LinkReporter
 from collnet_daemon.localaccess import LocalAccess
 from collnet_daemon.localgroup import LocalGroups
 from collnet_daemon.metrics import DaemonMetrics, DaemonSnapshot
@@ -124,6 +126,13 @@ class Daemon:
         self.left = False
         self._stopping: asyncio.Future[None] | None = None
         self._tasks = TaskSet(self._background_failed)
+        self.link_report = LinkReporter(
+            self.id,
+            config.link_report_s,
+            self.executor.mesh,
+            self.control,
+            lambda: self.executor.running > 0,
+        )
 
     def snapshot(self) -> DaemonSnapshot:
         return DaemonSnapshot(
@@ -138,9 +147,10 @@ class Daemon:
     # -- lifecycle ---------------------------------------------------------
     async def start(self) -> None:
         host, port = await self.executor.mesh.listen(*self.config.listen)
-        self.data_addr = (self.config.advertise_host or host, port)
+        self.data_addr = self.config.advertised((host, port))
         await self.control.start(PeerInfo(self.id, *self.data_addr))
         self.ipc.start()
+        self.link_report.start()
         log.info(
             "daemon %s: data %s:%d, ipc %s, pending admission",
             self.id,
@@ -176,6 +186,7 @@ class Daemon:
         self.session.close()
         self.state.close()
         self._tasks.cancel()
+        self.link_report.close()
         self.control.close()
         await self.ipc.close()
         await self.executor.close()

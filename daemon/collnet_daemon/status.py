@@ -84,7 +84,8 @@ def _columns(table: Sequence[tuple[str, ...]]) -> list[str]:
 
 
 def _topology(topology: TopologyStatus) -> list[str]:
-    """The unreachable data ports, then the link matrix, one ordered pair a row."""
+    """After a blank line (the peers' table ends there): the unreachable data
+    ports, then the link matrix, one ordered pair a row."""
     lines = [
         f"UNREACHABLE data port of {r.peer} at {r.address}: {r.error}"
         for r in topology.reachability
@@ -92,7 +93,7 @@ def _topology(topology: TopologyStatus) -> list[str]:
     ]
     rows = topology.links.to_wire(topology.now_s)
     if not rows:
-        return lines
+        return ["", *lines] if lines else []
     table: list[tuple[str, ...]] = [("LINK", "BANDWIDTH", "AGE", "RTT", "AGE")]
     for row in rows:
         bw, rtt = row["bandwidth_bps"], row["rtt_s"]
@@ -105,4 +106,4 @@ def _topology(topology: TopologyStatus) -> list[str]:
                 "-" if rtt is None else f"{row['rtt_age_s']:.0f} s",
             )
         )
-    return [*lines, "", *_columns(table)]
+    return ["", *lines, *_columns(table)]

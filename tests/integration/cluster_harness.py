@@ -15,9 +15,12 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import json
 import os
 import signal
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -342,6 +345,19 @@ def wait_until(pred: Callable[[], bool], timeout_s: float, what: str) -> float:
             raise AssertionError(f"{what} did not happen within {timeout_s}s")
         time.sleep(0.05)
     return time.monotonic() - start
+
+
+def status_json(coordinator: str) -> dict[str, Any]:
+    """``collnet status --coordinator COORDINATOR --json``, run as a user runs it."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "collnet_daemon", "status", "--coordinator", coordinator, "--json"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert proc.returncode == 0, proc.stderr
+    status: dict[str, Any] = json.loads(proc.stdout)
+    return status
 
 
 def tcp_listen_ports(pid: int) -> set[int]:

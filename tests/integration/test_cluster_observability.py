@@ -8,6 +8,7 @@ and check what changed. ``collnet status`` runs as a user would run it.
 
 from __future__ import annotations
 
+import itertools
 import json
 import secrets
 import subprocess
@@ -242,7 +243,8 @@ def test_collnet_status_shows_members_pending_peers_revisions_and_control_rtts(
         lines = table.stdout.splitlines()
         assert f"epoch {status['epoch']}" in lines[0] and "world size 2" in lines[0]
         assert "PEER" in lines[1] and "RTT" in lines[1]
-        by_peer = {line.split()[1]: line for line in lines[2:]}
+        peer_rows = itertools.takewhile(bool, lines[2:])  # the link matrix follows a blank line
+        by_peer = {line.split()[1]: line for line in peer_rows}
         assert "active" in by_peer[members[0]] and "pending" in by_peer[joiner.peer_id]
         assert by_peer[members[0]].split()[-2:] == ["7", synced[0].state_digest[:16]]
 
