@@ -366,8 +366,10 @@ def launch(args: argparse.Namespace) -> int:
         "--step-ms",
         str(args.step_ms),
     ]
-    founders = ["--min-peers", str(args.peers)] + (["--streaming"] if args.streaming else []) + (
-        ["--error-feedback"] if args.error_feedback else [])  # fmt: skip
+    # Every trainer, joiners and restarted ones too, runs the same DiLoCo.
+    passthrough += ["--streaming"] if args.streaming else []
+    passthrough += ["--error-feedback"] if args.error_feedback else []
+    founders = ["--min-peers", str(args.peers)]
     # Joiners early enough that, with --step-ms, their daemon is up with rounds to spare.
     kill_at = max(1, args.outer_steps // 3)
     join_at = max(1, args.outer_steps // 4)
