@@ -303,7 +303,7 @@ def topology(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
-def plot(points: list[dict[str, Any]], path: Path) -> None:
+def plot(points: list[dict[str, Any]], path: Path, nbytes: int) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -322,7 +322,8 @@ def plot(points: list[dict[str, Any]], path: Path) -> None:
     ax.set_ylabel("busbw / bottleneck link")
     p0 = points[0]
     ax.set_title(
-        f"all-reduce over the WAN lab: {p0['hosts']} hosts, {p0['link_mbit']} Mbit/s links"
+        f"all-reduce of {nbytes / 2**20:g} MiB over the WAN lab: "
+        f"{p0['hosts']} hosts, {p0['link_mbit']:g} Mbit/s links"
     )
     ax.set_yscale("log")
     ax.grid(True, which="both", alpha=0.3)
@@ -370,7 +371,7 @@ def main(argv: list[str] | None = None) -> int:
         ceil_mbit = ceil["total_mbit"]
     if args.sweep:
         points = [scenario(args, r, full=False) for r in rtts]
-        plot(points, Path(args.plot))
+        plot(points, Path(args.plot), args.nbytes)
         result = {"sweep": points, "plot": str(args.plot)}
     else:
         result = scenario(args, args.rtt_ms, full=True)
