@@ -163,10 +163,11 @@ def test_a_new_idle_link_gets_one_burst_then_only_when_no_traffic_refreshed_it()
 
 @given(st.floats(1e6, 1e11), st.floats(1e-5, 1.0))
 def test_a_burst_is_bdp_sized_within_bounds(bandwidth_bps: float, rtt_s: float) -> None:
-    n = BurstPolicy().burst_bytes(ProbeState(), 0.0, False, bandwidth_bps, rtt_s)
-    assert MIN_BURST_BYTES <= n <= MAX_BURST_BYTES
+    policy = BurstPolicy()
+    n = policy.burst_bytes(ProbeState(), 0.0, False, bandwidth_bps, rtt_s)
+    assert MIN_BURST_BYTES <= policy.min_bytes <= n <= MAX_BURST_BYTES
     bdp = bandwidth_bps / 8 * rtt_s
-    if MIN_BURST_BYTES < 2 * bdp < MAX_BURST_BYTES:
+    if policy.min_bytes < 2 * bdp < MAX_BURST_BYTES:
         assert abs(n - 2 * bdp) <= 2  # BDP-sized, give or take rounding
 
 
