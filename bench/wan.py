@@ -103,6 +103,7 @@ class Collnet:
         )  # fmt: skip
         self.comms: list[Any] = []
         self.world = s.hosts
+        self.lab_router = s.router_ns
         self._n = 0
 
     def __enter__(self) -> Collnet:
@@ -123,6 +124,29 @@ class Collnet:
         for c in self.comms:
             c.close()
         self.cluster.stop()
+
+    def links_known(self) -> int:
+        """Ordered member pairs with a bandwidth figure in the coordinator's matrix
+        (``collnet status --json``, asked from the coordinator's namespace)."""
+        c = self.cluster
+        cmd = ["ip", "netns", "exec", self.lab_router, sys.executable, "-m", "collnet_daemon",
+               "status", "--coordinator", c.coordinator_addr, *c._secret(), "--json"]  # fmt: skip
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
+        if proc.returncode != 0:
+            return 0
+        rows = json.loads(proc.stdout).get("links") or []
+        return sum(1 for r in rows if r.get("bandwidth_bps"))
+
+    def await_matrix(self, limit_s: float = 90.0) -> int:
+        """Idle (probes run only while no collective does) until every ordered pair of
+        members has a bandwidth figure, or ``limit_s``; the pairs known then."""
+        want = self.world * (self.world - 1)
+        deadline = time.monotonic() + limit_s
+        known = self.links_known()
+        while known < want and time.monotonic() < deadline:
+            time.sleep(2.0)
+            known = self.links_known()
+        return known
 
     def agree(self) -> list[str]:
         """The update_topology barrier; the ring order (peer ids) agreed on."""
@@ -288,6 +312,12 @@ def topology(args: argparse.Namespace) -> dict[str, Any]:
                     c.time(args.nbytes // 4, 1)
                     order = c.agree()
                     order = c.agree()
+                if mode == "planned":
+                    # The planner reorders only once every pair has a figure, and the
+                    # pairs no ring uses are measured by idle-time probes alone.
+                    out["topology_pairs_measured"] = c.await_matrix()
+                    order = c.agree()
+                    order = c.agree()
                 times[mode] = c.time(args.nbytes, args.repeats)
             hosts = [join[int(p.removeprefix("peer"))] for p in order if p.startswith("peer")]
             out[f"topology_ring_{mode}"] = hosts
@@ -344,6 +374,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--connections", default="8", help="K of the striped runs (or auto)")
     ap.add_argument("--daemon-arg", action="append", default=[], help="extra daemon flag")
     ap.add_argument("--no-topology", action="store_true", help="skip topology_gain")
+    ap.add_argument("--only-topology", action="store_true", help="topology_gain alone")
     ap.add_argument("--delay-line", choices=["auto", "c", "python"], default="auto")
     ap.add_argument("--no-gloo", action="store_true")
     ap.add_argument("--no-ceiling", action="store_true")
@@ -369,7 +400,9 @@ def main(argv: list[str] | None = None) -> int:
         log(f"delay line ceiling at {max(rtts)} ms")
         ceil = ceiling(args.hosts, max(rtts) / 1e3, seconds=4.0, engine=args.delay_line)
         ceil_mbit = ceil["total_mbit"]
-    if args.sweep:
+    if args.only_topology:
+        result = topology(args)
+    elif args.sweep:
         points = [scenario(args, r, full=False) for r in rtts]
         plot(points, Path(args.plot), args.nbytes)
         result = {"sweep": points, "plot": str(args.plot)}
