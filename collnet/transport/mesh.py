@@ -61,6 +61,9 @@ log = logging.getLogger(__name__)
 MAX_DATA_CONNECTIONS = 8192
 # Peers whose last link's figures are kept for sizing their next link.
 MAX_REMEMBERED_LINKS = 1024
+# Connections one link may stripe over: a HELLO saying more is refused (the
+# acceptor takes the dialler's K, so this bounds what a dialler makes it hold).
+MAX_LINK_CONNECTIONS = 64
 
 
 def _hello_fields(meta: Any) -> tuple[str, int, int]:
@@ -69,7 +72,11 @@ def _hello_fields(meta: Any) -> tuple[str, int, int]:
     peer, index, k = meta.get("peer"), meta.get("conn", 0), meta.get("k", 1)
     if not isinstance(peer, str) or not peer or len(peer) > 128:
         raise ProtocolError(f"HELLO has a bad peer id {peer!r}")
-    if not isinstance(index, int) or not isinstance(k, int) or not 0 <= index < k <= 64:
+    if (
+        not isinstance(index, int)
+        or not isinstance(k, int)
+        or not 0 <= index < k <= MAX_LINK_CONNECTIONS
+    ):
         raise ProtocolError(f"HELLO has bad connection index {index!r} of {k!r}")
     return peer, index, k
 

@@ -234,6 +234,14 @@ def coordinator(
     type=click.FloatRange(0.1),
     help="Deadline for dialling a peer and for an accepted connection's HELLO.",
 )
+@click.option(
+    "--link-report-s",
+    default=2.0,
+    show_default=True,
+    type=click.FloatRange(0.0),
+    help="How often link figures go to the coordinator (and a new idle link may get a "
+    "bandwidth probe); 0: no probes and no reports (the ring keeps its order).",
+)
 @options.heartbeat_options
 @options.secret_option
 @options.tls_options
@@ -265,6 +273,7 @@ def daemon(
     connections: int | None,
     chunk_bytes: int,
     connect_timeout_s: float,
+    link_report_s: float,
     heartbeat_interval_s: float,
     heartbeat_floor_s: float,
     heartbeat_ceiling_s: float,
@@ -302,6 +311,7 @@ def daemon(
         connections=connections,
         chunk_bytes=chunk_bytes,
         connect_timeout_s=connect_timeout_s,
+        link_report_s=link_report_s,
         heartbeat_interval_s=heartbeat_interval_s,
         heartbeat_floor_s=heartbeat_floor_s,
         heartbeat_ceiling_s=heartbeat_ceiling_s,

@@ -150,7 +150,8 @@ class Daemon:
         self.data_addr = self.config.advertised((host, port))
         await self.control.start(PeerInfo(self.id, *self.data_addr))
         self.ipc.start()
-        self.link_report.start()
+        if self.config.link_report_s > 0:
+            self.link_report.start()
         log.info(
             "daemon %s: data %s:%d, ipc %s, pending admission",
             self.id,

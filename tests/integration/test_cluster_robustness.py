@@ -37,6 +37,7 @@ from cluster_harness import (
 )
 from collnet_daemon.ipc import MAX_REQUEST_BYTES
 
+from collnet.transport.mesh import MAX_LINK_CONNECTIONS
 from collnet.wire import HEADER, MAGIC, VERSION, FrameKind, FrameReader, frame_bytes
 
 pytestmark = pytest.mark.timeout(60)
@@ -121,7 +122,9 @@ def _data_log(peers: Peers, index: int) -> Path:
             id="hello-bad-index",
         ),
         pytest.param(
-            frame_bytes(FrameKind.HELLO, {"peer": "x", "conn": 0, "k": CONNECTIONS + 1}),
+            # Links of different K are legal (the acceptor takes the dialler's);
+            # a stripe beyond the protocol's bound is not.
+            frame_bytes(FrameKind.HELLO, {"peer": "x", "conn": 0, "k": MAX_LINK_CONNECTIONS + 1}),
             "ProtocolError",
             id="hello-wrong-connection-count",
         ),

@@ -193,7 +193,13 @@ def relayed(
     """A 3-peer cluster whose peer00 <-> peer01 link goes through a ``Relay``."""
     port = _free_port()
     relay = Relay(port)
-    flags = {"peer01": ["--listen", f"127.0.0.1:{port}", "--advertise-host", "127.0.0.2"]}
+    # No link probes: the relay's one flip must land in a collective's bytes, not in
+    # a probe burst sent while the link is idle.
+    quiet = ["--link-report-s", "0"]
+    flags = {
+        "peer00": quiet,
+        "peer01": ["--listen", f"127.0.0.1:{port}", "--advertise-host", "127.0.0.2", *quiet],
+    }
     try:
         with cluster(tmp_path / "c", pki, per_name=flags, log_level=log_level) as peers:
             yield peers, relay

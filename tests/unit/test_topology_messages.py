@@ -152,16 +152,28 @@ def test_probe_pieces_are_bounded_and_parsed_strictly(meta: Any, size: int, why:
 def test_a_new_idle_link_gets_one_burst_then_only_when_no_traffic_refreshed_it() -> None:
     policy = BurstPolicy(min_interval_s=60.0, fresh_s=120.0)
     state = ProbeState()
-    assert policy.burst_bytes(state, 0.0, busy=True) == 0  # never during a collective
-    assert policy.burst_bytes(state, 0.0, busy=False) == DEFAULT_BURST_BYTES
+    assert policy.burst_bytes(state, 0.0, busy=True, rtt_s=1e-4) == 0  # never in a collective
+    assert policy.burst_bytes(state, 0.0, busy=False) == 0  # the first pings not answered yet
+    assert policy.burst_bytes(state, 0.0, busy=False, rtt_s=1e-4) == DEFAULT_BURST_BYTES
     state.burst_s = 0.0
-    assert policy.burst_bytes(state, 30.0, busy=False) == 0  # rate-limited
+    assert policy.burst_bytes(state, 30.0, busy=False, rtt_s=1e-4) == 0  # rate-limited
     state.saw_sent(64 << 20, 50.0)  # a collective moved data over it
-    assert policy.burst_bytes(state, 100.0, busy=False) == 0  # the far end measured that
+    assert policy.burst_bytes(state, 100.0, busy=False, rtt_s=1e-4) == 0  # measured that
+    assert policy.burst_bytes(state, 171.0, busy=False, rtt_s=1e-4) == DEFAULT_BURST_BYTES
     assert policy.burst_bytes(state, 171.0, busy=False) == DEFAULT_BURST_BYTES
 
 
-@given(st.floats(1e6, 1e11), st.floats(1e-5, 1.0))
+@given(st.one_of(st.none(), st.floats(1e6, 1e11)), st.floats(0.005, 1.0))
+def test_a_long_path_gets_a_burst_that_outlasts_slow_start(
+    bandwidth_bps: float | None, rtt_s: float
+) -> None:
+    # Sized from a slow-start-bound estimate, the next burst would be as short.
+    assert BurstPolicy().burst_bytes(ProbeState(), 0.0, False, bandwidth_bps, rtt_s) == (
+        MAX_BURST_BYTES
+    )
+
+
+@given(st.floats(1e6, 1e11), st.floats(1e-5, 0.0049))
 def test_a_burst_is_bdp_sized_within_bounds(bandwidth_bps: float, rtt_s: float) -> None:
     policy = BurstPolicy()
     n = policy.burst_bytes(ProbeState(), 0.0, False, bandwidth_bps, rtt_s)
