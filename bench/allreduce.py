@@ -329,7 +329,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--latency-iters", type=int, default=20, help="timed iterations per round")
     ap.add_argument("--warmup", type=int, default=1, help="untimed iterations before each series")
     ap.add_argument("--rounds", type=int, default=4, help="gloo/collnet rounds, ABBA order")
-    ap.add_argument("--algo", default="auto", choices=["auto", "ring", "star"])
+    ap.add_argument("--algo", default="auto", choices=["auto", "ring", "star", "direct"])
     ap.add_argument("--no-check", dest="check", action="store_false", help="skip numpy reference")
     ap.add_argument("--no-gloo", action="store_true", help="skip the gloo baseline")
     ap.add_argument("--no-tcp", action="store_true", help="skip the raw TCP baseline")

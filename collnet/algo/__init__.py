@@ -3,8 +3,8 @@
 A schedule consumes events (start, a message arrived, a peer was lost) and
 returns actions (``Send``, ``Complete``, ``Abort``); it never touches a
 socket, an event loop or the environment. See ``actions.Schedule`` for the
-executor protocol, ``ring`` and ``star`` for the all-reduce algorithms and
-their invariants, and ``select.make_all_reduce`` to build one by name. The
+executor protocol, ``ring``, ``star`` and ``direct`` for the all-reduce
+algorithms and their invariants, and ``select.make_all_reduce`` to build one by name. The
 other collectives: ``reducescatter`` and ``allgather`` (the ring's phases
 alone, through ``ring.RingSchedule``), ``broadcast`` (a chain or star
 pipeline from the root; ``select.make_broadcast``) and ``barrier``.
@@ -14,6 +14,7 @@ from collnet.algo.actions import Abort, Action, Complete, Schedule, Send
 from collnet.algo.allgather import RingAllGather, all_gather_equal
 from collnet.algo.barrier import DisseminationBarrier
 from collnet.algo.broadcast import TreeBroadcast
+from collnet.algo.direct import DirectAllReduce
 from collnet.algo.ops import DTYPES, OPS, check_op, combine, finalize
 from collnet.algo.partition import Blocks, Partition, chunk_bounds, segment_bounds
 from collnet.algo.reducescatter import RingReduceScatter
@@ -36,6 +37,7 @@ __all__ = [
     "Action",
     "Blocks",
     "Complete",
+    "DirectAllReduce",
     "DisseminationBarrier",
     "Partition",
     "RingAllGather",

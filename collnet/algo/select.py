@@ -1,8 +1,9 @@
 """Choosing an all-reduce or broadcast schedule by name, or by size for ``auto``.
 
 ``auto`` with the epoch's agreed link figures (``costs``: the world's worst
-RTT and ring bottleneck, ``collnet.topology.costmodel``) picks whichever of
-star and ring the cost model says is faster for this size. Without them it
+RTT, ring bottleneck and slowest pair, ``collnet.topology.costmodel``) picks
+whichever of star, direct and ring the cost model says is fastest for this
+size. Without them it
 picks the star when the tensor is small (``buf.nbytes <= star_max_bytes``:
 two hops beat ``2(W - 1)`` ring steps when latency dominates) or the world
 has at most two ranks (where the ring saves no bandwidth), and the ring
@@ -20,16 +21,17 @@ from typing import Any, Final
 
 import numpy.typing as npt
 
-from collnet.algo.actions import Schedule
 from collnet.algo.broadcast import TreeBroadcast
+from collnet.algo.chunked import ChunkedSchedule
+from collnet.algo.direct import DirectAllReduce
 from collnet.algo.reducer import check_tensor
 from collnet.algo.ring import RingAllReduce
 from collnet.algo.star import StarAllReduce
 from collnet.codec.base import Codec
 from collnet.errors import InvalidArgument
-from collnet.topology.costmodel import LinkCosts, prefer_star
+from collnet.topology.costmodel import LinkCosts, best_algorithm
 
-ALGORITHMS: Final[tuple[str, ...]] = ("auto", "ring", "star")
+ALGORITHMS: Final[tuple[str, ...]] = ("auto", "ring", "star", "direct")
 BROADCAST_ALGORITHMS: Final[tuple[str, ...]] = ("auto", "chain", "star")
 
 DEFAULT_STAR_MAX_BYTES: Final = 256 * 1024
@@ -41,8 +43,11 @@ def choose_algorithm(
     nbytes: int,
     star_max_bytes: int = DEFAULT_STAR_MAX_BYTES,
     costs: LinkCosts | None = None,
+    wire_nbytes: int | None = None,
 ) -> str:
-    """Resolve ``algo`` (``auto``, ``ring`` or ``star``) to ``ring`` or ``star``."""
+    """Resolve ``algo`` (``auto``, ``ring``, ``star`` or ``direct``) to a schedule's
+    name. ``wire_nbytes``: what travels for the tensor's ``nbytes`` (its encoded
+    size under a quantizing codec); the cost model weighs that."""
     if algo not in ALGORITHMS:
         raise InvalidArgument(
             f"unknown all-reduce algorithm {algo!r}; expected one of {ALGORITHMS}", algo=algo
@@ -50,7 +55,7 @@ def choose_algorithm(
     if algo != "auto":
         return algo
     if costs is not None and costs.valid():
-        return "star" if prefer_star(costs, world, nbytes) else "ring"
+        return best_algorithm(costs, world, nbytes if wire_nbytes is None else wire_nbytes)
     return "star" if nbytes <= star_max_bytes or world <= 2 else "ring"
 
 
@@ -65,13 +70,27 @@ def make_all_reduce(
     star_max_bytes: int = DEFAULT_STAR_MAX_BYTES,
     root: int = 0,
     costs: LinkCosts | None = None,
-) -> Schedule:
+) -> ChunkedSchedule:
     """Build the all-reduce schedule ``algo`` names for ``rank`` of ``world`` over ``buf``."""
     check_tensor(buf)
-    chosen = choose_algorithm(algo, world, int(buf.nbytes), star_max_bytes, costs)
+    chosen = choose_algorithm(
+        algo, world, int(buf.nbytes), star_max_bytes, costs, wire_nbytes(buf, codec)
+    )
     if chosen == "star":
         return StarAllReduce(rank, world, buf, op, codec, chunk_bytes, root=root)
+    if chosen == "direct":
+        return DirectAllReduce(rank, world, buf, op, codec, chunk_bytes)
     return RingAllReduce(rank, world, buf, op, codec, chunk_bytes)
+
+
+def wire_nbytes(buf: npt.NDArray[Any], codec: Codec | None) -> int:
+    """The bytes ``buf`` takes on the wire: its encoded size under a codec that
+    knows it in advance (or its bound), its own size otherwise."""
+    n = int(buf.shape[0])
+    if codec is None or codec.name == "none":
+        return int(buf.nbytes)
+    exact = codec.encoded_nbytes(n)
+    return exact if exact is not None else codec.max_encoded_nbytes(n)
 
 
 def make_broadcast(

@@ -1,7 +1,9 @@
-"""Star or ring for ``auto``, and the ring's chunk, from agreed link figures (sans-I/O).
+"""Star, direct or ring for ``auto``, and the ring's chunk, from agreed link figures
+(sans-I/O).
 
 The figures are the world's, fixed for an epoch (``LinkCosts``: the largest
-round-trip time among the members and the ring's bottleneck bandwidth), so
+round-trip time among the members, the ring's bottleneck bandwidth and the
+slowest pair's), so
 every rank evaluates the same model on the same numbers and picks the same
 schedule; a rank's own fresher estimates never enter.
 
@@ -11,12 +13,24 @@ the bottleneck bandwidth in bytes per second (figures are in bits, as
 ``collnet.topology.matrix``):
 
 - star: two hops (in to the root, out from it); the root's link carries
-  ``W - 1`` full tensors each way: ``2 h + 2 (W - 1) n / B``;
+  ``W - 1`` full tensors each way and it handles ``2 (W - 1)`` messages of
+  ``m`` (``MESSAGE_OVERHEAD_S``) each: ``2 h + 2 (W - 1) (m + n / B)``;
 - ring: ``2 (W - 1)`` steps, each a hop of ``n / W`` bytes:
-  ``2 (W - 1) (h + n / (W B))``.
+  ``2 (W - 1) (h + n / (W B))``;
+- direct: two hops, each rank sending ``n / W`` bytes to each of the other
+  ``W - 1`` at once. A host's links to its peers usually share its access
+  link, and the figures of a pair were measured with the pair alone, so the
+  model charges the ring's bytes at the slowest pair's bandwidth ``P``, and
+  every rank handles ``4 (W - 1)`` messages:
+  ``2 h + 4 (W - 1) m + 2 (W - 1) n / (W P)``.
 
-The star wins on latency (2 hops against ``2 (W - 1)``), the ring on bytes.
-With no figures, ``auto`` keeps its size rule (``collnet.algo.select``).
+The star and the direct schedule win on latency (2 hops against
+``2 (W - 1)``), the ring and the direct schedule on bytes; the ring keeps the
+lead where one pair is much slower than the links a planned ring uses. Ties
+go to the star (fewer messages); the direct schedule must beat the ring by
+``DIRECT_MARGIN``. ``n`` is what travels: a quantized tensor's encoded size.
+With no
+figures, ``auto`` keeps its size rule (``collnet.algo.select``).
 """
 
 from __future__ import annotations
@@ -29,10 +43,17 @@ from collnet.errors import ProtocolError
 
 # Per message and hop: a frame through two event loops and a reduction.
 HOP_OVERHEAD_S: Final = 100e-6
+# Per message a rank handles besides the hop's own: the star's root and every
+# rank of the direct schedule handle 2 (W - 1) and 4 (W - 1) messages.
+MESSAGE_OVERHEAD_S: Final = 50e-6
 MIN_CHUNK_BYTES: Final = 1 << 20
 MAX_CHUNK_BYTES: Final = 16 << 20
 # Chunks of one step the ring keeps in flight on a link, for the chunk rule.
 PIPELINE_DEPTH: Final = 4
+# The direct schedule must beat the ring's modelled time by this share to be
+# chosen: the model has no CPU term, and on a CPU-bound host (4 daemons on 2
+# loopback cores, 64 MiB) it measured 5-10 % slower than the ring.
+DIRECT_MARGIN: Final = 0.1
 # Beyond these a figure is not one of a real link.
 MAX_RTT_S: Final = 600.0
 MAX_BPS: Final = 1e13
@@ -40,42 +61,54 @@ MAX_BPS: Final = 1e13
 
 @dataclass(frozen=True, slots=True)
 class LinkCosts:
-    """Agreed figures of one epoch's world: its worst RTT and its ring's bottleneck."""
+    """Agreed figures of one epoch's world: its worst RTT, its ring's bottleneck
+    and its slowest pair (None: not published, and the direct schedule is not
+    modelled)."""
 
     max_rtt_s: float
     bottleneck_bps: float
+    min_pair_bps: float | None = None
 
     def valid(self) -> bool:
         return (
             math.isfinite(self.max_rtt_s)
             and 0 <= self.max_rtt_s <= MAX_RTT_S
-            and math.isfinite(self.bottleneck_bps)
-            and 0 < self.bottleneck_bps <= MAX_BPS
+            and _valid_bps(self.bottleneck_bps)
+            and (self.min_pair_bps is None or _valid_bps(self.min_pair_bps))
         )
 
     def to_wire(self) -> list[float]:
-        return [self.max_rtt_s, self.bottleneck_bps]
+        out = [self.max_rtt_s, self.bottleneck_bps]
+        return out if self.min_pair_bps is None else [*out, self.min_pair_bps]
 
     @staticmethod
     def from_wire(obj: Any) -> LinkCosts | None:
-        """``[max_rtt_s, bottleneck_bps]`` or nil, within bounds (``ProtocolError``)."""
+        """``[max_rtt_s, bottleneck_bps(, min_pair_bps)]`` or nil, within bounds
+        (``ProtocolError``)."""
         if obj is None:
             return None
         if (
             not isinstance(obj, list)
-            or len(obj) != 2
+            or len(obj) not in (2, 3)
             or not all(isinstance(v, int | float) and not isinstance(v, bool) for v in obj)
         ):
-            raise ProtocolError(f"bad link costs {obj!r:.60}: expected [max_rtt_s, bottleneck_bps]")
-        costs = LinkCosts(float(obj[0]), float(obj[1]))
+            raise ProtocolError(
+                f"bad link costs {obj!r:.60}: expected [max_rtt_s, bottleneck_bps, min_pair_bps]"
+            )
+        costs = LinkCosts(float(obj[0]), float(obj[1]), float(obj[2]) if len(obj) == 3 else None)
         if not costs.valid():
             raise ProtocolError(f"link costs out of range: {obj!r:.60}")
         return costs
 
 
+def _valid_bps(bps: float) -> bool:
+    return math.isfinite(bps) and 0 < bps <= MAX_BPS
+
+
 def star_seconds(costs: LinkCosts, world: int, nbytes: int) -> float:
     hop = costs.max_rtt_s / 2 + HOP_OVERHEAD_S
-    return 2 * hop + 2 * (world - 1) * nbytes * 8 / costs.bottleneck_bps
+    messages = 2 * (world - 1) * MESSAGE_OVERHEAD_S
+    return 2 * hop + messages + 2 * (world - 1) * nbytes * 8 / costs.bottleneck_bps
 
 
 def ring_seconds(costs: LinkCosts, world: int, nbytes: int) -> float:
@@ -83,11 +116,37 @@ def ring_seconds(costs: LinkCosts, world: int, nbytes: int) -> float:
     return 2 * (world - 1) * (hop + nbytes * 8 / world / costs.bottleneck_bps)
 
 
+def direct_seconds(costs: LinkCosts, world: int, nbytes: int) -> float | None:
+    """The direct schedule's time, or None without a slowest-pair figure."""
+    if costs.min_pair_bps is None:
+        return None
+    hop = costs.max_rtt_s / 2 + HOP_OVERHEAD_S
+    messages = 4 * (world - 1) * MESSAGE_OVERHEAD_S
+    return 2 * hop + messages + 2 * (world - 1) * nbytes * 8 / world / costs.min_pair_bps
+
+
 def prefer_star(costs: LinkCosts, world: int, nbytes: int) -> bool:
-    """The model's choice for ``auto`` (ties go to the star: fewer messages)."""
+    """Whether the star beats the ring in the model (ties go to the star: fewer
+    messages)."""
     if world <= 2:
         return True  # a ring of two saves no bandwidth
     return star_seconds(costs, world, nbytes) <= ring_seconds(costs, world, nbytes)
+
+
+def best_algorithm(costs: LinkCosts, world: int, nbytes: int) -> str:
+    """The model's choice for ``auto``: ``star``, ``direct`` or ``ring``, for
+    ``nbytes`` on the wire (a quantized tensor's encoded size)."""
+    star = star_seconds(costs, world, nbytes)
+    direct = direct_seconds(costs, world, nbytes)
+    if world <= 2:
+        # A ring of two saves nothing; the direct schedule halves the star's bytes.
+        return "direct" if direct is not None and direct < star else "star"
+    ring = ring_seconds(costs, world, nbytes)
+    if star <= ring and (direct is None or star <= direct):
+        return "star"
+    if direct is not None and direct <= (1 - DIRECT_MARGIN) * ring:
+        return "direct"
+    return "ring"
 
 
 def chunk_bytes_for(costs: LinkCosts, default: int) -> int:

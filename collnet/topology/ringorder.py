@@ -271,7 +271,8 @@ class RingPlanner:
 
     def costs(self, order: Sequence[str]) -> LinkCosts | None:
         """The figures a world in ``order`` publishes for its epoch: the largest RTT
-        between any two members and the ring's bottleneck; None unless every pair
+        between any two members, the ring's bottleneck and the slowest pair's
+        bandwidth; None unless every pair
         has both figures (a partial guess must not steer every rank's choice)."""
         if not 2 <= len(order) <= MAX_PLANNED_PEERS or self.rtt is None:
             return None
@@ -281,7 +282,10 @@ class RingPlanner:
         m = _Matrix(order, self.bandwidth, self.rtt)
         if any(m.bw[i][j] <= UNKNOWN_BPS for i in range(m.n) for j in range(m.n) if i != j):
             return None
-        costs = LinkCosts(max(r for r in rtts if r is not None), m.score(range(m.n)).bottleneck_bps)
+        slowest = min(m.bw[i][j] for i in range(m.n) for j in range(m.n) if i != j)
+        costs = LinkCosts(
+            max(r for r in rtts if r is not None), m.score(range(m.n)).bottleneck_bps, slowest
+        )
         return costs if costs.valid() else None
 
     def costs_moved(self, held: LinkCosts | None, now: LinkCosts | None) -> bool:
@@ -297,4 +301,9 @@ class RingPlanner:
         bps_moved = abs(now.bottleneck_bps - held.bottleneck_bps) > (
             self.costs_tolerance * held.bottleneck_bps
         )
-        return rtt_moved or bps_moved
+        pair_moved = (held.min_pair_bps is None) != (now.min_pair_bps is None) or (
+            held.min_pair_bps is not None
+            and now.min_pair_bps is not None
+            and abs(now.min_pair_bps - held.min_pair_bps) > self.costs_tolerance * held.min_pair_bps
+        )
+        return rtt_moved or bps_moved or pair_moved

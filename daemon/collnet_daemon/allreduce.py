@@ -27,7 +27,6 @@ import xxhash
 from collnet.algo import make_all_reduce
 from collnet.algo.actions import Schedule
 from collnet.algo.ops import DTYPE_BY_NAME, check_op
-from collnet.algo.select import choose_algorithm
 from collnet.codec.registry import get_codec
 from collnet.errors import CollnetError, DaemonUnavailable, InvalidArgument, MismatchError
 from collnet.membership.peer import PeerMembership
@@ -139,8 +138,9 @@ class AllReduces:
             codec=None if codec.name == "none" else codec,
             chunk_bytes=self.config.chunk_bytes,
             star_max_bytes=self.config.star_max_bytes,
+            costs=world.costs,
         )
-        algo = choose_algorithm(req.algo, world.size, array.nbytes, self.config.star_max_bytes)
+        algo = schedule.algorithm
         # Peers must agree on everything that shapes the messages.
         digest = xxhash.xxh32_intdigest(
             f"{array.size}|{array.dtype.name}|{req.reduction}|{codec.name}|{req.algo}|"

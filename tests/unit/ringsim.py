@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from collnet.algo.actions import Abort, Action, Complete, Schedule, Send
+from collnet.algo.direct import DirectAllReduce
 from collnet.algo.ring import RingAllReduce
 from collnet.algo.star import StarAllReduce
 from collnet.codec.base import Codec
@@ -139,6 +140,8 @@ def build(
     world = len(inputs)
     if algo == "ring":
         return [RingAllReduce(r, world, inputs[r], op, codec, chunk_bytes) for r in range(world)]
+    if algo == "direct":
+        return [DirectAllReduce(r, world, inputs[r], op, codec, chunk_bytes) for r in range(world)]
     return [
         StarAllReduce(r, world, inputs[r], op, codec, chunk_bytes, root=root) for r in range(world)
     ]

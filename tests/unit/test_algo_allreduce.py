@@ -95,7 +95,7 @@ def exact_reference(inputs: list[np.ndarray], op: str) -> np.ndarray:
 SIZES = [0, 1, 2, 5, 13, 31]
 
 
-@pytest.mark.parametrize("algo", ["ring", "star"])
+@pytest.mark.parametrize("algo", ["ring", "star", "direct"])
 @pytest.mark.parametrize(
     ("dtype", "op"),
     [(d, op) for d in DTYPES for op in OPS if not (op == "avg" and d.kind == "i")],
@@ -121,7 +121,7 @@ def test_all_reduce_exact_for_every_world_size_dtype_and_op(
 
 
 @given(
-    algo=st.sampled_from(["ring", "star"]),
+    algo=st.sampled_from(["ring", "star", "direct"]),
     dtype=st.sampled_from(FLOATS),
     op=st.sampled_from(["sum", "avg", "prod"]),
     world=st.integers(1, 9),
@@ -169,7 +169,7 @@ def quantized_bound(codec: Codec, world: int, inputs64: list[np.ndarray]) -> flo
 
 
 @given(
-    algo=st.sampled_from(["ring", "star"]),
+    algo=st.sampled_from(["ring", "star", "direct"]),
     dtype=st.sampled_from(FLOATS),
     op=st.sampled_from(["sum", "avg", "min", "max"]),
     world=st.integers(1, 9),
@@ -244,7 +244,7 @@ def test_raw_path_sends_views_of_the_tensor_and_receives_results_in_place() -> N
 
 
 def test_world_one_completes_at_start_for_both_algorithms() -> None:
-    for algo in ("ring", "star"):
+    for algo in ("ring", "star", "direct"):
         x = np.arange(5, dtype=np.float32)
         s = make_all_reduce(algo, 0, 1, x, "avg")
         assert s.start() == [Complete()]
@@ -253,7 +253,7 @@ def test_world_one_completes_at_start_for_both_algorithms() -> None:
         np.testing.assert_array_equal(x, np.arange(5, dtype=np.float32))
 
 
-@pytest.mark.parametrize("algo", ["ring", "star"])
+@pytest.mark.parametrize("algo", ["ring", "star", "direct"])
 def test_empty_tensor_completes_at_start_on_every_rank(algo: str) -> None:
     inputs = [np.zeros(0, dtype=np.float32) for _ in range(4)]
     for s in build(algo, inputs, "sum"):
@@ -261,7 +261,7 @@ def test_empty_tensor_completes_at_start_on_every_rank(algo: str) -> None:
 
 
 @given(
-    algo=st.sampled_from(["ring", "star"]),
+    algo=st.sampled_from(["ring", "star", "direct"]),
     world=st.integers(2, 8),
     n=st.integers(0, 60),
     chunk_elems=st.integers(1, 9),
@@ -343,10 +343,12 @@ def test_peer_lost_names_the_ring_step() -> None:
     assert not scheds[0].finished
 
 
-@pytest.mark.parametrize("algo", ["ring", "star"])
+@pytest.mark.parametrize("algo", ["ring", "star", "direct"])
 def test_local_data_the_codec_cannot_encode_aborts_with_codec_error(algo: str) -> None:
     inputs = [np.ones(6, dtype=np.float32) for _ in range(3)]
-    inputs[1][2] = np.inf
+    # An element rank 1 sends at start: segment 1 for the ring's first step,
+    # the root's tensor for the star, segment 0 (not its own) for direct.
+    inputs[1][0 if algo == "direct" else 2] = np.inf
     scheds = build(algo, inputs, "sum", FP16_TEST)
     (abort,) = scheds[1].start()
     assert isinstance(abort, Abort) and isinstance(abort.error, NonFiniteError)
@@ -354,7 +356,21 @@ def test_local_data_the_codec_cannot_encode_aborts_with_codec_error(algo: str) -
     assert scheds[1].on_peer_lost(0) == []
 
 
-@pytest.mark.parametrize("algo", ["ring", "star"])
+def test_direct_owner_whose_own_data_the_codec_cannot_encode_aborts_at_finalize() -> None:
+    inputs = [np.ones(6, dtype=np.float32) for _ in range(3)]
+    inputs[1][2] = np.inf  # in segment 1, which rank 1 owns and never encodes alone
+    sim = RingSim(build("direct", inputs, "sum", FP16_TEST), random.Random(0))
+    sim.start()
+    assert 1 not in sim.outcome
+    sim.run()
+    abort = sim.outcome[1]
+    assert isinstance(abort, Abort) and isinstance(abort.error, NonFiniteError)
+    # The others got segment 1's result from no one: they wait for the executor
+    # to tell them (as for the star's root), they never complete.
+    assert not any(isinstance(o, Complete) for o in sim.outcome.values())
+
+
+@pytest.mark.parametrize("algo", ["ring", "star", "direct"])
 def test_partial_sum_overflowing_the_codec_aborts_instead_of_sending_garbage(algo: str) -> None:
     inputs = [np.full(6, 40000.0, dtype=np.float32) for _ in range(3)]
     sim = RingSim(build(algo, inputs, "sum", FP16_TEST, chunk_bytes=8), random.Random(0))

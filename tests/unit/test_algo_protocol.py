@@ -13,6 +13,7 @@ from ringsim import FP16_TEST, RingSim, build
 from collnet.algo import (
     ALGORITHMS,
     Complete,
+    DirectAllReduce,
     RingAllReduce,
     Schedule,
     Send,
@@ -37,7 +38,7 @@ def started(
 
 
 @given(
-    algo=st.sampled_from(["ring", "star"]),
+    algo=st.sampled_from(["ring", "star", "direct"]),
     quantized=st.booleans(),
     rank=st.integers(0, 3),
     calls=st.lists(
@@ -238,13 +239,14 @@ def test_star_root_must_be_in_the_world() -> None:
 
 
 def test_make_all_reduce_picks_by_name_and_size() -> None:
-    assert ALGORITHMS == ("auto", "ring", "star")
+    assert ALGORITHMS == ("auto", "ring", "star", "direct")
     small = np.zeros(16, dtype=np.float32)
     big = np.zeros(1 << 17, dtype=np.float32)  # 512 KiB
     assert isinstance(make_all_reduce("auto", 0, 4, small, "sum"), StarAllReduce)
     assert isinstance(make_all_reduce("auto", 0, 4, big, "sum"), RingAllReduce)
     assert isinstance(make_all_reduce("auto", 0, 2, big, "sum"), StarAllReduce)
     assert isinstance(make_all_reduce("ring", 0, 4, small, "sum"), RingAllReduce)
+    assert isinstance(make_all_reduce("direct", 2, 4, big, "sum"), DirectAllReduce)
     star = make_all_reduce("star", 1, 4, big, "sum", root=3)
     assert isinstance(star, StarAllReduce) and star.root == 3
     assert isinstance(

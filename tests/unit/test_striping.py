@@ -16,8 +16,11 @@ from collnet.membership import PeerInfo, WorldView
 from collnet.membership.bounds import world_from_wire
 from collnet.topology.costmodel import (
     MAX_CHUNK_BYTES,
+    DIRECT_MARGIN,
     LinkCosts,
+    best_algorithm,
     chunk_bytes_for,
+    direct_seconds,
     prefer_star,
     ring_seconds,
     star_seconds,
@@ -203,3 +206,71 @@ def test_a_relink_doubles_a_window_bound_stripe_and_otherwise_follows_the_measur
     # A link that carried far less than its windows hold: sized by what it carried.
     assert connections_after(LinkFigures(GBIT, 0.001), 4, WINDOW) == 1
     assert connections_after(LinkFigures(GBIT, 0.1), 8, WINDOW) == 3
+
+
+# -- with the slowest pair's figure: star, direct or ring ------------------------
+WAN3 = LinkCosts(max_rtt_s=0.1, bottleneck_bps=GBIT, min_pair_bps=GBIT)
+LOOPBACK3 = LinkCosts(max_rtt_s=50e-6, bottleneck_bps=20 * GBIT, min_pair_bps=20 * GBIT)
+
+
+def test_without_a_slowest_pair_figure_the_direct_schedule_is_not_modelled() -> None:
+    assert direct_seconds(WAN, 4, 1 << 20) is None
+    for nbytes in (4 << 10, 1 << 20, 64 << 20):
+        assert best_algorithm(WAN, 4, nbytes) == ("star" if prefer_star(WAN, 4, nbytes) else "ring")
+
+
+def test_on_a_100ms_wan_tiny_tensors_take_the_star_the_rest_the_direct_schedule() -> None:
+    assert best_algorithm(WAN3, 4, 4 << 10) == "star"
+    assert best_algorithm(WAN3, 4, 1 << 20) == "direct"
+    # 64 MiB: 0.1 s of hops + 0.8 s against the ring's 0.3 s + 0.8 s.
+    assert best_algorithm(WAN3, 4, 64 << 20) == "direct"
+
+
+def test_on_loopback_big_tensors_keep_the_ring() -> None:
+    # Two hops fewer save microseconds: less than the margin.
+    assert best_algorithm(LOOPBACK3, 4, 64 << 20) == "ring"
+    assert best_algorithm(LOOPBACK3, 4, 4 << 10) == "star"
+
+
+def test_one_slow_pair_sends_the_direct_schedule_back_to_the_ring() -> None:
+    skewed = LinkCosts(max_rtt_s=0.1, bottleneck_bps=GBIT, min_pair_bps=GBIT / 4)
+    assert best_algorithm(skewed, 4, 64 << 20) == "ring"
+
+
+def test_costs_travel_with_and_without_the_slowest_pair() -> None:
+    assert LinkCosts.from_wire(WAN.to_wire()) == WAN
+    assert LinkCosts.from_wire(WAN3.to_wire()) == WAN3
+    with pytest.raises(ProtocolError):
+        LinkCosts.from_wire([0.1, GBIT, -1.0])
+    with pytest.raises(ProtocolError):
+        LinkCosts.from_wire([0.1, GBIT, 1.0, 2.0])
+
+
+@given(
+    st.floats(min_value=0.0, max_value=1.0),
+    st.floats(min_value=1e6, max_value=1e11),
+    st.floats(min_value=0.01, max_value=1.0),
+    st.integers(min_value=2, max_value=64),
+    st.integers(min_value=1, max_value=1 << 32),
+)
+def test_the_choice_is_never_slower_in_the_model_than_the_star_or_the_ring(
+    rtt: float, bps: float, pair_share: float, world: int, nbytes: int
+) -> None:
+    costs = LinkCosts(rtt, bps, bps * pair_share)
+    times = {
+        "star": star_seconds(costs, world, nbytes),
+        "ring": ring_seconds(costs, world, nbytes),
+        "direct": direct_seconds(costs, world, nbytes),
+    }
+    choice = best_algorithm(costs, world, nbytes)
+    chosen = times[choice]
+    assert chosen is not None
+    star = times["star"]
+    assert star is not None
+    assert chosen <= star
+    ring = times["ring"]
+    assert ring is not None
+    if world > 2:
+        assert chosen <= ring
+    if choice == "direct" and world > 2:
+        assert chosen <= (1 - DIRECT_MARGIN) * ring
