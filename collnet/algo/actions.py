@@ -54,6 +54,16 @@ class Schedule(abc.ABC):
     3. ``on_peer_lost(rank)`` when a participant dies.
     A message the schedule does not expect raises ``ProtocolError`` from
     ``recv_buffer``; after ``Complete`` or ``Abort`` no further actions come.
+
+    Agreement: the executor checks that every message comes from a rank running
+    the same collective (the digest), so a rank whose ``Complete`` depends, at
+    least through other ranks, on a message from every rank knows they all
+    agreed. A schedule where that does not hold (a broadcast's root receives
+    nothing; an empty ring block leaves a rank unheard) says so with
+    ``needs_agreement``, and the executor then reports success only once every
+    member has confirmed the digest. It must be the same on every rank of one
+    collective (a function of what the digest covers), or a rank would wait
+    for a confirmation nobody sends.
     """
 
     rank: int
@@ -75,3 +85,8 @@ class Schedule(abc.ABC):
     @abc.abstractmethod
     def finished(self) -> bool:
         """True once Complete or Abort has been returned."""
+
+    @property
+    def needs_agreement(self) -> bool:
+        """True where ``Complete`` alone does not prove every rank agreed (see above)."""
+        return False

@@ -24,6 +24,12 @@ bit-identical outputs, the owner's block included.
 Failure model as the ring's: a lost peer aborts with ``PeerLost`` naming the
 step (phase ``all-gather``); after an abort ``out`` is undefined except for
 this rank's own block on the raw path.
+
+Agreement: block ``k`` travels ``k -> k + 1 -> ... -> k - 1``, so when every
+block holds data each rank has, through the ring, heard from every rank. An
+empty block travels nowhere: the rank before its owner (and a rank with
+nothing to receive at all) completes without word from some ranks, so with
+any empty block ``needs_agreement`` is True (``Schedule``).
 """
 
 from __future__ import annotations
@@ -78,6 +84,11 @@ class RingAllGather(RingSchedule):
         super().__init__(
             rank, world, out, None, codec, chunk_bytes, reduce=False, gather=True, layout=blocks
         )
+
+    @property
+    def needs_agreement(self) -> bool:
+        # The counts are the same on every rank (the digest covers them).
+        return min(self._part.num_chunks(k) for k in range(self.world)) == 0
 
     @property
     def own_range(self) -> tuple[int, int]:

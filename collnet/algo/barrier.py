@@ -7,7 +7,9 @@ round ``k + 1`` only once it has both sent round ``k`` and received round
 that ranks ``r - 2**(k+1) + 1 .. r`` have all entered the barrier; after the
 last round that is every rank. So ``Complete`` comes on every rank, and only
 after every rank has called ``start()``; it costs ``ceil(log2 W)`` one-way
-latencies and ``W * ceil(log2 W)`` empty messages.
+latencies and ``W * ceil(log2 W)`` empty messages. The same chain of
+messages, each checked against the digest, tells a rank that every rank runs
+this barrier: ``needs_agreement`` stays False.
 
 Messages may arrive in any order: a round's message that comes early (its
 sender is ahead) is kept and counted when this rank gets there.

@@ -24,9 +24,14 @@ each chunk once, replaces its own copy with the decode of those bytes, and
 every other rank decodes the very same bytes, forwarded unchanged along the
 tree, so every rank, the root included, ends with the same tensor.
 
-Failure model: the root completes once it has handed every chunk to the
-executor (its tensor is final from the start); any other rank that is still
-receiving aborts with ``PeerLost`` naming its hop when a participant is lost.
+Failure model: the root's schedule completes once it has handed every chunk
+to the executor (its tensor is final from the start); any other rank that is
+still receiving aborts with ``PeerLost`` naming its hop when a participant is
+lost. The root receives nothing and a rank hears nothing from the ranks
+after it in the tree, so none of them knows from the data that everyone
+broadcasts the same way: ``needs_agreement`` is True, and the executor
+reports success only once every member confirmed the digest (a root that a
+member disagrees with fails with ``MismatchError`` like the others).
 The tensor of an aborted rank holds the chunks received so far. Unexpected
 messages raise ``ProtocolError`` and leave the schedule unfinished (see
 ``ring`` for the shared rules); a codec that cannot encode the root's data
@@ -101,6 +106,10 @@ class TreeBroadcast(ChunkedSchedule):
         self._nchunks = self._part.num_chunks(0)
         self._state = bytearray(self._nchunks)
         self._received = 0
+
+    @property
+    def needs_agreement(self) -> bool:
+        return True
 
     def start(self) -> list[Action]:
         if self._started:

@@ -4,6 +4,10 @@ the lifecycle (started, finished, aborted).
 After ``Complete`` or ``Abort`` a schedule is finished: a later message is a
 ``ProtocolError``, and an abort releases the scratch of every message that was
 still pending so nothing keeps the tensor's memory busy.
+
+Agreement (``Schedule.needs_agreement``): over an empty tensor no rank sends
+or receives anything, so nothing proves the members agree; a subclass whose
+data leaves some rank unheard in other cases too says so itself.
 """
 
 from __future__ import annotations
@@ -43,6 +47,11 @@ class ChunkedSchedule(Schedule):
     @property
     def finished(self) -> bool:
         return self._finished
+
+    @property
+    def needs_agreement(self) -> bool:
+        # The length is the same on every rank (the digest covers it).
+        return self._red.n == 0
 
     def _abort(self, error: CollnetError) -> list[Action]:
         self._finished = True

@@ -19,6 +19,12 @@ With a quantizing codec every hop carries the encoded partial result of a
 chunk (float32 accumulation, as in the all-reduce); the owner's result is
 never re-encoded, since no other rank receives it. The ranks' outputs are
 disjoint, so there is nothing for them to agree on bit for bit.
+
+Agreement: segment ``k`` travels ``k + 1 -> ... -> k``, so a rank whose own
+segment holds data has, through the ring, heard from every rank. With fewer
+elements than ranks the last ``W - n`` segments are empty and their owners
+complete without word from some ranks: ``needs_agreement`` is True then
+(``Schedule``).
 """
 
 from __future__ import annotations
@@ -52,6 +58,10 @@ class RingReduceScatter(RingSchedule):
         super().__init__(
             rank, world, buf, op, codec, chunk_bytes, reduce=True, gather=False, shift=-1
         )
+
+    @property
+    def needs_agreement(self) -> bool:
+        return self._red.n < self.world
 
     @property
     def output_range(self) -> tuple[int, int]:

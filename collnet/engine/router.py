@@ -158,6 +158,9 @@ class Router:
             prior = aborted[1]
         items = self.early.take(key)
         if prior is not None:
+            # Failed like any other: the members' pieces still coming are read and
+            # dropped, not stashed for a start that will never come.
+            _remember(self._failed, key, prior)
             return run.fail(prior)
         self.runs[key] = run
         out = self._after(run, run.start())
@@ -344,6 +347,9 @@ class Router:
                 where = f" ({algorithm} step {step}, {fields.get('phase')})"
             elif "root" in fields:
                 where = f" ({algorithm}, root rank {fields['root']})"
+        elif rank in run.unconfirmed():
+            # The schedule is done here; only this member's AGREE was missing.
+            where = " (before it confirmed it runs the same collective)"
         fields.update(peer=peer, rank=rank, epoch=run.key[0], tag=run.key[1])
         return PeerLost(
             f"peer {peer} (rank {rank}) lost during collective {run.key}{where}: {reason}",

@@ -12,7 +12,17 @@ Invariants:
   counts the piece as *writing* until ``piece_done``: a failed run's buffer
   goes back to its owner only once nothing is writing (``settled``);
 - a message reaches its schedule (``on_receive``) only once all its pieces
-  have arrived, whatever order the striped connections delivered them in.
+  have arrived, whatever order the striped connections delivered them in;
+- it reports ``Finished`` only once it knows every member runs the same
+  collective: every message it accepted carried its digest, and where the
+  schedule's data alone does not prove the others agreed
+  (``needs_agreement``: a broadcast's root hears from nobody) it sends an
+  AGREE at start to every member it sends no data to then, and finishes only
+  once a piece (AGREE or data) has come from each member. A member that
+  disagrees meets a foreign digest and every member fails with
+  ``MismatchError``: none of them completes. Every member sends every other
+  something at start (data or AGREE), so a disagreement is seen one hop
+  after the members started, on both sides of it.
 """
 
 from __future__ import annotations
@@ -23,7 +33,11 @@ from collnet.algo.actions import Abort, Action, Complete, Schedule, Send
 from collnet.engine.actions import EngineAction, Failed, Finished, Transmit
 from collnet.errors import CollnetError, MismatchError, ProtocolError
 from collnet.membership.world import WorldView
-from collnet.wire.datalink import DataPiece, Key, data_head
+from collnet.wire.datalink import AGREE_STEP, DataPiece, Key, data_head
+
+# What an AGREE carries (nothing) and where its nothing lands (writable, as the
+# early stash's replay copies into it).
+_NOTHING = memoryview(bytearray())
 
 
 @dataclass(slots=True)
@@ -47,6 +61,14 @@ class Run:
         self.ranks = {peer.id: r for r, peer in enumerate(world.peers)}
         self.error: CollnetError | None = None
         self.completed = False
+        # The schedule completed (its data is in the caller's buffer) but a
+        # member's AGREE may still be missing.
+        self._schedule_done = False
+        self._agree = schedule.needs_agreement and world.size > 1
+        # Ranks known to run this collective (a piece of theirs carried its
+        # digest), and those whose AGREE came (one each).
+        self._agreed: set[int] = set()
+        self._agrees: set[int] = set()
         # The schedule itself gave up (this rank's data cannot be encoded): the
         # other members do not know yet.
         self.gave_up = False
@@ -71,19 +93,41 @@ class Run:
         """Every member but this peer."""
         return [peer.id for r, peer in enumerate(self.world.peers) if r != self.rank]
 
+    def unconfirmed(self) -> list[int]:
+        """Ranks this run still waits to hear from (none unless it needs agreement)."""
+        if not self._agree:
+            return []
+        return [r for r in range(self.world.size) if r != self.rank and r not in self._agreed]
+
     def start(self) -> list[EngineAction]:
-        return self._translate(self.schedule.start())
+        out = self._translate(self.schedule.start())
+        if self._agree and self.error is None:
+            # A member this rank sends data to now hears the digest in it; every
+            # other member gets an AGREE. After the data: it is what the far end
+            # waits for first.
+            data_to = {a.to for a in out if type(a) is Transmit}
+            head = data_head(self.key, AGREE_STEP, 0, self.digest)
+            out += [
+                Transmit(self.key, r, head, _NOTHING)
+                for r in range(self.world.size)
+                if r != self.rank and r not in data_to
+            ]
+        return out
 
     def sink(self, src: int, piece: DataPiece, nbytes: int) -> memoryview:
         """Where ``nbytes`` of ``piece`` from rank ``src`` go (counted as writing)."""
         if piece.digest != self.digest:
             raise MismatchError(
                 f"collective {self.key}: peer rank {src} runs a different collective "
-                "(shape, dtype, op, codec or algorithm differ)",
+                "(shape, dtype, root, op, codec or algorithm differ)",
                 epoch=self.key[0],
                 tag=self.key[1],
                 peer=self.world.peers[src].id,
             )
+        if piece.step == AGREE_STEP:
+            return self._agreement(src, piece, nbytes)
+        if self._agree:
+            self._agreed.add(src)  # its digest matched: it runs this collective
         name = (src, piece.step, piece.chunk)
         slot = self._inbound.get(name)
         if slot is None:
@@ -112,6 +156,8 @@ class Run:
 
     def received(self, src: int, piece: DataPiece, nbytes: int) -> list[EngineAction]:
         """``nbytes`` of ``piece`` have landed; the schedule hears of whole messages."""
+        if piece.step == AGREE_STEP:
+            return self._finish()
         name = (src, piece.step, piece.chunk)
         slot = self._inbound.get(name)
         if slot is None:
@@ -137,9 +183,35 @@ class Run:
                 head = data_head(self.key, action.step, action.chunk, self.digest)
                 out.append(Transmit(self.key, action.to, head, action.payload))
             elif isinstance(action, Complete):
-                self.completed = True
-                out.append(Finished(self.key))
+                self._schedule_done = True
+                out.extend(self._finish())
             elif isinstance(action, Abort):
                 self.gave_up = not self.done
                 out.extend(self.fail(action.error))
         return out
+
+    def _agreement(self, src: int, piece: DataPiece, nbytes: int) -> memoryview:
+        """Rank ``src``'s AGREE (its digest matched): counted, and nothing to place.
+
+        One from a member of a collective that does not need them is harmless
+        (its digest matched) and only counted too."""
+        if piece.chunk != 0 or piece.offset != 0 or piece.total != 0 or nbytes != 0:
+            raise ProtocolError(
+                f"collective {self.key}: malformed AGREE from rank {src} "
+                f"(chunk {piece.chunk}, {piece.total} bytes)"
+            )
+        if src in self._agrees:
+            raise ProtocolError(f"collective {self.key}: second AGREE from rank {src}")
+        self._agrees.add(src)
+        self._agreed.add(src)
+        peer = self.world.peers[src].id
+        # Counted like any piece, so that its ``piece_done`` balances.
+        self._writing[peer] = self._writing.get(peer, 0) + 1
+        return _NOTHING
+
+    def _finish(self) -> list[EngineAction]:
+        """``Finished`` once the schedule completed and every member was heard from."""
+        if self.done or not self._schedule_done or self.unconfirmed():
+            return []
+        self.completed = True
+        return [Finished(self.key)]

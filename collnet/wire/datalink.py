@@ -8,7 +8,10 @@ heartbeats (see docs/protocol.md):
   it, once per striped piece, so the receiver can place every piece without
   knowing the striping. ``digest`` is a hash of everything that shapes the
   messages (count, dtype, op, codec, algorithm, chunking): peers that run
-  different collectives under one tag find out at the first piece.
+  different collectives under one tag find out at the first piece. Step
+  ``AGREE_STEP`` (chunk 0, no payload) is the collective's AGREE: the
+  digest alone, sent to every member where the schedule's data does not
+  prove agreement (``collnet.algo.actions.Schedule.needs_agreement``).
 - DATA of a shared-state transfer: ``["S", fid, offset, total]``.
 - ABORT of a collective: ``[epoch, tag, error]``; CONTROL of a state
   transfer: ``{"t": "fetch", "ranges": [[fid, fetch], ...]}`` and ``{"t":
@@ -32,6 +35,8 @@ Key = tuple[int, int | str]
 STATE_DATA: Final = "S"
 # Ranges per fetch message: keeps each request's metadata far below the frame limit.
 RANGES_PER_FETCH: Final = 128
+# The step of a collective's AGREE message; schedules number their steps from 0.
+AGREE_STEP: Final = -1
 
 
 @dataclass(frozen=True, slots=True)

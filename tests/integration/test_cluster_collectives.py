@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +43,9 @@ pytestmark = pytest.mark.timeout(120)
 
 WORLD = 3
 KILL_BOUND_S = 3.0  # as test_cluster_crash: kill -9 is seen through socket errors
+# A disagreement is seen at the first message (an AGREE is sent at start), far
+# below the 20 s deadline these tests give: a rank left waiting would show.
+MISMATCH_BOUND_S = 5.0
 FEW = settings(
     max_examples=5,
     deadline=None,
@@ -261,23 +264,83 @@ def test_barrier_returns_only_after_every_rank_entered_it(peers: Peers) -> None:
         assert all(seen)
 
 
-def test_a_rank_that_disagrees_on_the_root_fails_with_mismatch_error_and_none_is_wrong(
-    peers: Peers,
+def _timed_outcomes(comms: list[Comm], fn: Callable[[Comm], Any]) -> tuple[list[Any], float]:
+    """Every rank's outcome of ``fn`` (started together) and the slowest one's seconds."""
+    started = threading.Barrier(len(comms))
+    ended = [0.0] * len(comms)
+
+    def one(i: int, comm: Comm) -> Any:
+        started.wait(10)
+        try:
+            return fn(comm)
+        finally:
+            ended[i] = time.monotonic()
+
+    t0 = time.monotonic()
+    outcomes = run_on_all_outcomes(comms, one)
+    return outcomes, max(ended) - t0
+
+
+# (a root per rank, in rank order): who believes what
+ROOT_DISAGREEMENTS = {
+    "one-dissenter": (2, 1, 1),  # rank 1 sends; rank 2 is rank 0's would-be root
+    "everyone-root": (0, 1, 2),  # every rank believes it is the root and just sends
+}
+
+
+@pytest.mark.parametrize("algo", ["star", "chain"])
+@pytest.mark.parametrize("roots", list(ROOT_DISAGREEMENTS))
+def test_ranks_that_disagree_on_the_root_all_fail_with_mismatch_error_within_bound(
+    peers: Peers, algo: str, roots: str
 ) -> None:
-    # A root learns nothing from the others (it completes once it has sent), so
-    # the ranks that receive are the ones that find a disagreement out.
+    # A root hears nothing from the others in the data, so it must learn of their
+    # agreement before it reports success: no rank completes, none is left waiting.
     tag, sent = fresh_tag(), np.arange(1000, dtype=np.float32)
 
-    def one(_: int, comm: Comm) -> np.ndarray:
-        root = 2 if comm.rank == 0 else 1
-        buf = sent.copy() if comm.rank == 1 else np.zeros(1000, np.float32)
-        return comm.broadcast(buf, root=root, algo="star", tag=tag, timeout_s=20.0)
+    def one(comm: Comm) -> np.ndarray:
+        root = ROOT_DISAGREEMENTS[roots][comm.rank]
+        buf = sent.copy() if root == comm.rank else np.zeros(1000, np.float32)
+        return comm.broadcast(buf, root=root, algo=algo, tag=tag, timeout_s=20.0)
 
-    outcomes = run_on_all_outcomes(peers.comms, one)
+    outcomes, slowest_s = _timed_outcomes(peers.comms, one)
+    assert all(isinstance(o, MismatchError) for o in outcomes), outcomes
+    assert slowest_s < MISMATCH_BOUND_S, slowest_s
+
+
+def test_a_refused_broadcast_fails_its_root_too(peers: Peers) -> None:
+    tag = fresh_tag()
+
+    def one(comm: Comm) -> np.ndarray:
+        # The last rank names a root outside the world: refused there, at once.
+        root = WORLD if comm.rank == WORLD - 1 else 0
+        return comm.broadcast(np.ones(4, np.float32), root=root, tag=tag, timeout_s=20.0)
+
+    outcomes, slowest_s = _timed_outcomes(peers.comms, one)
     by_rank = {c.rank: o for c, o in zip(peers.comms, outcomes, strict=True)}
-    assert isinstance(by_rank[0], MismatchError), outcomes
-    for o in outcomes:
-        assert isinstance(o, MismatchError) or (isinstance(o, np.ndarray) and (o == sent).all())
+    assert isinstance(by_rank[WORLD - 1], InvalidArgument), outcomes
+    assert all(isinstance(by_rank[r], CollectiveAborted) for r in range(WORLD - 1)), outcomes
+    assert slowest_s < MISMATCH_BOUND_S, slowest_s
+
+
+@pytest.mark.parametrize("kind", ["all_gather", "reduce_scatter"])
+def test_a_rank_with_nothing_to_receive_that_disagrees_fails_like_the_others(
+    peers: Peers, kind: str
+) -> None:
+    # The dissenter's call leaves it nothing to receive (all-gather: no elements
+    # anywhere; reduce-scatter of one element: rank 1 only starts that element's
+    # chain): it must not complete on its own.
+    tag = fresh_tag()
+
+    def one(comm: Comm) -> Any:
+        if kind == "all_gather":
+            src = np.ones(0 if comm.rank == 0 else 4, np.float32)
+            return comm.all_gather(src, tag=tag, timeout_s=20.0)
+        n = 1 if comm.rank == 1 else WORLD
+        return comm.reduce_scatter(np.ones(n, np.float32), tag=tag, timeout_s=20.0)
+
+    outcomes, slowest_s = _timed_outcomes(peers.comms, one)
+    assert all(isinstance(o, MismatchError) for o in outcomes), outcomes
+    assert slowest_s < MISMATCH_BOUND_S, slowest_s
 
 
 def test_mismatched_all_gather_counts_fail_every_rank_with_mismatch_error(peers: Peers) -> None:

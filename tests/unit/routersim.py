@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from collnet.algo import make_all_reduce
+from collnet.algo.actions import Schedule
 from collnet.codec.base import Codec
 from collnet.engine import (
     AbortedEarly,
@@ -102,6 +103,20 @@ class RouterSim:
         rank = world.rank_of(peer)
         assert rank is not None
         schedule = make_all_reduce(algo, rank, world.size, buf, op, codec, chunk_bytes)
+        return self.start_schedule(peer, tag, schedule, digest, world)
+
+    def start_schedule(
+        self,
+        peer: str,
+        tag: int | str,
+        schedule: Schedule,
+        digest: int = 7,
+        world: WorldView | None = None,
+    ) -> Run:
+        """Start any schedule (built for ``peer``'s rank) as collective ``tag``."""
+        world = world or self.world
+        rank = world.rank_of(peer)
+        assert rank is not None and schedule.rank == rank
         run = Run((world.epoch, tag), world, rank, schedule, digest)
         self.perform(peer, self.routers[peer].start(run))
         return run
