@@ -13,7 +13,11 @@ over the same links:
   timed inside the daemons (``Comm.bench_all_reduce``; a tiny barrier
   all-reduce precedes each), with striping (``--connections`` K, default 8)
   and without (1 connection): ``striping_gain`` is the fp32 ratio;
-* the 1 MiB latency of collnet star, ring and auto, and of gloo;
+* the 1 MiB latency of collnet star, ring, direct and auto, and of gloo;
+  ``auto_check``: star, ring, direct and auto at 4 KiB, 1 MiB and ``--size``
+  (fp32), with auto over the best of star and ring (bar: <= 1.1). The
+  busbw runs use ``auto`` too, decided on the link figures the daemons
+  measured and the coordinator agreed (the bench waits for every pair's);
 * torch.distributed gloo (``bench/gloo_worker.py`` in each host namespace);
 * the delay line's own ceiling (``wanlab.measure.ceiling``: a ring of TCP
   flows through an unshaped lab at the same RTT) and whether the scenario
@@ -69,6 +73,7 @@ HERE = Path(__file__).resolve().parent
 PLOT = HERE.parent / "docs" / "wan_busbw_vs_rtt.png"
 GLOO_PORT = 29555
 CODECS = {"fp32": "none", "uint8": "uint8", "uint4": "uint4"}
+ALGOS = ("star", "ring", "direct", "auto")
 
 
 def log(msg: str) -> None:
@@ -222,6 +227,9 @@ def scenario(args: argparse.Namespace, rtt_ms: float, full: bool) -> dict[str, A
     with Lab(spec, args.delay_line) as lab:
         log(f"lab up: {n} hosts, {args.rate_mbit} Mbit/s, {rtt_ms} ms")
         with collnet_in(lab, args.connections, args.daemon_arg) as c:
+            # auto decides on the epoch's agreed link figures: measured, then agreed.
+            out["pairs_measured"] = c.await_matrix()
+            c.agree()
             for name, codec in CODECS.items():
                 if name == "uint4" and not full:
                     continue
@@ -229,7 +237,15 @@ def scenario(args: argparse.Namespace, rtt_ms: float, full: bool) -> dict[str, A
                 out[f"{name}_busbw_over_link"] = over_link(size, _med(samples[name]), n, link)
                 log(f"collnet {name}: {out[f'{name}_busbw_over_link']} of link")
             if full:
-                lat = {a: c.time(mib, reps, algo=a) for a in ("star", "ring", "auto")}
+                checks = {"4KiB": 4 << 10, "1MiB": mib, _size_name(size): size}
+                auto_check: dict[str, dict[str, float]] = {}
+                for label, nb in checks.items():
+                    times = {a: c.time(nb, reps, algo=a) for a in ALGOS}
+                    if label == "1MiB":
+                        lat = dict(times)
+                    auto_check[label] = _auto_row({a: _med(t) for a, t in times.items()})
+                    log(f"auto at {label}: {auto_check[label]}")
+                out["auto_check"] = auto_check
         if full and _has_flag("daemon", "or auto"):
             with collnet_in(lab, "auto", args.daemon_arg) as c:
                 samples["fp32_auto_conn"] = c.time(size, reps)
@@ -259,6 +275,20 @@ def scenario(args: argparse.Namespace, rtt_ms: float, full: bool) -> dict[str, A
     out["delay_line_stats_during_run"] = lab.final_stats
     out["samples_s"] = {k: [round(x, 4) for x in v] for k, v in samples.items()}
     return out
+
+
+def _size_name(nbytes: int) -> str:
+    return f"{nbytes >> 20}MiB" if nbytes >= 1 << 20 else f"{nbytes >> 10}KiB"
+
+
+def _auto_row(times: dict[str, float]) -> dict[str, float]:
+    """Median seconds per algorithm, and auto's time over the best of star and ring
+    (the bar: <= 1.1) and over the best of all."""
+    row = {a: round(t, 4) for a, t in times.items()}
+    row["auto_over_best_star_ring"] = round(times["auto"] / min(times["star"], times["ring"]), 3)
+    fixed = [t for a, t in times.items() if a != "auto"]
+    row["auto_over_best"] = round(times["auto"] / min(fixed), 3)
+    return row
 
 
 def _has_flag(command: str, text: str) -> bool:

@@ -44,10 +44,12 @@ def choose_algorithm(
     star_max_bytes: int = DEFAULT_STAR_MAX_BYTES,
     costs: LinkCosts | None = None,
     wire_nbytes: int | None = None,
+    chunk_bytes: int = 1 << 20,
 ) -> str:
     """Resolve ``algo`` (``auto``, ``ring``, ``star`` or ``direct``) to a schedule's
     name. ``wire_nbytes``: what travels for the tensor's ``nbytes`` (its encoded
-    size under a quantizing codec); the cost model weighs that."""
+    size under a quantizing codec); the cost model weighs that, in chunks of
+    ``chunk_bytes`` of the tensor."""
     if algo not in ALGORITHMS:
         raise InvalidArgument(
             f"unknown all-reduce algorithm {algo!r}; expected one of {ALGORITHMS}", algo=algo
@@ -55,7 +57,9 @@ def choose_algorithm(
     if algo != "auto":
         return algo
     if costs is not None and costs.valid():
-        return best_algorithm(costs, world, nbytes if wire_nbytes is None else wire_nbytes)
+        wire = nbytes if wire_nbytes is None else wire_nbytes
+        wire_chunk = max(1, chunk_bytes * wire // nbytes) if nbytes else chunk_bytes
+        return best_algorithm(costs, world, wire, wire_chunk)
     return "star" if nbytes <= star_max_bytes or world <= 2 else "ring"
 
 
@@ -74,7 +78,7 @@ def make_all_reduce(
     """Build the all-reduce schedule ``algo`` names for ``rank`` of ``world`` over ``buf``."""
     check_tensor(buf)
     chosen = choose_algorithm(
-        algo, world, int(buf.nbytes), star_max_bytes, costs, wire_nbytes(buf, codec)
+        algo, world, int(buf.nbytes), star_max_bytes, costs, wire_nbytes(buf, codec), chunk_bytes
     )
     if chosen == "star":
         return StarAllReduce(rank, world, buf, op, codec, chunk_bytes, root=root)

@@ -15,18 +15,23 @@ the bottleneck bandwidth in bytes per second (figures are in bits, as
 - star: two hops (in to the root, out from it); the root's link carries
   ``W - 1`` full tensors each way and it handles ``2 (W - 1)`` messages of
   ``m`` (``MESSAGE_OVERHEAD_S``) each: ``2 h + 2 (W - 1) (m + n / B)``;
-- ring: ``2 (W - 1)`` steps, each a hop of ``n / W`` bytes:
-  ``2 (W - 1) (h + n / (W B))``;
+- ring: pipelined per chunk (``c`` bytes on the wire, at most ``n / W``), so
+  it is bound either by the chain of one chunk through ``2 (W - 1)`` hops,
+  ``2 (W - 1) (h + c / B)``, or, when a step's ``n / W`` bytes outlast a hop,
+  by streaming its bytes and the last hop, ``2 (W - 1) n / (W B) + h``:
+  the larger of the two;
 - direct: two hops, each rank sending ``n / W`` bytes to each of the other
   ``W - 1`` at once. A host's links to its peers usually share its access
   link, and the figures of a pair were measured with the pair alone, so the
-  model charges the ring's bytes at the slowest pair's bandwidth ``P``, and
-  every rank handles ``4 (W - 1)`` messages:
-  ``2 h + 4 (W - 1) m + 2 (W - 1) n / (W P)``.
+  model charges the ring's bytes at the slowest pair's bandwidth ``P``;
+  bound by the larger of its two-hop chain ``2 (h + c / P)`` and its stream
+  ``2 (W - 1) n / (W P) + h``, and every rank handles ``4 (W - 1)``
+  messages of ``m``.
 
 The star and the direct schedule win on latency (2 hops against
-``2 (W - 1)``), the ring and the direct schedule on bytes; the ring keeps the
-lead where one pair is much slower than the links a planned ring uses. Ties
+``2 (W - 1)``), the ring and the direct schedule on bytes: where both stream
+(big tensors) they tie, and the ring keeps the lead where one pair is much
+slower than the links a planned ring uses. Ties
 go to the star (fewer messages); the direct schedule must beat the ring by
 ``DIRECT_MARGIN``. ``n`` is what travels: a quantized tensor's encoded size.
 With no
@@ -111,18 +116,28 @@ def star_seconds(costs: LinkCosts, world: int, nbytes: int) -> float:
     return 2 * hop + messages + 2 * (world - 1) * nbytes * 8 / costs.bottleneck_bps
 
 
-def ring_seconds(costs: LinkCosts, world: int, nbytes: int) -> float:
+def ring_seconds(
+    costs: LinkCosts, world: int, nbytes: int, chunk_bytes: int = MIN_CHUNK_BYTES
+) -> float:
     hop = costs.max_rtt_s / 2 + HOP_OVERHEAD_S
-    return 2 * (world - 1) * (hop + nbytes * 8 / world / costs.bottleneck_bps)
+    bps = costs.bottleneck_bps
+    chain = 2 * (world - 1) * (hop + min(chunk_bytes, nbytes / world) * 8 / bps)
+    stream = 2 * (world - 1) * nbytes * 8 / world / bps + hop
+    return max(chain, stream)
 
 
-def direct_seconds(costs: LinkCosts, world: int, nbytes: int) -> float | None:
+def direct_seconds(
+    costs: LinkCosts, world: int, nbytes: int, chunk_bytes: int = MIN_CHUNK_BYTES
+) -> float | None:
     """The direct schedule's time, or None without a slowest-pair figure."""
     if costs.min_pair_bps is None:
         return None
     hop = costs.max_rtt_s / 2 + HOP_OVERHEAD_S
+    bps = costs.min_pair_bps
     messages = 4 * (world - 1) * MESSAGE_OVERHEAD_S
-    return 2 * hop + messages + 2 * (world - 1) * nbytes * 8 / world / costs.min_pair_bps
+    chain = 2 * (hop + min(chunk_bytes, nbytes / world) * 8 / bps)
+    stream = 2 * (world - 1) * nbytes * 8 / world / bps + hop
+    return messages + max(chain, stream)
 
 
 def prefer_star(costs: LinkCosts, world: int, nbytes: int) -> bool:
@@ -133,15 +148,18 @@ def prefer_star(costs: LinkCosts, world: int, nbytes: int) -> bool:
     return star_seconds(costs, world, nbytes) <= ring_seconds(costs, world, nbytes)
 
 
-def best_algorithm(costs: LinkCosts, world: int, nbytes: int) -> str:
+def best_algorithm(
+    costs: LinkCosts, world: int, nbytes: int, chunk_bytes: int = MIN_CHUNK_BYTES
+) -> str:
     """The model's choice for ``auto``: ``star``, ``direct`` or ``ring``, for
-    ``nbytes`` on the wire (a quantized tensor's encoded size)."""
+    ``nbytes`` on the wire (a quantized tensor's encoded size) in chunks of
+    ``chunk_bytes`` on the wire."""
     star = star_seconds(costs, world, nbytes)
-    direct = direct_seconds(costs, world, nbytes)
+    direct = direct_seconds(costs, world, nbytes, chunk_bytes)
     if world <= 2:
         # A ring of two saves nothing; the direct schedule halves the star's bytes.
         return "direct" if direct is not None and direct < star else "star"
-    ring = ring_seconds(costs, world, nbytes)
+    ring = ring_seconds(costs, world, nbytes, chunk_bytes)
     if star <= ring and (direct is None or star <= direct):
         return "star"
     if direct is not None and direct <= (1 - DIRECT_MARGIN) * ring:

@@ -11,7 +11,7 @@ memory) adds.
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, Final
 
 import numpy as np
 
@@ -35,33 +35,42 @@ def cancel(executor: Executor, req: Cancel) -> dict[str, Any]:
     return {"cancelled": executor.cancel((req.epoch, req.tag), exc)}
 
 
+# Elements of the bench's barrier: one or more in every rank's segment for
+# worlds up to this size, so that every rank waits for results from all the
+# others (the owner of the only segment would leave a hop before them).
+BARRIER_COUNT: Final = 256
+
+
 async def bench_all_reduce(
     all_reduces: AllReduces, buffers: SharedBuffers, epoch: int, req: BenchAllReduce
 ) -> dict[str, Any]:
     """Run ``iters`` all-reduces of ``count`` elements on a daemon-owned buffer; their times.
 
     Each timed all-reduce goes through ``AllReduces.run`` exactly as a
-    trainer's would. With ``barrier`` a one-element star all-reduce precedes
-    each, so a time covers the collective rather than the peers' skew.
+    trainer's would. With ``barrier`` a small direct all-reduce precedes each,
+    so a time covers the collective rather than the peers' skew: every rank
+    leaves it on the last of the results it receives from every other rank,
+    so all leave together (a star's root would leave one hop before the
+    others, and that hop would be charged to the timed collective).
     """
     dtype = DTYPE_BY_NAME[req.dtype]
     seg = SharedBuffer.create(req.count * dtype.itemsize)
-    flag = SharedBuffer.create(4)
+    flag = SharedBuffer.create(4 * BARRIER_COUNT)
     buffers.adopt(seg)
     buffers.adopt(flag)
     epoch = req.epoch if req.epoch is not None else epoch
     try:
         seg.array(dtype, req.count).fill(1)
-        flag.array(np.float32, 1).fill(1)
+        flag.array(np.float32, BARRIER_COUNT).fill(1)
         times = []
         for i in range(req.iters):
             if req.barrier:
                 tiny = AllReduce(
                     tag=f"{req.tag}-b{i}",
                     shm=flag.name,
-                    count=1,
+                    count=BARRIER_COUNT,
                     dtype="float32",
-                    algo="star",
+                    algo="direct",
                     epoch=epoch,
                     timeout_s=req.timeout_s,
                 )

@@ -31,7 +31,7 @@ from collnet_client import Comm
 pytestmark = pytest.mark.timeout(90)
 
 WORLDS = [1, 2, 3, 5, 8]
-ALGOS = ["ring", "star", "auto"]
+ALGOS = ["ring", "star", "direct", "auto"]
 # 0 and 1 element; 1000 is not divisible by 3 nor by the codec block (256);
 # 7919 is prime, so divisible by no world size and no block.
 ODD_SIZES = [0, 1, 1000, 7919]
@@ -89,7 +89,7 @@ def test_all_reduce_matches_numpy_and_is_bit_identical_on_every_peer(
 
 
 @pytest.mark.parametrize("dtype", [np.dtype(np.float32), np.dtype(np.int64)], ids=_dtype_id)
-@pytest.mark.parametrize("algo", ["ring", "star"])  # auto picks one of these by size
+@pytest.mark.parametrize("algo", ["ring", "star", "direct"])  # auto picks one of these
 def test_tensor_larger_than_a_chunk_is_pipelined_in_several_chunks_correctly(
     peers: Peers, algo: str, dtype: np.dtype[Any]
 ) -> None:
@@ -144,7 +144,7 @@ def test_quantized_tensor_larger_than_a_chunk_is_bit_identical(peers: Peers, cod
 def test_zero_copy_and_staged_paths_give_identical_results(
     peers: Peers, dtype: np.dtype[Any]
 ) -> None:
-    for algo in ("ring", "star"):
+    for algo in ("ring", "star", "direct"):
         inputs = peer_inputs(peers.size, 7919, dtype, "sum", seed=5)
         staged = peers.all_reduce(inputs, op="sum", algo=algo, zero_copy=False)
         shared = peers.all_reduce(inputs, op="sum", algo=algo, zero_copy=True)

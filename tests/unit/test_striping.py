@@ -219,11 +219,15 @@ def test_without_a_slowest_pair_figure_the_direct_schedule_is_not_modelled() -> 
         assert best_algorithm(WAN, 4, nbytes) == ("star" if prefer_star(WAN, 4, nbytes) else "ring")
 
 
-def test_on_a_100ms_wan_tiny_tensors_take_the_star_the_rest_the_direct_schedule() -> None:
+def test_on_a_100ms_wan_the_direct_schedule_takes_what_the_ring_cannot_stream() -> None:
     assert best_algorithm(WAN3, 4, 4 << 10) == "star"
     assert best_algorithm(WAN3, 4, 1 << 20) == "direct"
-    # 64 MiB: 0.1 s of hops + 0.8 s against the ring's 0.3 s + 0.8 s.
-    assert best_algorithm(WAN3, 4, 64 << 20) == "direct"
+    # 16 MiB on the wire (64 MiB in uint8): a ring step's 4 MiB outlasts no hop,
+    # so the ring is its chain of 6 hops (0.31 s); direct streams (0.25 s).
+    assert best_algorithm(WAN3, 4, 16 << 20) == "direct"
+    # 64 MiB: a step's 16 MiB outlasts a hop, both stream the same bytes (0.86 s).
+    assert best_algorithm(WAN3, 4, 64 << 20) == "ring"
+    assert ring_seconds(WAN3, 4, 64 << 20) == pytest.approx(0.855, abs=0.01)
 
 
 def test_on_loopback_big_tensors_keep_the_ring() -> None:
