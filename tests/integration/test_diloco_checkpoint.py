@@ -19,7 +19,7 @@ from cluster_harness import CALL_TIMEOUT_S, run_on_all, running_peers
 from collnet_client import Comm
 
 torch = pytest.importorskip("torch")
-from collnet_client.torch import DiLoCo  # noqa: E402
+from collnet_client.torch import DiLoCo, TopKConfig  # noqa: E402
 from test_sdk_diloco import _loss, _model, _run_example  # noqa: E402
 
 pytestmark = pytest.mark.timeout(240)
@@ -34,6 +34,15 @@ MODES = {
         "codec": "uint8",
         "error_feedback": True,
         "outer_optimizer": lambda ps: torch.optim.Adam(ps, lr=0.05),
+    },
+    # The top-k residuals (per peer) must come back too, or the parts sent differ.
+    "streaming-topk-4bit": {
+        "inner_steps": 4,
+        "streaming": True,
+        "fragments": 2,
+        "overlap": 1,
+        "compression": "topk",
+        "topk": TopKConfig(density=0.25, decay=0.9, bits=4, chunk=4),
     },
 }
 

@@ -9,18 +9,28 @@ import numpy as np
 import pytest
 from cluster_harness import CALL_TIMEOUT_S, run_on_all, running_peers
 from collnet_client import Comm
-from collnet_client.sparse import unpack
+from collnet_client.sparse import TopK, chunked
 
 torch = pytest.importorskip("torch")
-from collnet_client.torch import DiLoCo  # noqa: E402
+from collnet_client.torch import DiLoCo, TopKConfig  # noqa: E402
 from test_sdk_diloco import _loss, _model, _run_example  # noqa: E402
 
 pytestmark = pytest.mark.timeout(240)
 
 
+# (config, values kept per part): float32 pairs with one chunk per tensor, and 4-bit
+# values in chunks of 4 with a decayed error feedback.
+CONFIGS = {
+    "fp32": (TopKConfig(density=0.25), sum(-(-n // 4) for n in (12, 3, 3, 1))),
+    "4bit-chunked": (TopKConfig(density=0.25, decay=0.9, bits=4, chunk=4), 6),
+}
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
 def test_topk_rounds_apply_nesterov_to_the_mean_of_every_peers_sparse_part(
-    tmp_path: Path,
+    tmp_path: Path, name: str
 ) -> None:
+    config, kept = CONFIGS[name]
     torch.set_num_threads(1)
     lr, mu, rounds, inner = 0.7, 0.9, 3, 2
     models = [_model() for _ in range(3)]  # torch's seed is global: not in the threads
@@ -30,7 +40,7 @@ def test_topk_rounds_apply_nesterov_to_the_mean_of_every_peers_sparse_part(
         opt = torch.optim.SGD(model.parameters(), lr=0.05)
         d = DiLoCo(
             comm, model, opt, inner_steps=inner, outer_lr=lr, outer_momentum=mu,
-            compression="topk", density=0.25, timeout_s=CALL_TIMEOUT_S,
+            compression="topk", topk=config, timeout_s=CALL_TIMEOUT_S,
         )  # fmt: skip
         sent: list[np.ndarray] = []
         gather = comm.all_gather_v_async
@@ -58,14 +68,17 @@ def test_topk_rounds_apply_nesterov_to_the_mean_of_every_peers_sparse_part(
     assert results[0][1] == results[1][1] == results[2][1], "peers differ after a round"
     g = torch.nn.utils.parameters_to_vector(_model().parameters()).detach().numpy().copy()
     n = g.size
-    # 25% of each parameter tensor (rounded up), as (index, value) pairs.
-    kept = sum(-(-q.numel() // 4) for q in _model().parameters())
+    # 25% of each chunk (rounded up), decoded the way every peer decodes them.
+    sizes = [q.numel() for q in _model().parameters()]
+    sel = TopK(chunked(sizes, config.chunk), config.density, config.decay, config.bits)
+    assert sel.kept == kept
     by_rank = sorted(results, key=lambda r: r[3])
     m = np.zeros_like(g)
     for r in range(rounds):
         dense = np.zeros(n, np.float32)
         for sent, *_ in by_rank:
-            idx, vals = unpack(sent[r], n)
+            assert sent[r].nbytes == sel.part_nbytes
+            idx, vals = sel.decode(sent[r])
             assert idx.size == kept
             dense[idx] += vals
         avg = dense / np.float32(3)

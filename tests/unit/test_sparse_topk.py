@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from collnet_client.sparse import TopK, average, keep_count, pack, unpack
+from collnet_client.lowbit import dequantize, quantize
+from collnet_client.sparse import MAX_CHUNK, TopK, average, chunked, keep_count, pack, unpack
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
@@ -103,3 +104,100 @@ def test_density_outside_the_unit_interval_is_refused() -> None:
         TopK([4], 0.0)
     with pytest.raises(ValueError):
         TopK([4], 1.5)
+
+
+@settings(max_examples=150, deadline=None)
+@given(chunks=CHUNKS, density=st.floats(0.01, 1.0), decay=st.floats(0.0, 1.0, width=32),
+       bits=st.sampled_from([2, 4, 8]), data=st.data())  # fmt: skip
+def test_quantized_parts_carry_the_top_k_of_the_decayed_sum_and_the_residual_keeps_the_rounding(
+    chunks: list[int], density: float, decay: float, bits: int, data: st.DataObject
+) -> None:
+    n = sum(chunks)
+    x, r = _vector(data, n), _vector(data, n)
+    sel = TopK(chunks, density, decay, bits)
+    acc = x + np.float32(decay) * r
+    residual = r.copy()
+    part = sel.encode(x.copy(), residual)
+    assert part.dtype == np.int32 and part.nbytes == sel.part_nbytes
+    # 4-byte scale per chunk, 2-byte index and bits/8 bytes per value, padded to 4.
+    raw = 4 * len(chunks) + 2 * sel.kept + -(-sel.kept * bits // 8)
+    assert sel.part_nbytes == -(-raw // 4) * 4
+    idx, vals = sel.decode(part)
+    # The reference: the same selection as fp32 top-k, then the per-chunk quantizer.
+    ref_idx, ref_acc = TopK(chunks, density).compress(acc.copy(), np.zeros(n, np.float32))
+    assert np.array_equal(idx, ref_idx) and np.array_equal(ref_acc, acc[idx])
+    keeps = [keep_count(c, density) for c in chunks]
+    codes, scales = quantize(acc[idx], keeps, bits)
+    assert vals.tobytes() == dequantize(codes, scales, keeps, bits).tobytes()
+    # Sent plus kept is the decayed sum, up to the rounding of one subtraction.
+    rebuilt = residual.copy()
+    rebuilt[idx] += vals
+    np.testing.assert_allclose(rebuilt, acc, rtol=1e-6, atol=1e-6 * float(np.abs(acc).max()))
+    np.testing.assert_array_equal(np.delete(residual, idx), np.delete(acc, idx))
+
+
+def test_a_decay_below_one_lets_an_unsent_residual_fade() -> None:
+    sel = TopK([4], 0.25, decay=0.5)
+    residual = np.zeros(4, np.float32)
+    sel.compress(np.array([8, 4, 0, 0], np.float32), residual)
+    assert residual.tolist() == [0, 4, 0, 0]
+    idx, vals = sel.compress(np.zeros(4, np.float32), residual)
+    assert idx.tolist() == [1] and vals.tolist() == [2]  # 0.5 * 4
+    assert residual.tolist() == [0, 0, 0, 0]
+
+
+@settings(max_examples=60, deadline=None)
+@given(chunks=CHUNKS, peers=st.integers(1, 5), bits=st.sampled_from([2, 4, 8, 32]),
+       data=st.data())  # fmt: skip
+def test_average_of_encoded_parts_is_the_dense_mean_in_rank_order(
+    chunks: list[int], peers: int, bits: int, data: st.DataObject
+) -> None:
+    n = sum(chunks)
+    sel = TopK(chunks, data.draw(st.floats(0.05, 1.0)), 0.9, bits)
+    parts, ref = [], np.zeros(n, np.float32)
+    for _ in range(peers):
+        part = sel.encode(_vector(data, n), np.zeros(n, np.float32))
+        parts.append(part)
+        idx, vals = sel.decode(part)
+        ref[idx] += vals
+    ref /= np.float32(peers)
+    out = sel.average(parts, np.empty(n, np.float32))
+    assert out.tobytes() == ref.tobytes()
+
+
+def test_chunked_cuts_every_tensor_and_uint16_indices_need_small_chunks() -> None:
+    assert chunked([10, 3, 8], 4) == [4, 4, 2, 3, 4, 4]
+    assert chunked([MAX_CHUNK + 1], MAX_CHUNK) == [MAX_CHUNK, 1]
+    with pytest.raises(ValueError):
+        chunked([10], MAX_CHUNK + 1)
+    with pytest.raises(ValueError):
+        TopK([MAX_CHUNK + 1], 0.01, bits=4)
+    with pytest.raises(ValueError):
+        TopK([8], 0.5, decay=1.5)
+    with pytest.raises(ValueError):
+        TopK([8], 0.5, bits=3)
+
+
+def test_decode_refuses_a_part_no_peer_could_have_encoded() -> None:
+    sel = TopK([6, 4], 0.5, bits=4)  # 3 + 2 values kept
+    part = sel.encode(np.arange(10, dtype=np.float32), np.zeros(10, np.float32))
+    sel.decode(part)
+    data = part.view(np.uint8)
+    with pytest.raises(ValueError):
+        sel.decode(part[:-1])  # short
+    bad = data.copy()
+    bad[8:10] = np.frombuffer(np.uint16(6).tobytes(), np.uint8)  # index 6 in a chunk of 6
+    with pytest.raises(ValueError, match="chunk"):
+        sel.decode(bad.view(np.int32))
+    bad = data.copy()
+    bad[8:12] = np.frombuffer(np.array([2, 1], np.uint16).tobytes(), np.uint8)
+    with pytest.raises(ValueError, match="ascending"):
+        sel.decode(bad.view(np.int32))
+    bad = data.copy()
+    bad[0:4] = np.frombuffer(np.float32(np.nan).tobytes(), np.uint8)
+    with pytest.raises(ValueError, match="scale"):
+        sel.decode(bad.view(np.int32))
+    bad = data.copy()
+    bad[18] = 0xFF  # two 4-bit codes of 15, above 2L = 14
+    with pytest.raises(ValueError):
+        sel.decode(bad.view(np.int32))

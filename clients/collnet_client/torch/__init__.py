@@ -12,6 +12,7 @@ Importing this package needs torch (the ``torch`` extra).
 from collnet_client.torch.diloco import DiLoCo, OuterStep, empty, sync_state
 from collnet_client.torch.process_group import ProcessGroupCollnet
 from collnet_client.torch.rendezvous import init_process_group, register, reinit
+from collnet_client.torch.topk import TopKConfig
 
 register()
 
@@ -19,6 +20,7 @@ __all__ = [
     "DiLoCo",
     "OuterStep",
     "ProcessGroupCollnet",
+    "TopKConfig",
     "empty",
     "init_process_group",
     "reinit",

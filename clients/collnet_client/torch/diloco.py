@@ -21,7 +21,8 @@ schedule with one fragment, ``overlap = 0`` and ``alpha = 0``.
 Exchanges (``exchange.py``): an ``avg`` all-reduce with any codec (uint8 and
 uint4 quantize the outer gradients, optionally with error feedback), or
 ``compression="topk"``: the ``density`` largest values with error feedback,
-through the variable-size all-gather (``topk.py``).
+through the variable-size all-gather (``topk.py``; ``topk=TopKConfig(...)``
+also sets the feedback's decay, the bits per value and the chunk size).
 
 Failure model, in the order a sync runs:
 
@@ -63,7 +64,7 @@ from collnet_client.client import Comm, SyncResult
 from collnet_client.torch.exchange import ROUND_ERRORS, AllReduceExchange, Exchange
 from collnet_client.torch.fragments import Fragment, Schedule, split
 from collnet_client.torch.outer import OuterFactory, OuterOptimizer, nesterov
-from collnet_client.torch.topk import TopKExchange
+from collnet_client.torch.topk import TopKConfig, TopKExchange
 
 F32 = npt.NDArray[np.float32]
 
@@ -119,7 +120,8 @@ class DiLoCo:
 
     ``outer_lr`` and ``outer_momentum`` configure the default Nesterov SGD and
     may not be combined with ``outer_optimizer``. ``compression`` names the
-    exchange (a codec of the all-reduce, or ``"topk"`` with ``density``);
+    exchange (a codec of the all-reduce, or ``"topk"`` with ``density``, or with
+    ``topk``, a ``TopKConfig``);
     ``codec`` is its older spelling for codecs.
     """
 
@@ -136,6 +138,7 @@ class DiLoCo:
         codec: str = "none",
         compression: str | None = None,
         density: float = 0.01,
+        topk: TopKConfig | None = None,
         error_feedback: bool = False,
         streaming: bool = False,
         fragments: int = 1,
@@ -152,6 +155,9 @@ class DiLoCo:
         compression = compression or codec
         if compression.removesuffix("+lz4") not in COMPRESSIONS:
             raise ValueError(f"compression must be one of {COMPRESSIONS}, got {compression!r}")
+        if topk is not None and density != TopKConfig.density:
+            raise ValueError("pass density in topk")
+        topk = topk or TopKConfig(density=density)
         if not streaming and fragments != 1:
             raise ValueError("fragments need streaming=True")
         if not 0.0 <= alpha <= 1.0:
@@ -165,7 +171,8 @@ class DiLoCo:
         self.inner_optimizer = inner_optimizer
         self.inner_steps = inner_steps
         self.compression = compression
-        self.density = density
+        self.density = topk.density
+        self.topk = topk
         self.streaming = streaming
         self.alpha = np.float32(alpha if streaming else 0.0)
         self.timeout_s = timeout_s
@@ -205,7 +212,7 @@ class DiLoCo:
         )
         self.exchanger: AllReduceExchange | TopKExchange
         if compression == "topk":
-            self.exchanger = TopKExchange(comm, density, self.sizes, self.fragments)
+            self.exchanger = TopKExchange(comm, topk, self.sizes, self.fragments)
         else:
             self.exchanger = AllReduceExchange(comm, compression, error_feedback, tag_prefix)
 
