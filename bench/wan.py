@@ -11,8 +11,9 @@ over the same links:
 
 * collnet fp32, uint8 and uint4 all-reduces of ``--size`` (float32 bytes),
   timed inside the daemons (``Comm.bench_all_reduce``; a tiny barrier
-  all-reduce precedes each), with striping (``--connections`` K, default 8)
-  and without (1 connection): ``striping_gain`` is the fp32 ratio;
+  all-reduce precedes each), with striping (``--connections``: the daemon's
+  default ``auto``, or a fixed K, which adds an ``auto`` row) and without
+  (1 connection): ``striping_gain`` is the fp32 ratio;
 * the 1 MiB latency of collnet star, ring, direct and auto, and of gloo;
   ``auto_check``: star, ring, direct and auto at 4 KiB, 1 MiB and ``--size``
   (fp32), with auto over the best of star and ring (bar: <= 1.1). The
@@ -246,7 +247,7 @@ def scenario(args: argparse.Namespace, rtt_ms: float, full: bool) -> dict[str, A
                     auto_check[label] = _auto_row({a: _med(t) for a, t in times.items()})
                     log(f"auto at {label}: {auto_check[label]}")
                 out["auto_check"] = auto_check
-        if full and _has_flag("daemon", "or auto"):
+        if full and args.connections != "auto":
             with collnet_in(lab, "auto", args.daemon_arg) as c:
                 samples["fp32_auto_conn"] = c.time(size, reps)
             auto = over_link(size, _med(samples["fp32_auto_conn"]), n, link)
@@ -401,7 +402,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--size", default="64MiB")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--loss", type=float, default=0.0, help="drop probability per direction")
-    ap.add_argument("--connections", default="8", help="K of the striped runs (or auto)")
+    ap.add_argument(
+        "--connections",
+        default="auto",
+        help="K of the striped runs: auto (the daemon's default) or 1-64",
+    )
     ap.add_argument("--daemon-arg", action="append", default=[], help="extra daemon flag")
     ap.add_argument("--no-topology", action="store_true", help="skip topology_gain")
     ap.add_argument("--only-topology", action="store_true", help="topology_gain alone")
