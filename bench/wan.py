@@ -70,6 +70,9 @@ from wanlab import Lab, LabSpec
 from wanlab.lab import child_env
 from wanlab.measure import ceiling
 
+from collnet.algo.select import choose_algorithm
+from collnet.topology.costmodel import LinkCosts
+
 HERE = Path(__file__).resolve().parent
 PLOT = HERE.parent / "docs" / "wan_busbw_vs_rtt.png"
 GLOO_PORT = 29555
@@ -131,17 +134,25 @@ class Collnet:
             c.close()
         self.cluster.stop()
 
-    def links_known(self) -> int:
-        """Ordered member pairs with a bandwidth figure in the coordinator's matrix
-        (``collnet status --json``, asked from the coordinator's namespace)."""
+    def status(self) -> dict[str, Any]:
+        """``collnet status --json``, asked from the coordinator's namespace ({} on failure)."""
         c = self.cluster
         cmd = ["ip", "netns", "exec", self.lab_router, sys.executable, "-m", "collnet_daemon",
                "status", "--coordinator", c.coordinator_addr, *c._secret(), "--json"]  # fmt: skip
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
         if proc.returncode != 0:
-            return 0
-        rows = json.loads(proc.stdout).get("links") or []
+            return {}
+        out: dict[str, Any] = json.loads(proc.stdout)
+        return out
+
+    def links_known(self) -> int:
+        """Ordered member pairs with a bandwidth figure in the coordinator's matrix."""
+        rows = self.status().get("links") or []
         return sum(1 for r in rows if r.get("bandwidth_bps"))
+
+    def costs(self) -> LinkCosts | None:
+        """The current epoch's agreed link figures, on which ``auto`` decides."""
+        return LinkCosts.from_wire((self.status().get("world") or {}).get("costs"))
 
     def await_matrix(self, limit_s: float = 90.0) -> int:
         """Idle (probes run only while no collective does) until every ordered pair of
@@ -231,6 +242,8 @@ def scenario(args: argparse.Namespace, rtt_ms: float, full: bool) -> dict[str, A
             # auto decides on the epoch's agreed link figures: measured, then agreed.
             out["pairs_measured"] = c.await_matrix()
             c.agree()
+            costs = c.costs()
+            out["costs"] = None if costs is None else costs.to_wire()
             for name, codec in CODECS.items():
                 if name == "uint4" and not full:
                     continue
@@ -239,13 +252,17 @@ def scenario(args: argparse.Namespace, rtt_ms: float, full: bool) -> dict[str, A
                 log(f"collnet {name}: {out[f'{name}_busbw_over_link']} of link")
             if full:
                 checks = {"4KiB": 4 << 10, "1MiB": mib, _size_name(size): size}
-                auto_check: dict[str, dict[str, float]] = {}
+                auto_check: dict[str, dict[str, Any]] = {}
                 for label, nb in checks.items():
                     times = {a: c.time(nb, reps, algo=a) for a in ALGOS}
                     if label == "1MiB":
                         lat = dict(times)
-                    auto_check[label] = _auto_row({a: _med(t) for a, t in times.items()})
-                    log(f"auto at {label}: {auto_check[label]}")
+                    row: dict[str, Any] = _auto_row({a: _med(t) for a, t in times.items()})
+                    # What auto picks for an fp32 tensor of this size (the daemon's own rule).
+                    row["auto_picks"] = choose_algorithm("auto", n, nb, costs=costs)
+                    row["samples_s"] = {a: [round(x, 4) for x in t] for a, t in times.items()}
+                    auto_check[label] = row
+                    log(f"auto at {label}: {row}")
                 out["auto_check"] = auto_check
         if full and args.connections != "auto":
             with collnet_in(lab, "auto", args.daemon_arg) as c:
