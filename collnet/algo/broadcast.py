@@ -45,14 +45,12 @@ from typing import Any, Final
 import numpy.typing as npt
 
 from collnet.algo.actions import Action, Complete, Send
-from collnet.algo.chunked import ChunkedSchedule
+from collnet.algo.chunked import POSTED, ChunkedSchedule
 from collnet.algo.partition import Partition, check_group
 from collnet.codec.base import Codec
 from collnet.errors import CodecError, InvalidArgument, PeerLost, ProtocolError
 
 BROADCAST_TREES: Final[tuple[str, ...]] = ("chain", "star")
-
-_IDLE, _POSTED, _DONE = 0, 1, 2
 
 
 class TreeBroadcast(ChunkedSchedule):
@@ -133,39 +131,29 @@ class TreeBroadcast(ChunkedSchedule):
         actions.append(Complete())
         return actions
 
+    @property
+    def _kind(self) -> str:
+        return "broadcast"
+
     def recv_buffer(self, src: int, step: int, chunk: int, nbytes: int) -> memoryview:
         if self._aborted:
             return self._red.sink(nbytes)
         self._locate(src, step, chunk)
-        if self._state[chunk] != _IDLE:
-            raise ProtocolError(
-                f"duplicate broadcast message (step {step}, chunk {chunk}) from rank {src}",
-                rank=src,
-                step=step,
-                chunk=chunk,
-            )
+        self._expect_new(chunk, src, step, chunk)
         a, b = self._part.chunk(0, chunk)
         self._red.check_nbytes(a, b, nbytes)
         view, token = self._red.result_buffer(a, b, nbytes)
         self._pending[chunk] = token
-        self._state[chunk] = _POSTED
+        self._state[chunk] = POSTED
         return view
 
     def on_receive(self, src: int, step: int, chunk: int) -> list[Action]:
         if self._aborted:
             return []
         self._locate(src, step, chunk)
-        if self._state[chunk] != _POSTED:
-            what = "duplicate" if self._state[chunk] == _DONE else "unannounced"
-            raise ProtocolError(
-                f"{what} broadcast message (step {step}, chunk {chunk}) from rank {src}",
-                rank=src,
-                step=step,
-                chunk=chunk,
-            )
+        self._arrive(chunk, src, step, chunk)
         a, b = self._part.chunk(0, chunk)
         token = self._pending.pop(chunk)
-        self._state[chunk] = _DONE
         # Undecodable bytes raise ProtocolError here and leave the schedule
         # open, for the executor to drop the link (as in the ring).
         payload = self._red.place(token, a, b, forward=bool(self._children))

@@ -22,9 +22,14 @@ from collnet.algo.reducer import ChunkReducer, Token
 from collnet.codec.base import Codec
 from collnet.errors import CollnetError, ProtocolError
 
+# A message's state, per name, in ``_state``: not seen, buffer handed out, arrived.
+IDLE, POSTED, DONE = 0, 1, 2
+
 
 class ChunkedSchedule(Schedule):
     algorithm: str
+    # Per message name (as each schedule keys them): IDLE, POSTED or DONE.
+    _state: bytearray
 
     def __init__(
         self,
@@ -60,6 +65,34 @@ class ChunkedSchedule(Schedule):
             self._red.discard(token)
         self._pending.clear()
         return [Abort(error)]
+
+    @property
+    def _kind(self) -> str:
+        """What a message is called in errors."""
+        return self.algorithm
+
+    def _expect_new(self, key: int, src: int, step: int, chunk: int) -> None:
+        """A message name seen before is a ``ProtocolError`` (the caller marks it
+        ``POSTED`` once its buffer is ready)."""
+        if self._state[key] != IDLE:
+            raise ProtocolError(
+                f"duplicate {self._kind} message (step {step}, chunk {chunk}) from rank {src}",
+                rank=src,
+                step=step,
+                chunk=chunk,
+            )
+
+    def _arrive(self, key: int, src: int, step: int, chunk: int) -> None:
+        """Mark message ``key`` arrived; unless it was announced, a ``ProtocolError``."""
+        if self._state[key] != POSTED:
+            what = "duplicate" if self._state[key] == DONE else "unannounced"
+            raise ProtocolError(
+                f"{what} {self._kind} message (step {step}, chunk {chunk}) from rank {src}",
+                rank=src,
+                step=step,
+                chunk=chunk,
+            )
+        self._state[key] = DONE
 
     def _check_live(self, src: int, step: int, chunk: int) -> None:
         """Refuse a message before ``start()`` or after the schedule finished."""

@@ -37,12 +37,10 @@ from typing import Any
 import numpy.typing as npt
 
 from collnet.algo.actions import Action, Complete, Send
-from collnet.algo.chunked import ChunkedSchedule
+from collnet.algo.chunked import DONE, POSTED, ChunkedSchedule
 from collnet.algo.partition import Partition
 from collnet.codec.base import Codec
 from collnet.errors import CodecError, PeerLost, ProtocolError
-
-_IDLE, _POSTED, _DONE = 0, 1, 2
 
 STEP_CONTRIBUTE = 0
 STEP_RESULT = 1
@@ -106,13 +104,7 @@ class DirectAllReduce(ChunkedSchedule):
         if self._aborted:
             return self._red.sink(nbytes)
         key, a, b = self._locate(src, step, chunk)
-        if self._state[key] != _IDLE:
-            raise ProtocolError(
-                f"duplicate direct message (step {step}, chunk {chunk}) from rank {src}",
-                rank=src,
-                step=step,
-                chunk=chunk,
-            )
+        self._expect_new(key, src, step, chunk)
         red = self._red
         red.check_nbytes(a, b, nbytes)
         if step == STEP_CONTRIBUTE:
@@ -121,29 +113,21 @@ class DirectAllReduce(ChunkedSchedule):
         else:
             view, rtoken = red.result_buffer(a, b, nbytes)
             self._pending[key] = rtoken
-        self._state[key] = _POSTED
+        self._state[key] = POSTED
         return view
 
     def on_receive(self, src: int, step: int, chunk: int) -> list[Action]:
         if self._aborted:
             return []
         key, a, b = self._locate(src, step, chunk)
-        if self._state[key] != _POSTED:
-            what = "duplicate" if self._state[key] == _DONE else "unannounced"
-            raise ProtocolError(
-                f"{what} direct message (step {step}, chunk {chunk}) from rank {src}",
-                rank=src,
-                step=step,
-                chunk=chunk,
-            )
-        self._state[key] = _DONE
+        self._arrive(key, src, step, chunk)
         red = self._red
         actions: list[Action] = []
         if step == STEP_CONTRIBUTE:
             done = self._combined[chunk]
             while done < self.world - 1:
                 key = self._key(STEP_CONTRIBUTE, self._order[done], chunk)
-                if self._state[key] != _DONE:
+                if self._state[key] != DONE:
                     break
                 token = self._pending.pop(key)
                 assert token is not None

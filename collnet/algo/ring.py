@@ -50,12 +50,10 @@ from typing import Any
 import numpy.typing as npt
 
 from collnet.algo.actions import Action, Complete, Send
-from collnet.algo.chunked import ChunkedSchedule
+from collnet.algo.chunked import DONE, POSTED, ChunkedSchedule
 from collnet.algo.partition import Layout, Partition
 from collnet.codec.base import Codec
 from collnet.errors import CodecError, InvalidArgument, PeerLost, ProtocolError
-
-_IDLE, _POSTED, _DONE = 0, 1, 2
 
 
 class RingSchedule(ChunkedSchedule):
@@ -132,13 +130,7 @@ class RingSchedule(ChunkedSchedule):
         if self._aborted:
             return self._red.sink(nbytes)
         key, a, b = self._locate(src, step, chunk)
-        if self._state[key] != _IDLE:
-            raise ProtocolError(
-                f"duplicate ring message (step {step}, chunk {chunk}) from rank {src}",
-                rank=src,
-                step=step,
-                chunk=chunk,
-            )
+        self._expect_new(key, src, step, chunk)
         red = self._red
         red.check_nbytes(a, b, nbytes)
         if step < self._reduce_steps:
@@ -154,7 +146,7 @@ class RingSchedule(ChunkedSchedule):
             if (
                 self._reduce_steps
                 and before >= 0
-                and self._state[before * self._maxc + chunk] != _DONE
+                and self._state[before * self._maxc + chunk] != DONE
             ):
                 raise ProtocolError(
                     f"all-gather chunk (step {step}, chunk {chunk}) from rank {src} arrived "
@@ -165,23 +157,15 @@ class RingSchedule(ChunkedSchedule):
                 )
             view, rtoken = red.result_buffer(a, b, nbytes)
             self._pending[key] = rtoken
-        self._state[key] = _POSTED
+        self._state[key] = POSTED
         return view
 
     def on_receive(self, src: int, step: int, chunk: int) -> list[Action]:
         if self._aborted:
             return []
         key, a, b = self._locate(src, step, chunk)
-        if self._state[key] != _POSTED:
-            what = "duplicate" if self._state[key] == _DONE else "unannounced"
-            raise ProtocolError(
-                f"{what} ring message (step {step}, chunk {chunk}) from rank {src}",
-                rank=src,
-                step=step,
-                chunk=chunk,
-            )
+        self._arrive(key, src, step, chunk)
         token = self._pending.pop(key)
-        self._state[key] = _DONE
         red = self._red
         last = self._nsteps - 1
         payload: memoryview | None = None

@@ -32,12 +32,10 @@ from typing import Any
 import numpy.typing as npt
 
 from collnet.algo.actions import Action, Complete, Send
-from collnet.algo.chunked import ChunkedSchedule
+from collnet.algo.chunked import POSTED, ChunkedSchedule
 from collnet.algo.partition import Partition, check_group
 from collnet.codec.base import Codec
 from collnet.errors import CodecError, InvalidArgument, PeerLost, ProtocolError
-
-_IDLE, _POSTED, _DONE = 0, 1, 2
 
 STEP_CONTRIBUTE = 0
 STEP_RESULT = 1
@@ -100,13 +98,7 @@ class StarAllReduce(ChunkedSchedule):
         if self._aborted:
             return self._red.sink(nbytes)
         key = self._locate(src, step, chunk)
-        if self._state[key] != _IDLE:
-            raise ProtocolError(
-                f"duplicate star message (step {step}, chunk {chunk}) from rank {src}",
-                rank=src,
-                step=step,
-                chunk=chunk,
-            )
+        self._expect_new(key, src, step, chunk)
         a, b = self._part.chunk(0, chunk)
         red = self._red
         red.check_nbytes(a, b, nbytes)
@@ -116,22 +108,14 @@ class StarAllReduce(ChunkedSchedule):
         else:
             view, rtoken = red.result_buffer(a, b, nbytes)
             self._pending[key] = rtoken
-        self._state[key] = _POSTED
+        self._state[key] = POSTED
         return view
 
     def on_receive(self, src: int, step: int, chunk: int) -> list[Action]:
         if self._aborted:
             return []
         key = self._locate(src, step, chunk)
-        if self._state[key] != _POSTED:
-            what = "duplicate" if self._state[key] == _DONE else "unannounced"
-            raise ProtocolError(
-                f"{what} star message (step {step}, chunk {chunk}) from rank {src}",
-                rank=src,
-                step=step,
-                chunk=chunk,
-            )
-        self._state[key] = _DONE
+        self._arrive(key, src, step, chunk)
         a, b = self._part.chunk(0, chunk)
         red = self._red
         actions: list[Action] = []
