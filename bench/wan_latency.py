@@ -10,9 +10,13 @@ size in ``--sizes`` it runs ``--iters`` all-reduces, each one its own
 preceded by a one-element star barrier), with ``--gap-s`` of idle time before
 each: a training step's all-reduce comes after its compute, and idle time is
 what cools a TCP connection. A sample is the slowest rank's time; every
-sample is reported (none dropped), with the median and what the lab's links
-predict: ``2 * one-way + bytes at the root / rate`` for the star,
-``2 (N - 1) * one-way + 2 (N - 1) / N * bytes / rate`` for the ring.
+sample is reported (none dropped), with the median and the best the links
+allow as measured here (``predicted_s``): for the star ``2 * one-way`` plus
+the root receiving every contribution of a chunk before it sends the results
+(``(N - 1) * (bytes + min(bytes, 1 MiB chunk)) / rate``); for the ring
+``2 (N - 1) * one-way + 2 (N - 1) / N * bytes / rate`` plus one one-way
+delay, because the barrier is a star whose root leaves it one one-way delay
+before the others and the ring's chain waits for all of them.
 
 ``--ss FILE`` appends, after every sample, ``ss -tin`` of each host's
 namespace (the daemons' TCP connections: cwnd, rwnd, pacing, BBR's model) so
@@ -42,13 +46,17 @@ from collnet_lab.localcluster import parse_size
 from wan import Collnet, collnet_in, log
 from wanlab import Lab, LabSpec
 
+# The daemon's default --chunk-bytes: the star's root sends a chunk's result once
+# every contribution of that chunk has arrived.
+CHUNK_BYTES = 1 << 20
+
 
 def predicted_s(algo: str, nbytes: int, hosts: int, rate_bit: float, rtt_s: float) -> float:
-    """What the links alone allow (no protocol, no TCP ramp): see the module docstring."""
+    """The best the links allow as measured here (see the module docstring)."""
     one_way = rtt_s / 2
     if algo == "star":
-        return 2 * one_way + (hosts - 1) * nbytes * 8 / rate_bit
-    return 2 * (hosts - 1) * one_way + 2 * (hosts - 1) / hosts * nbytes * 8 / rate_bit
+        return 2 * one_way + (hosts - 1) * (nbytes + min(nbytes, CHUNK_BYTES)) * 8 / rate_bit
+    return (2 * hosts - 1) * one_way + 2 * (hosts - 1) / hosts * nbytes * 8 / rate_bit
 
 
 def one_sample(c: Collnet, count: int, algo: str, tag: str) -> float:
