@@ -586,7 +586,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="topk: the error feedback's decay (1: keep every residual whole).",
     )  # fmt: skip
     ap.add_argument(
-        "--value-bits", type=int, choices=[2, 4, 8, 32], default=8,
+        "--value-bits", type=int, choices=[2, 4, 8, 32], default=4,
         help="topk: bits of a value on the wire (32: float32 values, int32 indices; "
         "else a float32 scale per chunk and uint16 indices).",
     )  # fmt: skip
