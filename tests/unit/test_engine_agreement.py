@@ -48,6 +48,8 @@ SPECS: list[Spec] = [
     ("all_reduce", 1),
     ("all_reduce", 9),
     ("all_reduce_star", 0),
+    ("all_reduce_direct", 2),  # fewer elements than ranks: empty segments
+    ("all_reduce_direct", 9),
 ]
 
 
@@ -65,7 +67,7 @@ def _schedule(spec: Spec, rank: int, world: int) -> Schedule:
         return RingReduceScatter(rank, world, np.ones(k, np.int32), "sum", None, chunk_bytes)
     if kind == "barrier":
         return DisseminationBarrier(rank, world)
-    algo = "star" if kind == "all_reduce_star" else "ring"
+    algo = kind.removeprefix("all_reduce_") if kind != "all_reduce" else "ring"
     return make_all_reduce(algo, rank, world, np.ones(k, np.int32), "sum", None, chunk_bytes)
 
 
@@ -200,6 +202,8 @@ def test_a_second_or_malformed_agree_is_a_protocol_error() -> None:
         (("all_reduce", 1), False),
         (("all_reduce_star", 0), True),
         (("all_reduce_star", 1), False),
+        (("all_reduce_direct", 0), True),
+        (("all_reduce_direct", 1), False),
     ],
 )
 def test_needs_agreement_is_the_same_on_every_rank(spec: Spec, needs: bool) -> None:
