@@ -31,7 +31,10 @@ def _lab_logging(ctx: click.Context, role: str) -> None:
 @click.option("--iters", default=3, show_default=True, type=click.IntRange(1, 100))
 @click.option("--connections", default=4, show_default=True, type=click.IntRange(1, 64))
 @click.option(
-    "--algo", default="auto", show_default=True, type=click.Choice(["auto", "ring", "star"])
+    "--algo",
+    default="auto",
+    show_default=True,
+    type=click.Choice(["auto", "ring", "star", "direct"]),
 )
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @click.pass_context

@@ -21,7 +21,7 @@ from collnet_lab.up import error_bound
 def round_plan(k: int, quantized: bool) -> tuple[str, str]:
     """(codec, algorithm) of round ``k``: the same on every member of the epoch."""
     codec = "uint8" if quantized and k % 4 == 3 else "none"
-    algo = "star" if k % 5 == 2 else "ring"
+    algo = "star" if k % 5 == 2 else "direct" if k % 5 == 4 else "ring"
     return codec, algo
 
 
