@@ -19,20 +19,19 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar, Final, Self
 
-from collnet.algo.ops import OPS
 from collnet.algo.select import BROADCAST_ALGORITHMS
-from collnet.codec.registry import get_codec
 from collnet.errors import InvalidArgument
 from collnet.membership.bounds import MAX_WORLD_PEERS
 from collnet.wire.fields import (
     Tag,
-    dtype_field,
-    epoch_field,
     int_field,
     is_int,
     local_size_field,
+    named_fields,
+    reduce_op_field,
     str_field,
-    tag_field,
+    tensor_fields,
+    tensor_wire,
     timeout_field,
     wire,
 )
@@ -55,32 +54,12 @@ def counts_tag(tag: Tag) -> str:
     return f"{tag!r}/counts"
 
 
-def _named(kind: str, obj: dict[str, Any]) -> tuple[Tag, int | None]:
-    return tag_field(obj, kind), epoch_field(obj)
-
-
-def _refused(exc: InvalidArgument, tag: Tag, epoch: int | None) -> InvalidArgument:
-    """``exc`` naming its collective, so the daemon can abort it on the other peers."""
-    where: dict[str, Any] = {"tag": tag} if epoch is None else {"tag": tag, "epoch": epoch}
-    return InvalidArgument(exc.message, **{**exc.fields, **where})
-
-
-def _codec(obj: dict[str, Any], kind: str) -> str:
-    codec = str_field(obj, kind, "codec", "none")
-    get_codec(codec)  # the name only: the daemon's block size is checked where it is known
-    return codec
-
-
-def _common(obj: dict[str, Any], kind: str) -> dict[str, Any]:
-    """The fields every tensor collective has: its tensor, codec, deadline, local size."""
+def _output(obj: dict[str, Any], kind: str) -> dict[str, Any]:
+    """The tensor fields and the output of a collective that writes one."""
     return {
-        "shm": str_field(obj, kind, "shm"),
-        "offset": int_field(obj, kind, "offset", 0),
-        "count": int_field(obj, kind, "count"),
-        "dtype": dtype_field(obj, kind),
-        "codec": _codec(obj, kind),
-        "timeout_s": timeout_field(obj),
-        "local_size": local_size_field(obj),
+        **tensor_fields(obj, kind),
+        "out_shm": str_field(obj, kind, "out_shm"),
+        "out_offset": int_field(obj, kind, "out_offset", 0),
     }
 
 
@@ -105,35 +84,21 @@ class Broadcast:
     local_size: int = 1
 
     def to_wire(self) -> dict[str, Any]:
-        return wire(
-            self.KIND,
-            self.local_size,
-            tag=self.tag,
-            epoch=self.epoch,
-            shm=self.shm,
-            offset=self.offset,
-            count=self.count,
-            dtype=self.dtype,
-            root=self.root,
-            codec=self.codec,
-            algo=self.algo,
-            timeout_s=self.timeout_s,
-        )
+        return tensor_wire(self, root=self.root, algo=self.algo)
 
     @classmethod
     def from_wire(cls, obj: dict[str, Any]) -> Self:
-        tag, epoch = _named(cls.KIND, obj)
-        try:
-            fields = _common(obj, cls.KIND)
+        def parse() -> dict[str, Any]:
+            fields = tensor_fields(obj, cls.KIND)
             root = int_field(obj, cls.KIND, "root")
             algo = str_field(obj, cls.KIND, "algo", "auto")
             if algo not in BROADCAST_ALGORITHMS:
                 raise InvalidArgument(
                     f"unknown broadcast algorithm {algo!r}; use one of {list(BROADCAST_ALGORITHMS)}"
                 )
-        except InvalidArgument as exc:
-            raise _refused(exc, tag, epoch) from None
-        return cls(tag=tag, epoch=epoch, root=root, algo=algo, **fields)
+            return {**fields, "root": root, "algo": algo}
+
+        return cls(**named_fields(obj, cls.KIND, parse))
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -155,31 +120,11 @@ class AllGather:
     local_size: int = 1
 
     def to_wire(self) -> dict[str, Any]:
-        return wire(
-            self.KIND,
-            self.local_size,
-            tag=self.tag,
-            epoch=self.epoch,
-            shm=self.shm,
-            offset=self.offset,
-            count=self.count,
-            dtype=self.dtype,
-            out_shm=self.out_shm,
-            out_offset=self.out_offset,
-            codec=self.codec,
-            timeout_s=self.timeout_s,
-        )
+        return tensor_wire(self, out_shm=self.out_shm, out_offset=self.out_offset)
 
     @classmethod
     def from_wire(cls, obj: dict[str, Any]) -> Self:
-        tag, epoch = _named(cls.KIND, obj)
-        try:
-            fields = _common(obj, cls.KIND)
-            out_shm = str_field(obj, cls.KIND, "out_shm")
-            out_offset = int_field(obj, cls.KIND, "out_offset", 0)
-        except InvalidArgument as exc:
-            raise _refused(exc, tag, epoch) from None
-        return cls(tag=tag, epoch=epoch, out_shm=out_shm, out_offset=out_offset, **fields)
+        return cls(**named_fields(obj, cls.KIND, lambda: _output(obj, cls.KIND)))
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -209,37 +154,25 @@ class AllGatherV:
     local_size: int = 1
 
     def to_wire(self) -> dict[str, Any]:
-        return wire(
-            self.KIND,
-            self.local_size,
-            tag=self.tag,
-            epoch=self.epoch,
-            shm=self.shm,
-            offset=self.offset,
-            count=self.count,
-            dtype=self.dtype,
+        return tensor_wire(
+            self,
             out_shm=self.out_shm,
             out_offset=self.out_offset,
             counts=None if self.counts is None else list(self.counts),
-            codec=self.codec,
-            timeout_s=self.timeout_s,
         )
 
     @classmethod
     def from_wire(cls, obj: dict[str, Any]) -> Self:
-        tag, epoch = _named(cls.KIND, obj)
-        try:
-            fields = _common(obj, cls.KIND)
+        def parse() -> dict[str, Any]:
+            fields = tensor_fields(obj, cls.KIND)
             out_offset = int_field(obj, cls.KIND, "out_offset", 0)
             counts = _counts(obj.get("counts"))
             out_shm = None if obj.get("out_shm") is None else str_field(obj, cls.KIND, "out_shm")
             if (counts is None) != (out_shm is None):
                 raise InvalidArgument("all_gather_v: 'counts' and 'out_shm' come together")
-        except InvalidArgument as exc:
-            raise _refused(exc, tag, epoch) from None
-        return cls(
-            tag=tag, epoch=epoch, out_shm=out_shm, out_offset=out_offset, counts=counts, **fields
-        )
+            return {**fields, "out_shm": out_shm, "out_offset": out_offset, "counts": counts}
+
+        return cls(**named_fields(obj, cls.KIND, parse))
 
 
 def _counts(value: Any) -> tuple[int, ...] | None:
@@ -275,41 +208,18 @@ class ReduceScatter:
     local_size: int = 1
 
     def to_wire(self) -> dict[str, Any]:
-        return wire(
-            self.KIND,
-            self.local_size,
-            tag=self.tag,
-            epoch=self.epoch,
-            shm=self.shm,
-            offset=self.offset,
-            count=self.count,
-            dtype=self.dtype,
-            out_shm=self.out_shm,
-            out_offset=self.out_offset,
-            reduce=self.reduction,
-            codec=self.codec,
-            timeout_s=self.timeout_s,
+        return tensor_wire(
+            self, out_shm=self.out_shm, out_offset=self.out_offset, reduce=self.reduction
         )
 
     @classmethod
     def from_wire(cls, obj: dict[str, Any]) -> Self:
-        tag, epoch = _named(cls.KIND, obj)
-        try:
-            fields = _common(obj, cls.KIND)
-            out_shm = str_field(obj, cls.KIND, "out_shm")
-            out_offset = int_field(obj, cls.KIND, "out_offset", 0)
-            reduction = str_field(obj, cls.KIND, "reduce", "sum")
-            if reduction not in OPS:
-                raise InvalidArgument(f"unknown reduce op {reduction!r}; use one of {list(OPS)}")
-        except InvalidArgument as exc:
-            raise _refused(exc, tag, epoch) from None
         return cls(
-            tag=tag,
-            epoch=epoch,
-            out_shm=out_shm,
-            out_offset=out_offset,
-            reduction=reduction,
-            **fields,
+            **named_fields(
+                obj,
+                cls.KIND,
+                lambda: {**_output(obj, cls.KIND), "reduction": reduce_op_field(obj, cls.KIND)},
+            )
         )
 
 
@@ -330,12 +240,10 @@ class Barrier:
 
     @classmethod
     def from_wire(cls, obj: dict[str, Any]) -> Self:
-        tag, epoch = _named(cls.KIND, obj)
-        try:
-            timeout_s, local_size = timeout_field(obj), local_size_field(obj)
-        except InvalidArgument as exc:
-            raise _refused(exc, tag, epoch) from None
-        return cls(tag=tag, epoch=epoch, timeout_s=timeout_s, local_size=local_size)
+        def parse() -> dict[str, Any]:
+            return {"timeout_s": timeout_field(obj), "local_size": local_size_field(obj)}
+
+        return cls(**named_fields(obj, cls.KIND, parse))
 
 
 CollectiveRequest = Broadcast | AllGather | AllGatherV | ReduceScatter | Barrier

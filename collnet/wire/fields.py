@@ -10,7 +10,8 @@ absent). ``wire`` builds a request map, leaving out what is absent.
 from __future__ import annotations
 
 import math
-from typing import Any, Final, TypeAlias
+from collections.abc import Callable
+from typing import Any, ClassVar, Final, Protocol, TypeAlias
 
 from collnet.algo import ALGORITHMS
 from collnet.algo.ops import DTYPE_BY_NAME, OPS
@@ -94,17 +95,103 @@ def dtype_field(obj: dict[str, Any], kind: str, default: Any = REQUIRED) -> str:
     return name
 
 
-def reduction_fields(obj: dict[str, Any], kind: str) -> tuple[str, str, str]:
-    """The reduction op, codec and algorithm of an all-reduce (or its benchmark)."""
+def reduce_op_field(obj: dict[str, Any], kind: str) -> str:
     op = str_field(obj, kind, "reduce", "sum")
     if op not in OPS:
         raise InvalidArgument(f"unknown reduce op {op!r}; use one of {list(OPS)}")
+    return op
+
+
+def algo_field(obj: dict[str, Any], kind: str) -> str:
+    """An all-reduce algorithm (broadcast has its own set)."""
     algo = str_field(obj, kind, "algo", "auto")
     if algo not in ALGORITHMS:
         raise InvalidArgument(f"unknown algorithm {algo!r}; use one of {list(ALGORITHMS)}")
+    return algo
+
+
+def codec_field(obj: dict[str, Any], kind: str) -> str:
     codec = str_field(obj, kind, "codec", "none")
     get_codec(codec)  # the name only: the daemon's block size is checked where it is known
-    return op, codec, algo
+    return codec
+
+
+def reduction_fields(obj: dict[str, Any], kind: str) -> tuple[str, str, str]:
+    """The reduction op, codec and algorithm of an all-reduce (or its benchmark)."""
+    op, algo = reduce_op_field(obj, kind), algo_field(obj, kind)
+    return op, codec_field(obj, kind), algo
+
+
+def named_fields(
+    obj: dict[str, Any], kind: str, parse: Callable[[], dict[str, Any]]
+) -> dict[str, Any]:
+    """``tag`` and ``epoch`` of a collective's request, then the fields ``parse`` reads.
+
+    An ``InvalidArgument`` from ``parse`` carries ``tag`` (and ``epoch``) in its
+    fields: it names the collective, so the daemon can abort it on the other peers.
+    """
+    tag, epoch = tag_field(obj, kind), epoch_field(obj)
+    try:
+        fields = parse()
+    except InvalidArgument as exc:
+        where: dict[str, Any] = {"tag": tag} if epoch is None else {"tag": tag, "epoch": epoch}
+        raise InvalidArgument(exc.message, **{**exc.fields, **where}) from None
+    return {"tag": tag, "epoch": epoch, **fields}
+
+
+def tensor_fields(obj: dict[str, Any], kind: str) -> dict[str, Any]:
+    """The fields every request on one tensor has: its tensor, codec, deadline, local size."""
+    return {
+        "shm": str_field(obj, kind, "shm"),
+        "offset": int_field(obj, kind, "offset", 0),
+        "count": int_field(obj, kind, "count"),
+        "dtype": dtype_field(obj, kind),
+        "codec": codec_field(obj, kind),
+        "timeout_s": timeout_field(obj),
+        "local_size": local_size_field(obj),
+    }
+
+
+class TensorRequest(Protocol):
+    """What ``tensor_wire`` reads of a request on one tensor (``tensor_fields``)."""
+
+    KIND: ClassVar[str]
+
+    @property
+    def tag(self) -> Tag: ...
+    @property
+    def epoch(self) -> int | None: ...
+    @property
+    def shm(self) -> str: ...
+    @property
+    def offset(self) -> int: ...
+    @property
+    def count(self) -> int: ...
+    @property
+    def dtype(self) -> str: ...
+    @property
+    def codec(self) -> str: ...
+    @property
+    def timeout_s(self) -> float | None: ...
+    @property
+    def local_size(self) -> int: ...
+
+
+def tensor_wire(req: TensorRequest, **more: Any) -> dict[str, Any]:
+    """The map of a request on one tensor: the fields of ``tensor_fields``, then ``more``."""
+    return wire(
+        req.KIND,
+        req.local_size,
+        tag=req.tag,
+        epoch=req.epoch,
+        shm=req.shm,
+        offset=req.offset,
+        count=req.count,
+        dtype=req.dtype,
+        codec=req.codec,
+        timeout_s=req.timeout_s,
+        **more,
+    )
 
 
 def wire(kind: str, local_size: int = 1, **fields: Any) -> dict[str, Any]:

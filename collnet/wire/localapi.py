@@ -43,14 +43,19 @@ from collnet.wire.collectives import COLLECTIVE_TYPES, CollectiveRequest
 from collnet.wire.fields import MAX_BENCH_ITERS, Tag
 from collnet.wire.fields import MAX_LOCAL_SIZE as MAX_LOCAL_SIZE  # re-exported
 from collnet.wire.fields import REQUIRED as _REQUIRED
+from collnet.wire.fields import algo_field as _algo
 from collnet.wire.fields import dtype_field as _dtype
 from collnet.wire.fields import epoch_field as _epoch
 from collnet.wire.fields import int_field as _int
 from collnet.wire.fields import is_int as _is_int
 from collnet.wire.fields import local_size_field as _local_size
+from collnet.wire.fields import named_fields as _named_fields
+from collnet.wire.fields import reduce_op_field as _reduce_op
 from collnet.wire.fields import reduction_fields as _reduction
 from collnet.wire.fields import str_field as _str
 from collnet.wire.fields import tag_field as _tag
+from collnet.wire.fields import tensor_fields as _tensor_fields
+from collnet.wire.fields import tensor_wire as _tensor_wire
 from collnet.wire.fields import timeout_field as _timeout
 from collnet.wire.fields import value_of as _value
 from collnet.wire.fields import wire as _wire
@@ -132,50 +137,17 @@ class AllReduce:
     retry_of: Tag | None = None
 
     def to_wire(self) -> dict[str, Any]:
-        return _wire(
-            self.KIND,
-            self.local_size,
-            tag=self.tag,
-            epoch=self.epoch,
-            shm=self.shm,
-            offset=self.offset,
-            count=self.count,
-            dtype=self.dtype,
-            reduce=self.reduction,
-            codec=self.codec,
-            algo=self.algo,
-            timeout_s=self.timeout_s,
-            retry_of=self.retry_of,
-        )
+        return _tensor_wire(self, reduce=self.reduction, algo=self.algo, retry_of=self.retry_of)
 
     @classmethod
     def from_wire(cls, obj: dict[str, Any]) -> Self:
-        tag, epoch = _tag(obj, cls.KIND), _epoch(obj)
-        try:
-            dtype = _dtype(obj, cls.KIND)
-            count, offset = _int(obj, cls.KIND, "count"), _int(obj, cls.KIND, "offset", 0)
-            shm = _str(obj, cls.KIND, "shm")
-            reduction, codec, algo = _reduction(obj, cls.KIND)
-            timeout_s, local_size = _timeout(obj), _local_size(obj)
+        def parse() -> dict[str, Any]:
+            fields = _tensor_fields(obj, cls.KIND)
+            reduction, algo = _reduce_op(obj, cls.KIND), _algo(obj, cls.KIND)
             retry_of = None if obj.get("retry_of") is None else _tag(obj, cls.KIND, "retry_of")
-        except InvalidArgument as exc:
-            # Names the collective, so the daemon can abort it on the other peers.
-            where: dict[str, Any] = {"tag": tag} if epoch is None else {"tag": tag, "epoch": epoch}
-            raise InvalidArgument(exc.message, **{**exc.fields, **where}) from None
-        return cls(
-            tag=tag,
-            shm=shm,
-            count=count,
-            dtype=dtype,
-            offset=offset,
-            reduction=reduction,
-            codec=codec,
-            algo=algo,
-            epoch=epoch,
-            timeout_s=timeout_s,
-            local_size=local_size,
-            retry_of=retry_of,
-        )
+            return {**fields, "reduction": reduction, "algo": algo, "retry_of": retry_of}
+
+        return cls(**_named_fields(obj, cls.KIND, parse))
 
 
 @dataclass(frozen=True, slots=True)
