@@ -81,6 +81,9 @@ class Executor:
         # arrives: what collectives waiting for their links watch.
         self._changed = asyncio.Event()
         self._tasks = TaskSet(self._link_up_failed)
+        # Collectives started so far: how the link prober tells a quiet daemon
+        # from one whose collectives merely fell between its looks.
+        self.started = 0
 
     @property
     def running(self) -> int:
@@ -99,6 +102,7 @@ class Executor:
     ) -> None:
         """Run ``schedule`` as collective ``key`` of ``world``; the caller's buffer
         holds the result on return. A failure raises with ``buffer_modified``."""
+        self.started += 1
         links = await self.links_for(world, f"{what} {key}", key)
         future = asyncio.get_running_loop().create_future()
         self._futures[key] = future

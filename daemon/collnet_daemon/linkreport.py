@@ -6,10 +6,14 @@ Every ``link_report_s`` the reporter looks at the data links that are up:
   (its RTT, ``collnet.topology.rtt.MinRtt``, is then known in one round trip
   rather than one heartbeat interval), and a bandwidth probe burst when the
   policy allows it (``collnet.topology.probe.BurstPolicy``: only while this
-  daemon runs no collective, BDP-sized, at most one per link a minute, and
+  daemon is quiet, BDP-sized, at most one per link a minute, and
   after the first only when no large traffic has refreshed the far end's
   estimate). The far end times the burst with the meter it uses for
-  collective traffic, so probes and real transfers feed one estimate;
+  collective traffic, so probes and real transfers feed one estimate.
+  Quiet means no collective running now nor started for ``QUIET_TICKS``
+  intervals: a burst (up to 16 MiB on a long path) in the short gaps of a
+  loop of collectives would delay the next one, while a training run's
+  minutes between all-reduces leave room for it;
 - then one ``LinkReport`` goes to the coordinator: for each peer the
   bandwidth of what this daemon received from it (bits/s) and that
   figure's age, and the RTT. The answer carries the coordinator's verdict
@@ -40,6 +44,8 @@ log = logging.getLogger(__name__)
 
 # Extra pings on a new link: a first RTT within one round trip.
 FIRST_PINGS = 3
+# Intervals without a collective before a bandwidth probe may go out.
+QUIET_TICKS = 2
 
 
 class LinkReporter:
@@ -53,6 +59,7 @@ class LinkReporter:
         control: ControlPlane,
         busy: Callable[[], bool],
         policy: BurstPolicy | None = None,
+        activity: Callable[[], int] | None = None,
     ) -> None:
         self.id = peer_id
         self.interval_s = interval_s
@@ -60,6 +67,11 @@ class LinkReporter:
         self.control = control
         self.busy = busy
         self.policy = policy or BurstPolicy()
+        # Collectives started so far (None: only ``busy`` tells), and since when
+        # the daemon has been quiet.
+        self.activity = activity
+        self._seen_activity = -1
+        self._quiet_since: float | None = None
         # Per peer: the link object last seen and what the prober remembers of it.
         self._probes: dict[str, tuple[PeerLink, ProbeState]] = {}
         self._verdict = LinkAck()
@@ -95,7 +107,7 @@ class LinkReporter:
         links = self._ready()
         for peer in [p for p in self._probes if p not in links]:
             del self._probes[peer]
-        busy = self.busy()
+        busy = not self._quiet(now_s)
         for peer, link in links.items():
             seen = self._probes.get(peer)
             if seen is None or seen[0] is not link:
@@ -121,6 +133,20 @@ class LinkReporter:
                 state.burst_s = now_s
                 state.sent_bytes = link.bytes_sent()
                 busy = True  # one burst at a time: the next link waits for the next tick
+
+    def _quiet(self, now_s: float) -> bool:
+        """No collective now, and (with ``activity``) none started for ``QUIET_TICKS``
+        intervals."""
+        if self.busy():
+            self._quiet_since = None
+            return False
+        if self.activity is None:
+            return True
+        count = self.activity()
+        if count != self._seen_activity or self._quiet_since is None:
+            self._seen_activity = count
+            self._quiet_since = now_s
+        return now_s - self._quiet_since >= QUIET_TICKS * self.interval_s
 
     def report(self, now_s: float) -> LinkReport:
         samples = []

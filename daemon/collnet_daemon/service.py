@@ -132,6 +132,7 @@ class Daemon:
             self.executor.mesh,
             self.control,
             lambda: self.executor.running > 0,
+            activity=lambda: self.executor.started,
         )
 
     def snapshot(self) -> DaemonSnapshot:

@@ -1,0 +1,63 @@
+"""When the link reporter lets a bandwidth probe out: only once the daemon has
+been quiet (no collective running, none started) for ``QUIET_TICKS`` intervals."""
+
+from __future__ import annotations
+
+from typing import Any, cast
+
+from collnet_daemon.linkreport import QUIET_TICKS, LinkReporter
+
+
+class Daemon:
+    def __init__(self) -> None:
+        self.running = 0
+        self.started = 0
+
+
+def reporter(d: Daemon, interval_s: float = 2.0) -> LinkReporter:
+    return LinkReporter(
+        "d0",
+        interval_s,
+        cast(Any, None),
+        cast(Any, None),
+        lambda: d.running > 0,
+        activity=lambda: d.started,
+    )
+
+
+def test_a_daemon_is_quiet_only_after_the_quiet_ticks() -> None:
+    d = Daemon()
+    r = reporter(d)
+    assert not r._quiet(0.0)
+    assert not r._quiet(2.0 * QUIET_TICKS - 0.1)
+    assert r._quiet(2.0 * QUIET_TICKS)
+
+
+def test_collectives_between_two_looks_restart_the_quiet_period() -> None:
+    d = Daemon()
+    r = reporter(d)
+    r._quiet(0.0)
+    assert r._quiet(10.0)
+    d.started += 1  # began and ended between two ticks: never seen running
+    assert not r._quiet(12.0)
+    assert not r._quiet(12.0 + 2.0 * QUIET_TICKS - 0.1)
+    assert r._quiet(12.0 + 2.0 * QUIET_TICKS)
+
+
+def test_a_running_collective_is_never_quiet() -> None:
+    d = Daemon()
+    r = reporter(d)
+    r._quiet(0.0)
+    d.running = 1
+    assert not r._quiet(100.0)
+    d.running = 0
+    assert not r._quiet(101.0)
+    assert r._quiet(101.0 + 2.0 * QUIET_TICKS)
+
+
+def test_without_an_activity_count_only_running_collectives_count() -> None:
+    d = Daemon()
+    r = LinkReporter("d0", 2.0, cast(Any, None), cast(Any, None), lambda: d.running > 0)
+    assert r._quiet(0.0)
+    d.running = 1
+    assert not r._quiet(1.0)
