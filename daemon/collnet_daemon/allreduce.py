@@ -18,6 +18,7 @@ import logging
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
@@ -31,6 +32,7 @@ from collnet.codec.registry import get_codec
 from collnet.errors import CollnetError, DaemonUnavailable, InvalidArgument, MismatchError
 from collnet.membership.peer import PeerMembership
 from collnet.membership.world import WorldView
+from collnet.wire.fields import Tag
 from collnet.wire.localapi import AllReduce
 from collnet_daemon.buffers import SharedBuffers
 from collnet_daemon.config import DaemonConfig
@@ -49,7 +51,77 @@ class CollectiveObserver(Protocol):
         """Wraps the collective ``key`` while it runs (its outcome: the exception)."""
 
 
-class AllReduces:
+@dataclass(frozen=True)
+class Planned:
+    """A request made ready to run: its schedule and what is reported about it."""
+
+    schedule: Schedule
+    digest: int  # everything that shapes the messages: peers that disagree fail
+    algo: str
+    codec: str
+    nbytes: int
+    # A failure says it may have written into the caller's buffers (True) or
+    # not (False); None: the error as the executor raised it.
+    modifies: bool | None = None
+
+
+class CollectiveEntry:
+    """The way in of every collective request, all-reduce or other: the world its
+    trainer agreed to, a plan (refused on the other members at once when this
+    peer cannot make it, or they would wait for this one until their deadline),
+    then the schedule run by the executor under its deadline, observed."""
+
+    def __init__(
+        self,
+        config: DaemonConfig,
+        membership: PeerMembership,
+        executor: Executor,
+        buffers: SharedBuffers,
+        observer: CollectiveObserver,
+        leaving: Callable[[], bool],
+    ) -> None:
+        self.config = config
+        self.membership = membership
+        self.executor = executor
+        self.buffers = buffers
+        self.observer = observer
+        self.leaving = leaving
+
+    async def _enter(
+        self,
+        what: str,
+        epoch: int | None,
+        tag: Tag,
+        timeout_s: float | None,
+        plan: Callable[[WorldView, int], Planned],
+    ) -> tuple[int, Tag]:
+        """Run collective ``tag`` (``what``, for metrics and messages) as ``plan``
+        makes it for this rank of the world of ``epoch``; its key ``(epoch, tag)``."""
+        if self.leaving():
+            raise DaemonUnavailable(f"daemon {self.config.peer_id} is leaving")
+        world, rank = self.membership.agreed(epoch)
+        key = (world.epoch, tag)
+        try:
+            planned = plan(world, rank)
+        except CollnetError as exc:
+            self.executor.refuse(key, world, exc)
+            raise
+        timeout_s = timeout_s or self.config.collective_timeout_s
+        with self.observer.collective(
+            what, key, planned.algo, planned.codec, planned.nbytes, world.size
+        ):
+            try:
+                await self.executor.run(
+                    key, world, rank, planned.schedule, planned.digest, timeout_s, what
+                )
+            except CollnetError as exc:
+                if planned.modifies is None:
+                    raise
+                raise exc.with_buffer_modified(planned.modifies) from None
+        return key
+
+
+class AllReduces(CollectiveEntry):
     """This daemon's all-reduce requests; see the module docstring."""
 
     def __init__(
@@ -62,13 +134,8 @@ class AllReduces:
         observer: CollectiveObserver,
         leaving: Callable[[], bool],
     ) -> None:
-        self.config = config
-        self.membership = membership
-        self.executor = executor
-        self.buffers = buffers
+        super().__init__(config, membership, executor, buffers, observer, leaving)
         self.local = local
-        self.observer = observer
-        self.leaving = leaving
 
     async def handle(self, req: AllReduce) -> None:
         if req.local_size == 1:
@@ -92,21 +159,14 @@ class AllReduces:
 
     async def run(self, req: AllReduce, array: npt.NDArray[Any] | None = None) -> None:
         """All-reduce the tensor ``req`` names (or ``array`` in its place), in place."""
-        if self.leaving():
-            raise DaemonUnavailable(f"daemon {self.config.peer_id} is leaving")
-        world, rank = self.membership.agreed(req.epoch)
-        key = (world.epoch, req.tag)
-        try:
-            schedule, digest, algo = self._plan(req, world, rank, array)
-        except CollnetError as exc:
-            # The other peers would otherwise wait for this one until their deadline.
-            self.executor.refuse(key, world, exc)
-            raise
-        timeout_s = req.timeout_s or self.config.collective_timeout_s
-        nbytes = req.count * DTYPE_BY_NAME[req.dtype].itemsize
         started = time.perf_counter()
-        with self.observer.collective("all_reduce", key, algo, req.codec, nbytes, world.size):
-            await self.executor.run(key, world, rank, schedule, digest, timeout_s, "all_reduce")
+        key = await self._enter(
+            "all_reduce",
+            req.epoch,
+            req.tag,
+            req.timeout_s,
+            lambda world, rank: self._plan(req, world, rank, array),
+        )
         log.debug(
             "all_reduce %s: %s x %s in %.3f ms",
             key,
@@ -124,7 +184,7 @@ class AllReduces:
         world: WorldView,
         rank: int,
         array: npt.NDArray[Any] | None,
-    ) -> tuple[Schedule, int, str]:
+    ) -> Planned:
         """The schedule of ``req``, its digest and the algorithm chosen."""
         if array is None:
             array = self._array(req)
@@ -140,14 +200,14 @@ class AllReduces:
             star_max_bytes=self.config.star_max_bytes,
             costs=world.costs,
         )
-        algo = schedule.algorithm
         # Peers must agree on everything that shapes the messages.
         digest = xxhash.xxh32_intdigest(
             f"{array.size}|{array.dtype.name}|{req.reduction}|{codec.name}|{req.algo}|"
             f"{self.config.chunk_bytes}|{self.config.codec_block_size}|"
             f"{self.config.star_max_bytes}|{req.retry_of!r}".encode()
         )
-        return schedule, digest, algo
+        nbytes = req.count * DTYPE_BY_NAME[req.dtype].itemsize
+        return Planned(schedule, digest, schedule.algorithm, req.codec, nbytes)
 
     async def _run_local(self, req: AllReduce) -> None:
         """All-reduce of ``req.local_size`` trainers of this node: reduced here, then

@@ -44,8 +44,7 @@ from collnet.algo.reducescatter import RingReduceScatter, output_range
 from collnet.algo.select import make_broadcast
 from collnet.codec.base import Codec
 from collnet.codec.registry import get_codec
-from collnet.errors import CollnetError, DaemonUnavailable, InvalidArgument
-from collnet.membership.peer import PeerMembership
+from collnet.errors import InvalidArgument
 from collnet.membership.world import WorldView
 from collnet.wire.collectives import (
     AllGather,
@@ -56,10 +55,7 @@ from collnet.wire.collectives import (
     ReduceScatter,
     counts_tag,
 )
-from collnet_daemon.allreduce import CollectiveObserver
-from collnet_daemon.buffers import SharedBuffers
-from collnet_daemon.config import DaemonConfig
-from collnet_daemon.executor import Executor
+from collnet_daemon.allreduce import CollectiveEntry, Planned
 
 
 @dataclass
@@ -77,50 +73,28 @@ class _Plan:
     modifies: bool = True
 
 
-class Collectives:
+class Collectives(CollectiveEntry):
     """This daemon's broadcast, all-gather, reduce-scatter and barrier requests."""
-
-    def __init__(
-        self,
-        config: DaemonConfig,
-        membership: PeerMembership,
-        executor: Executor,
-        buffers: SharedBuffers,
-        observer: CollectiveObserver,
-        leaving: Callable[[], bool],
-    ) -> None:
-        self.config = config
-        self.membership = membership
-        self.executor = executor
-        self.buffers = buffers
-        self.observer = observer
-        self.leaving = leaving
 
     async def handle(self, req: CollectiveRequest) -> dict[str, Any]:
         """Run ``req`` as its collective; the reply (empty but for a counts phase)."""
-        if self.leaving():
-            raise DaemonUnavailable(f"daemon {self.config.peer_id} is leaving")
-        world, rank = self.membership.agreed(req.epoch)
         counts_phase = isinstance(req, AllGatherV) and req.counts is None
-        key = (world.epoch, counts_tag(req.tag) if counts_phase else req.tag)
-        try:
-            plan = self._plan(req, world, rank)
-        except CollnetError as exc:
-            # The other peers would otherwise wait for this one until their deadline.
-            self.executor.refuse(key, world, exc)
-            raise
-        digest = xxhash.xxh32_intdigest(
-            f"{plan.shape}|{self.config.chunk_bytes}|{self.config.codec_block_size}|"
-            f"{self.config.star_max_bytes}".encode()
-        )
-        timeout_s = req.timeout_s or self.config.collective_timeout_s
+        tag = counts_tag(req.tag) if counts_phase else req.tag
+        after: Callable[[], dict[str, Any]] = dict
+
+        def plan(world: WorldView, rank: int) -> Planned:
+            nonlocal after
+            made = self._plan(req, world, rank)
+            after = made.after
+            digest = xxhash.xxh32_intdigest(
+                f"{made.shape}|{self.config.chunk_bytes}|{self.config.codec_block_size}|"
+                f"{self.config.star_max_bytes}".encode()
+            )
+            return Planned(made.schedule, digest, made.algo, made.codec, made.nbytes, made.modifies)
+
         what = req.KIND + ("-counts" if counts_phase else "")
-        with self.observer.collective(what, key, plan.algo, plan.codec, plan.nbytes, world.size):
-            try:
-                await self.executor.run(key, world, rank, plan.schedule, digest, timeout_s, what)
-            except CollnetError as exc:
-                raise exc.with_buffer_modified(plan.modifies) from None
-        return plan.after()
+        await self._enter(what, req.epoch, tag, req.timeout_s, plan)
+        return after()
 
     # -- planning ------------------------------------------------------------
     def _plan(self, req: CollectiveRequest, world: WorldView, rank: int) -> _Plan:
