@@ -170,8 +170,15 @@ class Collectives:
         self._agreement = agreement
         self._local_size = local_size
 
-    def _tag(self, tag: int | str | None) -> int | str:
-        return self._agreement.next_tag() if tag is None else tag
+    def _named(self, tag: int | str | None, timeout_s: float | None) -> dict[str, Any]:
+        """The fields every request names: its collective (a default tag is drawn
+        here, once the tensors are placed), deadline and local group."""
+        return {
+            "tag": self._agreement.next_tag() if tag is None else tag,
+            "epoch": self._agreement.epoch,
+            "timeout_s": timeout_s,
+            "local_size": self._local_size,
+        }
 
     def _input(self, tensor: Any) -> tuple[HostTensor, npt.NDArray[Any], Any, list[Staging]]:
         host = host_tensor(tensor)
@@ -208,25 +215,14 @@ class Collectives:
     ) -> Handle:
         host, view, where, lent = self._input(tensor)
         request = Broadcast(
-            tag=self._tag(tag),
-            shm=where.shm,
-            offset=where.offset,
-            count=int(view.size),
-            dtype=host.dtype.name,
+            **_tensor(host, view, where),
+            **self._named(tag, timeout_s),
             root=root,
             codec=codec,
             algo=algo,
-            epoch=self._agreement.epoch,
-            timeout_s=timeout_s,
-            local_size=self._local_size,
         )
-
-        def result(_: Reply) -> Any:
-            if lent:
-                host.copy_from(view)
-            return host.original
-
-        return Handle(_Request(self, request, result, lent, staged_output=bool(lent)))
+        output = _Output(host.original, host, view, where, bool(lent))  # in place
+        return Handle(_Request(self, request, output.result, lent, staged_output=output.staged))
 
     def all_gather(
         self, tensor: Any, out: Any, codec: str, tag: int | str | None, timeout_s: float | None
@@ -235,19 +231,12 @@ class Collectives:
         host, view, where, lent = self._input(tensor)
         output = self._output(tensor, out, host, (size, *host.shape), lent)
         request = AllGather(
-            tag=self._tag(tag),
-            shm=where.shm,
-            offset=where.offset,
-            count=int(view.size),
-            dtype=host.dtype.name,
+            **_tensor(host, view, where),
+            **self._named(tag, timeout_s),
             out_shm=output.where.shm,
             out_offset=output.where.offset,
             codec=codec,
-            epoch=self._agreement.epoch,
-            timeout_s=timeout_s,
-            local_size=self._local_size,
         )
-
         return Handle(_Request(self, request, output.result, lent, staged_output=output.staged))
 
     def all_gather_v(
@@ -256,14 +245,11 @@ class Collectives:
         host = host_tensor(tensor)
         check_dtype(host)
         request = AllGatherV(
-            tag=self._tag(tag),
+            **self._named(tag, timeout_s),
             shm="",  # the counts phase maps nothing
             count=math.prod(host.shape),
             dtype=host.dtype.name,
             codec=codec,
-            epoch=self._agreement.epoch,
-            timeout_s=timeout_s,
-            local_size=self._local_size,
         )
         return Handle(_GatherV(self, tensor, request))
 
@@ -275,11 +261,8 @@ class Collectives:
         lent.append(out)
         gathered = out[1][: total * host.dtype.itemsize].view(host.dtype)
         request = AllGatherV(
+            **_tensor(host, view, where),
             tag=counts_request.tag,
-            shm=where.shm,
-            offset=where.offset,
-            count=int(view.size),
-            dtype=host.dtype.name,
             out_shm=out[0].name,
             counts=tuple(counts),
             codec=counts_request.codec,
@@ -310,29 +293,17 @@ class Collectives:
         start, stop = output_range(int(view.size), size, rank)
         output = self._output(tensor, out, host, (stop - start,), lent)
         request = ReduceScatter(
-            tag=self._tag(tag),
-            shm=where.shm,
-            offset=where.offset,
-            count=int(view.size),
-            dtype=host.dtype.name,
+            **_tensor(host, view, where),
+            **self._named(tag, timeout_s),
             out_shm=output.where.shm,
             out_offset=output.where.offset,
             reduction=op,
             codec=codec,
-            epoch=self._agreement.epoch,
-            timeout_s=timeout_s,
-            local_size=self._local_size,
         )
-
         return Handle(_Request(self, request, output.result, lent, staged_output=True))
 
     def barrier(self, tag: int | str | None, timeout_s: float | None) -> Handle:
-        request = Barrier(
-            tag=self._tag(tag),
-            epoch=self._agreement.epoch,
-            timeout_s=timeout_s,
-            local_size=self._local_size,
-        )
+        request = Barrier(**self._named(tag, timeout_s))
         return Handle(_Request(self, request, lambda _: None, [], staged_output=False))
 
     def rank(self) -> int:
@@ -361,6 +332,16 @@ class _Output:
         if self.staged:  # written back only on success
             self.host.copy_from(self.view)
         return self.original
+
+
+def _tensor(host: HostTensor, view: npt.NDArray[Any], where: Location) -> dict[str, Any]:
+    """The fields of a request naming ``host``, placed at ``where`` as ``view``."""
+    return {
+        "shm": where.shm,
+        "offset": where.offset,
+        "count": int(view.size),
+        "dtype": host.dtype.name,
+    }
 
 
 def _checked(out: Any, like: HostTensor, count: int) -> HostTensor:
