@@ -18,7 +18,9 @@ over the same links:
   ``auto_check``: star, ring, direct and auto at 4 KiB, 1 MiB and ``--size``
   (fp32), with auto over the best of star and ring (bar: <= 1.1). The
   busbw runs use ``auto`` too, decided on the link figures the daemons
-  measured and the coordinator agreed (the bench waits for every pair's);
+  measured and the coordinator agreed (the bench waits for every pair's),
+  and ``*_busbw_over_link_by_algo`` puts them beside the ring's and the
+  direct schedule's;
 * torch.distributed gloo (``bench/gloo_worker.py`` in each host namespace);
 * the delay line's own ceiling (``wanlab.measure.ceiling``: a ring of TCP
   flows through an unshaped lab at the same RTT) and whether the scenario
@@ -250,6 +252,15 @@ def scenario(args: argparse.Namespace, rtt_ms: float, full: bool) -> dict[str, A
                 samples[name] = c.time(size, reps, codec)
                 out[f"{name}_busbw_over_link"] = over_link(size, _med(samples[name]), n, link)
                 log(f"collnet {name}: {out[f'{name}_busbw_over_link']} of link")
+                if full:
+                    # What auto chose against each schedule it chooses from.
+                    by_algo = {"auto": out[f"{name}_busbw_over_link"]}
+                    for algo in ("ring", "direct"):
+                        t = c.time(size, reps, codec, algo)
+                        samples[f"{name}_{algo}"] = t
+                        by_algo[algo] = over_link(size, _med(t), n, link)
+                    out[f"{name}_busbw_over_link_by_algo"] = by_algo
+                    log(f"collnet {name} by algorithm: {by_algo}")
             if full:
                 checks = {"4KiB": 4 << 10, "1MiB": mib, _size_name(size): size}
                 auto_check: dict[str, dict[str, Any]] = {}
