@@ -30,8 +30,9 @@ MIN_CONNECTIONS: Final = 1
 MAX_CONNECTIONS: Final = 16
 # What a link gets when nothing is known about it (and it is not loopback).
 UNKNOWN_LINK_CONNECTIONS: Final = 4
-# The window one stream can keep in flight: the kernel's send-buffer cap
-# (wmem_max, 4 MiB on the machines measured) is what a socket actually gets.
+# The window one stream can keep in flight where the daemon does not say: half
+# the smaller of its buffers (collnet.transport.sockbuf), 4 MiB on the machines
+# measured.
 DEFAULT_WINDOW_BYTES: Final = 4 << 20
 # A stripe that carried this share of its windows' worth per round trip was
 # limited by them, not by the path.

@@ -31,12 +31,11 @@ from typing import Any, Protocol
 
 from collnet.errors import AuthError, CollnetError, PeerLost, ProtocolError
 from collnet.transport.loglimit import REMOTE, host_of
+from collnet.transport.sockbuf import kernel_caps
 from collnet.wire import Frame, FrameKind, FrameReader, Header, Limits, encode_frame
 
 log = logging.getLogger(__name__)
 
-# Large kernel buffers keep long fat pipes full; the kernel clamps to its max.
-SOCKET_BUFFER_BYTES = 8 << 20
 # Copied frames (everything but DATA payloads) queued for a peer that is not
 # reading them: past this the connection is dropped.
 MAX_COPIED_BACKLOG_BYTES = 4 << 20
@@ -53,12 +52,17 @@ class ConnectionHandler(Protocol):
 
 
 def tune_socket(sock: socket.socket | None) -> None:
+    """No Nagle delay; kernel buffers fixed only where that beats autotuning
+    (``collnet.transport.sockbuf``)."""
     if sock is None:
         return
+    caps = kernel_caps()
     try:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER_BYTES)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SOCKET_BUFFER_BYTES)
+        for option, buffer in ((socket.SO_SNDBUF, caps.send), (socket.SO_RCVBUF, caps.receive)):
+            size = buffer.request()
+            if size is not None:
+                sock.setsockopt(socket.SOL_SOCKET, option, size)
     except OSError:  # pragma: no cover - e.g. a unix socket in tests
         pass
 

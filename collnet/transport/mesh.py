@@ -40,7 +40,6 @@ from collnet.errors import AuthError, CollnetError, PeerLost, ProtocolError
 from collnet.membership import auth, identity
 from collnet.membership.liveness import Liveness
 from collnet.topology.striping import (
-    DEFAULT_WINDOW_BYTES,
     LinkFigures,
     connections_after,
     connections_for,
@@ -49,6 +48,7 @@ from collnet.transport.admission import Admission, fd_bounded
 from collnet.transport.connection import FrameConnection
 from collnet.transport.link import LinkRouter, PeerLink
 from collnet.transport.loglimit import REMOTE, host_of
+from collnet.transport.sockbuf import kernel_caps
 from collnet.transport.tls import Listening, Tls, peer_name
 from collnet.transport.tls import connect as tls_connect
 from collnet.transport.tls import serve as tls_serve
@@ -430,9 +430,5 @@ class Mesh:
 
 
 def socket_window_bytes() -> int:
-    """What one stream keeps in flight at most: the kernel's send-buffer cap."""
-    try:
-        with open("/proc/sys/net/core/wmem_max") as f:
-            return max(64 << 10, int(f.read().split()[0]))
-    except (OSError, ValueError, IndexError):
-        return DEFAULT_WINDOW_BYTES
+    """What one stream keeps in flight at most, with the buffers it gets."""
+    return kernel_caps().window_bytes()
