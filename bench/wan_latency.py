@@ -7,16 +7,16 @@ One ``wanlab`` lab (``--hosts`` namespaces, ``--rate-mbit`` access links,
 host (``bench/wan.py``'s ``Collnet``). For each algorithm in ``--algos`` and
 size in ``--sizes`` it runs ``--iters`` all-reduces, each one its own
 ``bench_all_reduce`` call of one collective (timed inside the daemons,
-preceded by a one-element star barrier), with ``--gap-s`` of idle time before
-each: a training step's all-reduce comes after its compute, and idle time is
-what cools a TCP connection. A sample is the slowest rank's time; every
-sample is reported (none dropped), with the median and the best the links
-allow as measured here (``predicted_s``): for the star ``2 * one-way`` plus
-the root receiving every contribution of a chunk before it sends the results
-(``(N - 1) * (bytes + min(bytes, 1 MiB chunk)) / rate``); for the ring
-``2 (N - 1) * one-way + 2 (N - 1) / N * bytes / rate`` plus one one-way
-delay, because the barrier is a star whose root leaves it one one-way delay
-before the others and the ring's chain waits for all of them.
+preceded by the bench's small direct barrier, which every rank leaves
+together), with ``--gap-s`` of idle time before each: a training step's
+all-reduce comes after its compute, and idle time is what cools a TCP
+connection. A sample is the slowest rank's time; every sample is reported
+(none dropped), with the median and the best the links allow
+(``predicted_s``): for the star ``2 * one-way`` plus the root receiving every
+contribution of a chunk before it sends the results (``(N - 1) * (bytes +
+min(bytes, 1 MiB chunk)) / rate``); for the ring ``2 (N - 1) * one-way +
+2 (N - 1) / N * bytes / rate``; for ``direct`` (a reduce-scatter and an
+all-gather of one hop each) ``2 * one-way + 2 (N - 1) / N * bytes / rate``.
 
 ``--ss FILE`` appends, after every sample, ``ss -tin`` of each host's
 namespace (the daemons' TCP connections: cwnd, rwnd, pacing, BBR's model) so
@@ -56,7 +56,8 @@ def predicted_s(algo: str, nbytes: int, hosts: int, rate_bit: float, rtt_s: floa
     one_way = rtt_s / 2
     if algo == "star":
         return 2 * one_way + (hosts - 1) * (nbytes + min(nbytes, CHUNK_BYTES)) * 8 / rate_bit
-    return (2 * hosts - 1) * one_way + 2 * (hosts - 1) / hosts * nbytes * 8 / rate_bit
+    hops = 2 if algo == "direct" else 2 * (hosts - 1)
+    return hops * one_way + 2 * (hosts - 1) / hosts * nbytes * 8 / rate_bit
 
 
 def one_sample(c: Collnet, count: int, algo: str, tag: str) -> float:
