@@ -15,8 +15,8 @@ from collnet.errors import CollnetError, PeerLost, ProtocolError
 from collnet.membership import PeerInfo, WorldView
 from collnet.membership.bounds import world_from_wire
 from collnet.topology.costmodel import (
-    MAX_CHUNK_BYTES,
     DIRECT_MARGIN,
+    MAX_CHUNK_BYTES,
     LinkCosts,
     best_algorithm,
     chunk_bytes_for,
