@@ -360,6 +360,23 @@ def status_json(coordinator: str) -> dict[str, Any]:
     return status
 
 
+def run_example_json(example: Path, *args: str, timeout_s: float = 200) -> dict[str, Any]:
+    """Run ``example --json ARGS`` as a user runs it; the JSON its last stdout line holds.
+
+    Fails with the tail of its stderr if it printed nothing or exited non-zero.
+    """
+    proc = subprocess.run(
+        [sys.executable, str(example), "--json", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+    )
+    assert proc.stdout.strip(), proc.stderr[-3000:]
+    out: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert proc.returncode == 0, (out, proc.stderr[-3000:])
+    return out
+
+
 def tcp_listen_ports(pid: int) -> set[int]:
     """The TCP ports process ``pid`` listens on (its sockets, in its network namespace)."""
     inodes = set()

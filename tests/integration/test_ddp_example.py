@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
+from cluster_harness import run_example_json
 
 pytest.importorskip("torch")
 
@@ -17,17 +15,8 @@ pytestmark = pytest.mark.timeout(240)
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "ddp_train.py"
 
 
-def _run(*args: str, timeout_s: float = 200) -> dict[str, Any]:
-    proc = subprocess.run(
-        [sys.executable, str(EXAMPLE), "--json", "--steps", "30", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout_s,
-    )
-    assert proc.stdout.strip(), proc.stderr[-3000:]
-    out: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert proc.returncode == 0, (out, proc.stderr[-3000:])
-    return out
+def _run(*args: str) -> dict[str, Any]:
+    return run_example_json(EXAMPLE, "--steps", "30", *args)
 
 
 def test_three_ranks_train_with_bit_identical_parameters_after_every_step() -> None:

@@ -12,7 +12,7 @@ from typing import Any
 import collnet_client
 import numpy as np
 import pytest
-from cluster_harness import CALL_TIMEOUT_S, run_on_all, running_peers
+from cluster_harness import CALL_TIMEOUT_S, run_example_json, run_on_all, running_peers
 from collnet_client import Comm
 
 torch = pytest.importorskip("torch")
@@ -193,28 +193,15 @@ def test_torch_sync_state_copies_fetched_tensors_back_into_strided_tensors(
     assert r0.in_parity and r1.in_parity and r0.state_digest == r1.state_digest
 
 
-def _run_example(*args: str, timeout_s: float = 200) -> dict[str, Any]:
-    proc = subprocess.run(
-        [sys.executable, str(EXAMPLE), "--json", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout_s,
-    )
-    assert proc.stdout.strip(), proc.stderr[-3000:]
-    out: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert proc.returncode == 0, (out, proc.stderr[-3000:])
-    return out
-
-
 def test_example_three_peers_converge_with_equal_hashes() -> None:
-    out = _run_example("--peers", "3", "--step-ms", "0")
+    out = run_example_json(EXAMPLE, "--peers", "3", "--step-ms", "0")
     assert out["ok"] and out["hashes_equal"], out
     assert out["final_loss"] < out["loss_threshold"] < out["initial_loss"], out
     assert out["peers_final"] == 3
 
 
 def test_example_survives_a_killed_peer_and_trains_a_joiner() -> None:
-    out = _run_example("--peers", "3", "--kill", "1", "--join", "1")
+    out = run_example_json(EXAMPLE, "--peers", "3", "--kill", "1", "--join", "1")
     assert out["ok"] and out["hashes_equal"], out
     assert out["final_loss"] < out["loss_threshold"], out
     assert len(out["killed"]) == 1 and len(out["joined"]) == 1
@@ -253,7 +240,7 @@ def test_trainer_exits_with_the_typed_error_when_its_daemon_dies(tmp_path: Path)
 
 
 def test_example_trainer_restarted_on_its_live_daemon_rejoins_and_converges() -> None:
-    out = _run_example("--peers", "3", "--restart-trainer", "1")
+    out = run_example_json(EXAMPLE, "--peers", "3", "--restart-trainer", "1")
     assert out["ok"] and out["hashes_equal"], out
     assert out["final_loss"] < out["loss_threshold"] < out["initial_loss"], out
     assert out["killed"] == [] and out["restarted_trainers_rejoined"], out
