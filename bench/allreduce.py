@@ -74,6 +74,7 @@ from typing import Any
 import codec_speed
 import numpy as np
 import rawtcp
+from collectives import json_results
 from collnet_lab.localcluster import LocalCluster, parse_size
 from collnet_lab.up import summarize
 
@@ -189,18 +190,7 @@ def run_gloo(
         )
         for r in range(peers)
     ]
-    results = []
-    try:
-        for p in procs:
-            out, err = p.communicate(timeout=900)
-            if p.returncode != 0:
-                raise RuntimeError(f"gloo worker failed ({p.returncode}):\n{err.decode()[-3000:]}")
-            results.append(json.loads(out.decode().strip().splitlines()[-1]))
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
+    results = json_results(procs, 900, "gloo worker")
     per_size: dict[int, dict[str, Any]] = {}
     for nbytes, _ in jobs:
         rows = [r["sizes"][str(nbytes)] for r in results]

@@ -139,12 +139,20 @@ def _run_ranks(argvs: list[list[str]]) -> list[dict[str, Any]]:
         )
         for a in argvs
     ]
+    return json_results(procs, 1200, "worker")
+
+
+def json_results(
+    procs: list[subprocess.Popen[bytes]], timeout_s: float, what: str
+) -> list[dict[str, Any]]:
+    """The JSON object each of ``procs`` prints last, in order. A process that fails
+    raises with its stderr's tail; any still running then is killed."""
     results = []
     try:
         for p in procs:
-            out, err = p.communicate(timeout=1200)
+            out, err = p.communicate(timeout=timeout_s)
             if p.returncode != 0:
-                raise RuntimeError(f"worker failed ({p.returncode}):\n{err.decode()[-3000:]}")
+                raise RuntimeError(f"{what} failed ({p.returncode}):\n{err.decode()[-3000:]}")
             results.append(json.loads(out.decode().strip().splitlines()[-1]))
     finally:
         for p in procs:
