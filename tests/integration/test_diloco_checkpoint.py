@@ -15,12 +15,12 @@ from typing import Any
 
 import numpy as np
 import pytest
-from cluster_harness import CALL_TIMEOUT_S, run_on_all, running_peers
+from cluster_harness import CALL_TIMEOUT_S, run_example_json, run_on_all, running_peers
 from collnet_client import Comm
 
 torch = pytest.importorskip("torch")
 from collnet_client.torch import DiLoCo, TopKConfig  # noqa: E402
-from test_sdk_diloco import _loss, _model, _run_example  # noqa: E402
+from test_sdk_diloco import EXAMPLE, _loss, _model  # noqa: E402
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -124,11 +124,13 @@ def test_example_streaming_checkpoint_resumed_by_a_fresh_world_is_bit_identical(
     # A short run: what is checked is bit-identity, not how far the loss got.
     common = ("--peers", "2", "--step-ms", "0", "--streaming", "--fragments", "4",
               "--outer-steps", "4", "--inner-steps", "8", "--loss-threshold", "100")  # fmt: skip
-    whole = _run_example(*common)
-    stopped = _run_example(*common, "--checkpoint", str(tmp_path), "--checkpoint-at", "6")
+    whole = run_example_json(EXAMPLE, *common)
+    stopped = run_example_json(
+        EXAMPLE, *common, "--checkpoint", str(tmp_path), "--checkpoint-at", "6"
+    )
     assert stopped["checkpointed"] and stopped["ok"], stopped
     assert sorted(f.name for f in tmp_path.iterdir()) == ["trainer0.pt", "trainer1.pt"]
-    resumed = _run_example(*common, "--resume", str(tmp_path))
+    resumed = run_example_json(EXAMPLE, *common, "--resume", str(tmp_path))
     assert whole["ok"] and resumed["ok"], (whole, resumed)
     assert resumed["final_hash"] == whole["final_hash"] and resumed["final_hashes_equal"]
     assert resumed["final_loss"] == whole["final_loss"]

@@ -7,13 +7,13 @@ from typing import Any
 
 import numpy as np
 import pytest
-from cluster_harness import CALL_TIMEOUT_S, run_on_all, running_peers
+from cluster_harness import CALL_TIMEOUT_S, run_example_json, run_on_all, running_peers
 from collnet_client import Comm
 
 torch = pytest.importorskip("torch")
 from collnet_client.torch import DiLoCo  # noqa: E402
 from collnet_client.torch.fragments import split  # noqa: E402
-from test_sdk_diloco import _loss, _model, _run_example  # noqa: E402
+from test_sdk_diloco import EXAMPLE, _loss, _model  # noqa: E402
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -76,8 +76,8 @@ def test_each_fragment_gets_the_outer_step_of_the_peers_average_in_its_turn(
 
 def test_example_streaming_with_four_fragments_converges_like_blocking_for_no_more_bytes() -> None:
     common = ("--peers", "3", "--step-ms", "0")
-    blocking = _run_example(*common)
-    streaming = _run_example(*common, "--streaming", "--fragments", "4")
+    blocking = run_example_json(EXAMPLE, *common)
+    streaming = run_example_json(EXAMPLE, *common, "--streaming", "--fragments", "4")
     for out in (blocking, streaming):
         assert out["ok"] and out["hashes_equal"] and out["peers_final"] == 3, out
     assert streaming["fragments"] == 4 and streaming["streaming"]

@@ -7,13 +7,13 @@ from typing import Any
 
 import numpy as np
 import pytest
-from cluster_harness import CALL_TIMEOUT_S, run_on_all, running_peers
+from cluster_harness import CALL_TIMEOUT_S, run_example_json, run_on_all, running_peers
 from collnet_client import Comm
 from collnet_client.sparse import TopK, chunked
 
 torch = pytest.importorskip("torch")
 from collnet_client.torch import DiLoCo, TopKConfig  # noqa: E402
-from test_sdk_diloco import _loss, _model, _run_example  # noqa: E402
+from test_sdk_diloco import EXAMPLE, _loss, _model  # noqa: E402
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -90,8 +90,8 @@ def test_topk_rounds_apply_nesterov_to_the_mean_of_every_peers_sparse_part(
 
 def test_example_topk_one_percent_trains_for_over_thirty_times_fewer_bytes() -> None:
     common = ("--peers", "3", "--step-ms", "0")
-    dense = _run_example(*common)
-    sparse = _run_example(*common, "--compression", "topk", "--density", "0.01",
+    dense = run_example_json(EXAMPLE, *common)
+    sparse = run_example_json(EXAMPLE, *common, "--compression", "topk", "--density", "0.01",
                           "--loss-threshold", "100")  # fmt: skip
     assert sparse["ok"] and sparse["hashes_equal"] and sparse["compression"] == "topk", sparse
     assert sparse["final_loss"] < 0.1 * sparse["initial_loss"], sparse
