@@ -8,9 +8,13 @@ it runs. One sample is the bytes that arrived in a window over its duration:
 what the link achieved while it was busy (idle time between collectives does
 not dilute it). Bytes are read from the link's received-byte counter rather
 than summed from piece sizes, so a piece straddling a cut counts in each
-window with what arrived there. Samples smaller than ``min_sample_bytes`` say
-more about latency than bandwidth and are dropped. The estimate is an
-exponentially weighted mean of the samples.
+window with what arrived there. The counter is read when a piece's header has
+been parsed, by which time the same read may have brought part of its
+payload, so a window that was never cut also knows the sizes of the pieces
+it saw whole and counts at least those: a lone 1 MiB message read as a few
+bytes short of it. Samples smaller than ``min_sample_bytes`` say more about
+latency than bandwidth and are dropped. The estimate is an exponentially
+weighted mean of the samples.
 
 Pieces striped over K connections overlap in time, which is why the window
 spans all of them rather than timing each piece: one piece alone gets only
@@ -38,6 +42,10 @@ class ThroughputMeter:
     _in_flight: int = 0
     _window_start_s: float = 0.0
     _window_start_bytes: int = 0
+    # Payload of the pieces ended in the current window, and whether it was cut
+    # (a cut window's pieces began in the one before).
+    _window_piece_bytes: int = 0
+    _window_cut: bool = False
 
     def begin(self, now_s: float, received_bytes: Callable[[], int]) -> None:
         """A large piece started arriving; ``received_bytes()`` reads the link's byte counter.
@@ -48,21 +56,29 @@ class ThroughputMeter:
         if self._in_flight == 0:
             self._window_start_s = now_s
             self._window_start_bytes = received_bytes()
+            self._window_piece_bytes = 0
+            self._window_cut = False
         self._in_flight += 1
 
-    def end(self, now_s: float, received_bytes: Callable[[], int]) -> None:
-        """One of the pieces in flight finished arriving."""
+    def end(self, now_s: float, received_bytes: Callable[[], int], piece_bytes: int = 0) -> None:
+        """One of the pieces in flight (of ``piece_bytes`` payload) finished arriving."""
         if self._in_flight == 0:
             return  # an end without a begin (the meter was attached mid-piece)
         self._in_flight -= 1
+        self._window_piece_bytes += piece_bytes
         elapsed_s = now_s - self._window_start_s
         if self._in_flight == 0 or elapsed_s >= self.sample_period_s:
             # The byte counter, not the pieces' sizes: pieces straddling a cut
             # count only the bytes that arrived inside the window.
             received = received_bytes()
-            self._sample(received - self._window_start_bytes, elapsed_s, now_s)
+            nbytes = received - self._window_start_bytes
+            if not self._window_cut:
+                nbytes = max(nbytes, self._window_piece_bytes)
+            self._sample(nbytes, elapsed_s, now_s)
             self._window_start_s = now_s
             self._window_start_bytes = received
+            self._window_piece_bytes = 0
+            self._window_cut = self._in_flight > 0
 
     def _sample(self, nbytes: int, elapsed_s: float, now_s: float) -> None:
         if nbytes < self.min_sample_bytes or elapsed_s <= 0:

@@ -240,13 +240,13 @@ class PeerLink:
     def on_frame(self, conn: FrameConnection, frame: Frame) -> None:
         if frame.kind == FrameKind.DATA:
             if len(frame.payload) >= METERED_PIECE_BYTES:
-                self.rx_meter.end(time.monotonic(), self.bytes_received)
+                self.rx_meter.end(time.monotonic(), self.bytes_received, len(frame.payload))
             self.router.on_data(self.peer, frame.meta, frame.payload)
         elif frame.kind == FrameKind.HEARTBEAT:
             self.heartbeat.on_frame(frame.meta)
         elif frame.kind == FrameKind.PROBE:
             if len(frame.payload) >= METERED_PIECE_BYTES:
-                self.rx_meter.end(time.monotonic(), self.bytes_received)
+                self.rx_meter.end(time.monotonic(), self.bytes_received, len(frame.payload))
         else:
             self.router.on_control(self.peer, frame)
 

@@ -84,3 +84,22 @@ def test_estimate_stays_within_the_range_of_the_samples(pieces: list[tuple[float
         rates.append(nbytes / duration_s)
     assert meter.bytes_per_s is not None
     assert min(rates) * (1 - 1e-9) <= meter.bytes_per_s <= max(rates) * (1 + 1e-9)
+
+
+def test_a_lone_message_read_short_at_its_header_still_counts_whole() -> None:
+    # The header's read brought 4 KiB of the payload with it, so the counter
+    # moves by 4 KiB less than the message while the window is open.
+    meter = ThroughputMeter(alpha=1.0)
+    meter.begin(0.0, counter(4096))
+    meter.end(0.01, counter(MIB), MIB)
+    assert meter.bytes_per_s == MIB / 0.01
+
+
+def test_a_cut_window_counts_only_the_bytes_the_counter_saw() -> None:
+    meter = ThroughputMeter(alpha=1.0, sample_period_s=1.0)
+    meter.begin(0.0, counter(0))
+    meter.begin(0.0, counter(0))
+    meter.end(1.0, counter(3 * MIB), 2 * MIB)  # cut: 3 MiB in the first second
+    assert meter.bytes_per_s == 3 * MIB
+    meter.end(1.5, counter(4 * MIB), 2 * MIB)  # began before the cut: not counted whole
+    assert meter.bytes_per_s == 1 * MIB / 0.5
