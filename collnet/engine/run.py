@@ -17,12 +17,18 @@ Invariants:
   collective: every message it accepted carried its digest, and where the
   schedule's data alone does not prove the others agreed
   (``needs_agreement``: a broadcast's root hears from nobody) it sends an
-  AGREE at start to every member it sends no data to then, and finishes only
-  once a piece (AGREE or data) has come from each member. A member that
-  disagrees meets a foreign digest and every member fails with
-  ``MismatchError``: none of them completes. Every member sends every other
-  something at start (data or AGREE), so a disagreement is seen one hop
-  after the members started, on both sides of it.
+  AGREE at start to every other member and finishes only once the AGREE of
+  each member has come. A member that disagrees meets a foreign digest and
+  every member fails with ``MismatchError``: none of them completes. Every
+  member sends every other something at start (data or AGREE), so a
+  disagreement is seen one hop after the members started, on both sides of
+  it;
+- a finished run has consumed every piece addressed to this peer, AGREEs
+  included (it waited for each of them), so nothing of it arrives later to
+  be stashed as early data for a start that will never come, and its key
+  may be used again. (An AGREE sent only to members that got no data at
+  start would break this: data proving agreement can finish the run before
+  that member's AGREE, sent earlier on another connection, lands.)
 """
 
 from __future__ import annotations
@@ -65,9 +71,7 @@ class Run:
         # member's AGREE may still be missing.
         self._schedule_done = False
         self._agree = schedule.needs_agreement and world.size > 1
-        # Ranks known to run this collective (a piece of theirs carried its
-        # digest), and those whose AGREE came (one each).
-        self._agreed: set[int] = set()
+        # Ranks whose AGREE came (one each).
         self._agrees: set[int] = set()
         # The schedule itself gave up (this rank's data cannot be encoded): the
         # other members do not know yet.
@@ -97,20 +101,20 @@ class Run:
         """Ranks this run still waits to hear from (none unless it needs agreement)."""
         if not self._agree:
             return []
-        return [r for r in range(self.world.size) if r != self.rank and r not in self._agreed]
+        return [r for r in range(self.world.size) if r != self.rank and r not in self._agrees]
 
     def start(self) -> list[EngineAction]:
         out = self._translate(self.schedule.start())
         if self._agree and self.error is None:
-            # A member this rank sends data to now hears the digest in it; every
-            # other member gets an AGREE. After the data: it is what the far end
+            # Every other member gets one, those sent data now too: each
+            # waits for every AGREE, so none lands after its run finished (see
+            # the module docstring). After the data: it is what the far end
             # waits for first.
-            data_to = {a.to for a in out if type(a) is Transmit}
             head = data_head(self.key, AGREE_STEP, 0, self.digest)
             out += [
                 Transmit(self.key, r, head, _NOTHING)
                 for r in range(self.world.size)
-                if r != self.rank and r not in data_to
+                if r != self.rank
             ]
         return out
 
@@ -126,8 +130,6 @@ class Run:
             )
         if piece.step == AGREE_STEP:
             return self._agreement(src, piece, nbytes)
-        if self._agree:
-            self._agreed.add(src)  # its digest matched: it runs this collective
         name = (src, piece.step, piece.chunk)
         slot = self._inbound.get(name)
         if slot is None:
@@ -203,7 +205,6 @@ class Run:
         if src in self._agrees:
             raise ProtocolError(f"collective {self.key}: second AGREE from rank {src}")
         self._agrees.add(src)
-        self._agreed.add(src)
         peer = self.world.peers[src].id
         # Counted like any piece, so that its ``piece_done`` balances.
         self._writing[peer] = self._writing.get(peer, 0) + 1
