@@ -32,7 +32,9 @@ over the same links:
   has no ``--ring-order``.
 
 A sample is the slowest rank's time of one collective; the first of each
-series is a warm-up and dropped; figures are medians of ``--repeats``.
+series is a warm-up and dropped, and each cluster first runs 4 untimed fp32
+all-reduces of ``--size`` (new connections ramp up); figures are medians of
+``--repeats``.
 busbw = bytes / time x 2(N-1)/N; ``*_busbw_over_link`` divides it by the
 bottleneck link's rate (so uint8 can exceed 1: fewer bytes travel).
 
@@ -80,6 +82,7 @@ PLOT = HERE.parent / "docs" / "wan_busbw_vs_rtt.png"
 GLOO_PORT = 29555
 CODECS = {"fp32": "none", "uint8": "uint8", "uint4": "uint4"}
 ALGOS = ("star", "ring", "direct", "auto")
+WARM_UP = 4
 
 
 def log(msg: str) -> None:
@@ -173,6 +176,14 @@ class Collnet:
             worlds = list(pool.map(lambda c: c.update_topology(timeout_s=120), self.comms))
         return list(worlds[0].peers)
 
+    def warm(self, nbytes: int) -> None:
+        """Fresh connections first: ``WARM_UP`` fp32 all-reduces of ``nbytes``, untimed.
+        A new TCP connection's congestion control (BBR here) takes seconds of
+        traffic to reach a long fat link's rate (in this lab the first 64 MiB
+        series ran at 0.69-0.73 of the link, the same schedule right after it at
+        0.93), which would be charged to whichever series ran first."""
+        self.time(nbytes, WARM_UP - 1)
+
     def time(self, nbytes: int, iters: int, codec: str = "none", algo: str = "auto") -> list[float]:
         """``iters`` samples (warm-up dropped) of the slowest rank."""
         self._n += 1
@@ -244,6 +255,7 @@ def scenario(args: argparse.Namespace, rtt_ms: float, full: bool) -> dict[str, A
             # auto decides on the epoch's agreed link figures: measured, then agreed.
             out["pairs_measured"] = c.await_matrix()
             c.agree()
+            c.warm(size)
             costs = c.costs()
             out["costs"] = None if costs is None else costs.to_wire()
             for name, codec in CODECS.items():
@@ -277,12 +289,14 @@ def scenario(args: argparse.Namespace, rtt_ms: float, full: bool) -> dict[str, A
                 out["auto_check"] = auto_check
         if full and args.connections != "auto":
             with collnet_in(lab, "auto", args.daemon_arg) as c:
+                c.warm(size)
                 samples["fp32_auto_conn"] = c.time(size, reps)
             auto = over_link(size, _med(samples["fp32_auto_conn"]), n, link)
             out["fp32_auto_conn_busbw_over_link"] = auto
             log(f"collnet fp32, --connections auto: {auto} of link")
         if full:
             with collnet_in(lab, "1", args.daemon_arg) as c:
+                c.warm(size)
                 samples["fp32_1conn"] = c.time(size, reps)
             one = over_link(size, _med(samples["fp32_1conn"]), n, link)
             out["fp32_1conn_busbw_over_link"] = one
