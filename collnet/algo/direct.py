@@ -76,6 +76,14 @@ class DirectAllReduce(ChunkedSchedule):
         self._combined = [0] * own
         self._left = own + sum(self._part.num_chunks(s) for s in range(world) if s != rank)
 
+    @property
+    def needs_agreement(self) -> bool:
+        # With fewer elements than ranks some segments are empty: a rank that
+        # owns the only data ones sends nothing at start, and an empty owner is
+        # sent nothing, so a disagreeing member could go unmet. (The digest
+        # covers the length, so this is alike on every rank.)
+        return self._red.n < self.world
+
     def start(self) -> list[Action]:
         if self._started:
             raise ProtocolError("start() called twice")

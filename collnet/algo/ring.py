@@ -267,3 +267,10 @@ class RingAllReduce(RingSchedule):
         chunk_bytes: int = 1 << 20,
     ) -> None:
         super().__init__(rank, world, buf, op, codec, chunk_bytes, reduce=True, gather=True)
+
+    @property
+    def needs_agreement(self) -> bool:
+        # With fewer elements than ranks some segments are empty: their owners
+        # send nothing at start and some ranks complete without word from all.
+        # The length is the same on every rank (the digest covers it).
+        return self._red.n < self.world

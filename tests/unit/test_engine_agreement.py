@@ -209,25 +209,23 @@ def test_a_second_or_malformed_agree_is_a_protocol_error() -> None:
         (("reduce_scatter", 3), False),
         (("barrier", 0), False),
         (("all_reduce", 0), True),
-        (("all_reduce", 1), False),
+        (("all_reduce", 1), True),  # fewer elements than ranks: empty segments
+        (("all_reduce", 3), False),
         (("all_reduce_star", 0), True),
         (("all_reduce_star", 1), False),
         (("all_reduce_direct", 0), True),
-        (("all_reduce_direct", 1), False),
+        (("all_reduce_direct", 1), True),
+        (("all_reduce_direct", 3), False),
     ],
 )
 def test_needs_agreement_is_the_same_on_every_rank(spec: Spec, needs: bool) -> None:
     assert {_schedule(spec, r, 3).needs_agreement for r in range(3)} == {needs}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="open (issue 12): a star all-reduce's root and ring ranks whose own segment "
-    "is empty send nothing at start, so when they are all there is, nobody meets the "
-    "other digest and every member waits for its deadline (Timeout on all, none "
-    "completes); the fix belongs in ring.py/star.py (an AGREE, or a send at start)",
-)
 def test_an_all_reduce_where_nobody_sends_at_start_still_sees_the_disagreement() -> None:
+    # A star's root sends nothing at start, nor does a ring rank whose segment is
+    # empty (fewer elements than ranks): the ring then needs agreement, and its
+    # AGREE meets the root's other digest.
     sim = RouterSim(world_of(2), random.Random(5))
     _start_all_interleaved(sim, [("all_reduce_star", 5), ("all_reduce", 1)], [0, 0])
     for r in range(2):
