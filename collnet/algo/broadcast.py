@@ -45,7 +45,7 @@ from typing import Any, Final
 import numpy.typing as npt
 
 from collnet.algo.actions import Action, Complete, Send
-from collnet.algo.chunked import POSTED, ChunkedSchedule
+from collnet.algo.chunked import ChunkedSchedule
 from collnet.algo.partition import Partition, check_group
 from collnet.codec.base import Codec
 from collnet.errors import CodecError, InvalidArgument, PeerLost, ProtocolError
@@ -142,10 +142,7 @@ class TreeBroadcast(ChunkedSchedule):
         self._expect_new(chunk, src, step, chunk)
         a, b = self._part.chunk(0, chunk)
         self._red.check_nbytes(a, b, nbytes)
-        view, token = self._red.result_buffer(a, b, nbytes)
-        self._pending[chunk] = token
-        self._state[chunk] = POSTED
-        return view
+        return self._post(chunk, a, b, nbytes, combine=False)
 
     def on_receive(self, src: int, step: int, chunk: int) -> list[Action]:
         if self._aborted:

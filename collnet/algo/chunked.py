@@ -82,6 +82,20 @@ class ChunkedSchedule(Schedule):
                 chunk=chunk,
             )
 
+    def _post(self, key: int, a: int, b: int, nbytes: int, combine: bool) -> memoryview:
+        """Hand out where message ``key`` (``nbytes`` for elements ``[a, b)``) lands:
+        scratch for a contribution to ``combine``, else the result's place; mark
+        it ``POSTED``."""
+        red = self._red
+        if combine:
+            view, token = red.contribution_buffer(a, b, nbytes)
+            self._pending[key] = token
+        else:
+            view, rtoken = red.result_buffer(a, b, nbytes)
+            self._pending[key] = rtoken
+        self._state[key] = POSTED
+        return view
+
     def _arrive(self, key: int, src: int, step: int, chunk: int) -> None:
         """Mark message ``key`` arrived; unless it was announced, a ``ProtocolError``."""
         if self._state[key] != POSTED:

@@ -37,7 +37,7 @@ from typing import Any
 import numpy.typing as npt
 
 from collnet.algo.actions import Action, Complete, Send
-from collnet.algo.chunked import DONE, POSTED, ChunkedSchedule
+from collnet.algo.chunked import DONE, ChunkedSchedule
 from collnet.algo.partition import Partition
 from collnet.codec.base import Codec
 from collnet.errors import CodecError, PeerLost, ProtocolError
@@ -113,16 +113,8 @@ class DirectAllReduce(ChunkedSchedule):
             return self._red.sink(nbytes)
         key, a, b = self._locate(src, step, chunk)
         self._expect_new(key, src, step, chunk)
-        red = self._red
-        red.check_nbytes(a, b, nbytes)
-        if step == STEP_CONTRIBUTE:
-            view, token = red.contribution_buffer(a, b, nbytes)
-            self._pending[key] = token
-        else:
-            view, rtoken = red.result_buffer(a, b, nbytes)
-            self._pending[key] = rtoken
-        self._state[key] = POSTED
-        return view
+        self._red.check_nbytes(a, b, nbytes)
+        return self._post(key, a, b, nbytes, combine=step == STEP_CONTRIBUTE)
 
     def on_receive(self, src: int, step: int, chunk: int) -> list[Action]:
         if self._aborted:

@@ -50,7 +50,7 @@ from typing import Any
 import numpy.typing as npt
 
 from collnet.algo.actions import Action, Complete, Send
-from collnet.algo.chunked import DONE, POSTED, ChunkedSchedule
+from collnet.algo.chunked import DONE, ChunkedSchedule
 from collnet.algo.partition import Layout, Partition
 from collnet.codec.base import Codec
 from collnet.errors import CodecError, InvalidArgument, PeerLost, ProtocolError
@@ -131,12 +131,8 @@ class RingSchedule(ChunkedSchedule):
             return self._red.sink(nbytes)
         key, a, b = self._locate(src, step, chunk)
         self._expect_new(key, src, step, chunk)
-        red = self._red
-        red.check_nbytes(a, b, nbytes)
-        if step < self._reduce_steps:
-            view, token = red.contribution_buffer(a, b, nbytes)
-            self._pending[key] = token
-        else:
+        self._red.check_nbytes(a, b, nbytes)
+        if step >= self._reduce_steps:
             # The final value of this chunk can only exist once the right
             # neighbour consumed our contribution, sent when (step - W, chunk)
             # arrived; earlier means a broken peer, and writing now would
@@ -155,10 +151,7 @@ class RingSchedule(ChunkedSchedule):
                     step=step,
                     chunk=chunk,
                 )
-            view, rtoken = red.result_buffer(a, b, nbytes)
-            self._pending[key] = rtoken
-        self._state[key] = POSTED
-        return view
+        return self._post(key, a, b, nbytes, combine=step < self._reduce_steps)
 
     def on_receive(self, src: int, step: int, chunk: int) -> list[Action]:
         if self._aborted:

@@ -32,7 +32,7 @@ from typing import Any
 import numpy.typing as npt
 
 from collnet.algo.actions import Action, Complete, Send
-from collnet.algo.chunked import POSTED, ChunkedSchedule
+from collnet.algo.chunked import ChunkedSchedule
 from collnet.algo.partition import Partition, check_group
 from collnet.codec.base import Codec
 from collnet.errors import CodecError, InvalidArgument, PeerLost, ProtocolError
@@ -100,16 +100,8 @@ class StarAllReduce(ChunkedSchedule):
         key = self._locate(src, step, chunk)
         self._expect_new(key, src, step, chunk)
         a, b = self._part.chunk(0, chunk)
-        red = self._red
-        red.check_nbytes(a, b, nbytes)
-        if self._is_root:
-            view, token = red.contribution_buffer(a, b, nbytes)
-            self._pending[key] = token
-        else:
-            view, rtoken = red.result_buffer(a, b, nbytes)
-            self._pending[key] = rtoken
-        self._state[key] = POSTED
-        return view
+        self._red.check_nbytes(a, b, nbytes)
+        return self._post(key, a, b, nbytes, combine=self._is_root)
 
     def on_receive(self, src: int, step: int, chunk: int) -> list[Action]:
         if self._aborted:
