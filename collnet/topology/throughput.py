@@ -12,9 +12,12 @@ window with what arrived there. The counter is read when a piece's header has
 been parsed, by which time the same read may have brought part of its
 payload, so a window that was never cut also knows the sizes of the pieces
 it saw whole and counts at least those: a lone 1 MiB message read as a few
-bytes short of it. Samples smaller than ``min_sample_bytes`` say more about
-latency than bandwidth and are dropped. The estimate is an exponentially
-weighted mean of the samples.
+bytes short of it. A window that closes under ``min_sample_bytes`` stays
+pending for ``join_gap_s``: a piece beginning by then continues it (the
+pieces of one message, striped over K connections, may arrive one after the
+other, each alone too small to count). Samples smaller than
+``min_sample_bytes`` say more about latency than bandwidth and are dropped.
+The estimate is an exponentially weighted mean of the samples.
 
 Pieces striped over K connections overlap in time, which is why the window
 spans all of them rather than timing each piece: one piece alone gets only
@@ -33,6 +36,7 @@ from dataclasses import dataclass
 class ThroughputMeter:
     min_sample_bytes: int = 1 << 20
     sample_period_s: float = 1.0
+    join_gap_s: float = 0.005
     # Weight of a new sample: a few windows follow a changed link.
     alpha: float = 0.3
     bytes_per_s: float | None = None
@@ -46,6 +50,8 @@ class ThroughputMeter:
     # (a cut window's pieces began in the one before).
     _window_piece_bytes: int = 0
     _window_cut: bool = False
+    # A closed window too small to sample: when it closed (None: none pending).
+    _pending_end_s: float | None = None
 
     def begin(self, now_s: float, received_bytes: Callable[[], int]) -> None:
         """A large piece started arriving; ``received_bytes()`` reads the link's byte counter.
@@ -54,10 +60,13 @@ class ThroughputMeter:
         K connections for every piece would cost more than everything else here.
         """
         if self._in_flight == 0:
-            self._window_start_s = now_s
-            self._window_start_bytes = received_bytes()
-            self._window_piece_bytes = 0
-            self._window_cut = False
+            pending = self._pending_end_s
+            self._pending_end_s = None
+            if pending is None or now_s - pending > self.join_gap_s:
+                self._window_start_s = now_s
+                self._window_start_bytes = received_bytes()
+                self._window_piece_bytes = 0
+                self._window_cut = False
         self._in_flight += 1
 
     def end(self, now_s: float, received_bytes: Callable[[], int], piece_bytes: int = 0) -> None:
@@ -74,6 +83,9 @@ class ThroughputMeter:
             nbytes = received - self._window_start_bytes
             if not self._window_cut:
                 nbytes = max(nbytes, self._window_piece_bytes)
+            if self._in_flight == 0 and nbytes < self.min_sample_bytes:
+                self._pending_end_s = now_s  # the next piece may continue it
+                return
             self._sample(nbytes, elapsed_s, now_s)
             self._window_start_s = now_s
             self._window_start_bytes = received

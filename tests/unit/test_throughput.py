@@ -103,3 +103,23 @@ def test_a_cut_window_counts_only_the_bytes_the_counter_saw() -> None:
     assert meter.bytes_per_s == 3 * MIB
     meter.end(1.5, counter(4 * MIB), 2 * MIB)  # began before the cut: not counted whole
     assert meter.bytes_per_s == 1 * MIB / 0.5
+
+
+def test_pieces_of_one_message_arriving_one_after_another_make_one_sample() -> None:
+    # A 1 MiB message striped as 4 pieces of 256 KiB that arrive in turn.
+    meter = ThroughputMeter(alpha=1.0)
+    for i in range(4):
+        t = i * 0.001
+        meter.begin(t, counter(i * MIB // 4))
+        meter.end(t + 0.001, counter((i + 1) * MIB // 4), MIB // 4)
+    assert meter.samples == 1
+    assert meter.bytes_per_s == pytest.approx(MIB / 0.004)
+
+
+def test_small_windows_apart_in_time_are_not_joined() -> None:
+    meter = ThroughputMeter(alpha=1.0)
+    for i in range(8):
+        t = i * 1.0  # each its own collective, a second apart
+        meter.begin(t, counter(i * MIB // 4))
+        meter.end(t + 0.001, counter((i + 1) * MIB // 4), MIB // 4)
+    assert meter.samples == 0 and meter.bytes_per_s is None
