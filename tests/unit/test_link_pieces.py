@@ -103,3 +103,10 @@ async def test_medium_messages_land_whole_with_a_share_on_every_connection() -> 
         receiver.close()
         server.close()
         await server.wait_closed()
+
+
+def test_a_short_path_keeps_large_pieces() -> None:
+    from collnet.transport.link import SHORT_PATH_MIN_PIECE_BYTES
+
+    assert pieces_for(1 << 20, 8, SHORT_PATH_MIN_PIECE_BYTES) == 1
+    assert pieces_for(8 << 20, 8, SHORT_PATH_MIN_PIECE_BYTES) == 4
