@@ -140,14 +140,6 @@ def direct_seconds(
     return messages + max(chain, stream)
 
 
-def prefer_star(costs: LinkCosts, world: int, nbytes: int) -> bool:
-    """Whether the star beats the ring in the model (ties go to the star: fewer
-    messages)."""
-    if world <= 2:
-        return True  # a ring of two saves no bandwidth
-    return star_seconds(costs, world, nbytes) <= ring_seconds(costs, world, nbytes)
-
-
 def best_algorithm(
     costs: LinkCosts, world: int, nbytes: int, chunk_bytes: int = MIN_CHUNK_BYTES
 ) -> str:

@@ -21,7 +21,6 @@ from collnet.topology.costmodel import (
     best_algorithm,
     chunk_bytes_for,
     direct_seconds,
-    prefer_star,
     ring_seconds,
     star_seconds,
 )
@@ -80,18 +79,20 @@ LOOPBACK = LinkCosts(max_rtt_s=50e-6, bottleneck_bps=20 * GBIT)
 
 
 def test_on_a_100ms_wan_small_and_mid_tensors_take_the_star_big_ones_the_ring() -> None:
-    assert prefer_star(WAN, 4, 4 << 10)
-    assert prefer_star(WAN, 4, 1 << 20)
-    assert not prefer_star(WAN, 4, 64 << 20)
+    assert best_algorithm(WAN, 4, 4 << 10) == "star"
+    assert best_algorithm(WAN, 4, 1 << 20) == "star"
+    assert best_algorithm(WAN, 4, 64 << 20) != "star"
 
 
 def test_on_loopback_the_ring_wins_from_a_megabyte() -> None:
-    assert prefer_star(LOOPBACK, 4, 4 << 10)
-    assert not prefer_star(LOOPBACK, 4, 1 << 20)
+    assert best_algorithm(LOOPBACK, 4, 4 << 10) == "star"
+    assert best_algorithm(LOOPBACK, 4, 1 << 20) != "star"
 
 
 def test_two_ranks_always_take_the_star() -> None:
-    assert prefer_star(WAN, 2, 1 << 30) and prefer_star(LOOPBACK, 2, 1 << 30)
+    assert (
+        best_algorithm(WAN, 2, 1 << 30) == "star" and best_algorithm(LOOPBACK, 2, 1 << 30) == "star"
+    )
 
 
 @given(
@@ -105,10 +106,10 @@ def test_the_choice_is_the_cheaper_model_and_the_crossover_is_monotone(
 ) -> None:
     costs = LinkCosts(rtt, bps)
     star, ring = star_seconds(costs, world, nbytes), ring_seconds(costs, world, nbytes)
-    assert prefer_star(costs, world, nbytes) == (star <= ring)
+    assert (best_algorithm(costs, world, nbytes) == "star") == (star <= ring)
     # A bigger tensor never turns the ring's choice back into the star's.
-    if not prefer_star(costs, world, nbytes):
-        assert not prefer_star(costs, world, nbytes * 2)
+    if best_algorithm(costs, world, nbytes) != "star":
+        assert best_algorithm(costs, world, nbytes * 2) != "star"
 
 
 def test_chunk_grows_with_the_bottleneck_bdp_within_bounds() -> None:
@@ -216,7 +217,9 @@ LOOPBACK3 = LinkCosts(max_rtt_s=50e-6, bottleneck_bps=20 * GBIT, min_pair_bps=20
 def test_without_a_slowest_pair_figure_the_direct_schedule_is_not_modelled() -> None:
     assert direct_seconds(WAN, 4, 1 << 20) is None
     for nbytes in (4 << 10, 1 << 20, 64 << 20):
-        assert best_algorithm(WAN, 4, nbytes) == ("star" if prefer_star(WAN, 4, nbytes) else "ring")
+        assert best_algorithm(WAN, 4, nbytes) == (
+            "star" if best_algorithm(WAN, 4, nbytes) == "star" else "ring"
+        )
 
 
 def test_on_a_100ms_wan_the_direct_schedule_takes_what_the_ring_cannot_stream() -> None:
