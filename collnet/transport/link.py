@@ -202,9 +202,11 @@ class PeerLink:
             if offset >= total:
                 break
 
-    def send_probe(self, nbytes: int) -> None:
+    def send_probe(self, nbytes: int, warm_bytes: int = 0) -> None:
         """A bandwidth probe: ``nbytes`` of zeros as PROBE pieces striped over the
-        connections, which the far end's meter times (collnet.topology.probe)."""
+        connections, which the far end's meter times (collnet.topology.probe),
+        behind ``warm_bytes`` it does not time, spread so that every connection
+        carries its share of them before its timed pieces."""
         if self.error is not None:
             raise self.error
         # Each piece alone big enough for the far end's meter to take a sample
@@ -212,13 +214,18 @@ class PeerLink:
         pieces = max(1, min(self.k, nbytes // MIN_BURST_BYTES))
         pieces = min(MAX_PROBE_PIECES, max(pieces, -(-nbytes // MAX_PROBE_PIECE_BYTES)))
         size = min(MAX_PROBE_PIECE_BYTES, -(-nbytes // pieces))
-        zeros = bytes(size)
+        # Warm pieces go round the connections whole times, so each one's come first.
+        warm = -(-warm_bytes // MAX_PROBE_PIECE_BYTES) if warm_bytes > 0 else 0
+        warm = min(-(-warm // self.k), (MAX_PROBE_PIECES - pieces) // self.k) * self.k
+        warm_size = min(MAX_PROBE_PIECE_BYTES, -(-warm_bytes // warm)) if warm else 0
+        zeros = memoryview(bytes(max(size, warm_size)))
         seq, self._probes = self._probes, self._probes + 1
-        for piece in range(pieces):
+        for piece in range(warm + pieces):
             conn = self.conns[piece % self.k]
             if conn is None:
                 raise PeerLost(f"link to {self.peer} is not connected", peer=self.peer)
-            conn.send(FrameKind.PROBE, ProbePiece(seq, piece, pieces).to_wire(), zeros)
+            meta = ProbePiece(seq, piece, warm + pieces, warm).to_wire()
+            conn.send(FrameKind.PROBE, meta, zeros[: warm_size if piece < warm else size])
 
     def send_control(self, kind: FrameKind, meta: Any, payload: bytes = b"") -> None:
         conn = self.conns[0]
@@ -238,8 +245,9 @@ class PeerLink:
                 self.rx_meter.begin(time.monotonic(), self.bytes_received)
             return self.router.data_sink(self.peer, meta, header.payload_len)
         if header.kind == FrameKind.PROBE:
-            ProbePiece.from_wire(meta, header.payload_len)  # bounded before any byte is read
-            if header.payload_len >= METERED_PIECE_BYTES:
+            # Bounded before any byte is read.
+            timed = ProbePiece.from_wire(meta, header.payload_len).timed
+            if timed and header.payload_len >= METERED_PIECE_BYTES:
                 self.rx_meter.begin(time.monotonic(), self.bytes_received)
             if self._probe_sink is None:
                 self._probe_sink = memoryview(bytearray(MAX_PROBE_PIECE_BYTES))
@@ -254,7 +262,8 @@ class PeerLink:
         elif frame.kind == FrameKind.HEARTBEAT:
             self.heartbeat.on_frame(frame.meta)
         elif frame.kind == FrameKind.PROBE:
-            if len(frame.payload) >= METERED_PIECE_BYTES:
+            timed = ProbePiece.from_wire(frame.meta, len(frame.payload)).timed
+            if timed and len(frame.payload) >= METERED_PIECE_BYTES:
                 self.rx_meter.end(time.monotonic(), self.bytes_received, len(frame.payload))
         else:
             self.router.on_control(self.peer, frame)

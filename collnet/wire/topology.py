@@ -16,8 +16,9 @@ In the coordinator's status (``collnet status --json``): ``links``, the
 "reachable", "error"}`` per registered peer that was checked.
 
 On a data link: PROBE frames, a bandwidth probe's pieces, meta ``[seq,
-piece, pieces]`` and a payload of at most ``MAX_PROBE_PIECE_BYTES`` the
-receiver times and discards.
+piece, pieces, warm]`` and a payload of at most ``MAX_PROBE_PIECE_BYTES`` the
+receiver discards, timing those from piece ``warm`` on (the first ``warm``
+take the connections through TCP's start; a three-element meta has none).
 
 Every parser here validates all it reads and raises ``ProtocolError``.
 """
@@ -182,24 +183,32 @@ class TopologyStatus:
 
 @dataclass(frozen=True, slots=True)
 class ProbePiece:
-    """Piece ``piece`` of ``pieces`` of bandwidth probe ``seq``."""
+    """Piece ``piece`` of ``pieces`` of bandwidth probe ``seq``; the first ``warm``
+    pieces only warm the connections up and are not timed."""
 
     seq: int
     piece: int
     pieces: int
+    warm: int = 0
+
+    @property
+    def timed(self) -> bool:
+        return self.piece >= self.warm
 
     def to_wire(self) -> list[int]:
-        return [self.seq, self.piece, self.pieces]
+        return [self.seq, self.piece, self.pieces, self.warm]
 
     @staticmethod
     def from_wire(meta: Any, payload_len: int) -> ProbePiece:
+        """``[seq, piece, pieces(, warm)]``: a daemon without warm-up sends three."""
         if (
             type(meta) is not list
-            or len(meta) != 3
+            or len(meta) not in (3, 4)
             or not all(type(v) is int and v >= 0 for v in meta)
             or not meta[1] < meta[2] <= MAX_PROBE_PIECES
+            or (len(meta) == 4 and not meta[3] < meta[2])
         ):
             raise ProtocolError(f"bad PROBE metadata {meta!r:.80}")
         if payload_len > MAX_PROBE_PIECE_BYTES:
             raise ProtocolError(f"PROBE piece of {payload_len} bytes, over {MAX_PROBE_PIECE_BYTES}")
-        return ProbePiece(meta[0], meta[1], meta[2])
+        return ProbePiece(*meta)

@@ -6,7 +6,8 @@ Every ``link_report_s`` the reporter looks at the data links that are up:
   (its RTT, ``collnet.topology.rtt.MinRtt``, is then known in one round trip
   rather than one heartbeat interval), and a bandwidth probe burst when the
   policy allows it (``collnet.topology.probe.BurstPolicy``: only while this
-  daemon is quiet, BDP-sized, at most one per link a minute, and
+  daemon is quiet, BDP-sized, behind an untimed warm-up on a long path, at
+  most one per link a minute, and
   after the first only when no large traffic has refreshed the far end's
   estimate). The far end times the burst with the meter it uses for
   collective traffic, so probes and real transfers feed one estimate.
@@ -117,16 +118,13 @@ class LinkReporter:
             state = seen[1]
             state.saw_sent(link.bytes_sent(), now_s)
             received_bps = link.rx_meter.bytes_per_s
-            nbytes = self.policy.burst_bytes(
-                state,
-                now_s,
-                busy,
-                None if received_bps is None else received_bps * 8,
-                link.rtt.value(now_s),
-            )
+            # What it received tells the likely rate of what it sends.
+            bps = None if received_bps is None else received_bps * 8
+            rtt_s = link.rtt.value(now_s)
+            nbytes = self.policy.burst_bytes(state, now_s, busy, bps, rtt_s)
             if nbytes:
                 try:
-                    link.send_probe(nbytes)
+                    link.send_probe(nbytes, self.policy.warm_bytes(bps, rtt_s))
                 except CollnetError:
                     continue
                 log.debug("daemon %s: probing the link to %s with %d bytes", self.id, peer, nbytes)

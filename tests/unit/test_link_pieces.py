@@ -5,6 +5,7 @@ them carries a share of every collective and none is left cold (see
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -12,6 +13,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from collnet.errors import CollnetError
+from collnet.topology.throughput import ThroughputMeter
 from collnet.transport.connection import FrameConnection
 from collnet.transport.link import MIN_PIECE_BYTES, PeerLink, pieces_for
 from collnet.wire import Frame, Limits
@@ -110,3 +112,67 @@ def test_a_short_path_keeps_large_pieces() -> None:
 
     assert pieces_for(1 << 20, 8, SHORT_PATH_MIN_PIECE_BYTES) == 1
     assert pieces_for(8 << 20, 8, SHORT_PATH_MIN_PIECE_BYTES) == 4
+
+
+class RecordingMeter(ThroughputMeter):
+    """The real meter, remembering the size of every piece it timed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.timed: list[int] = []
+
+    def end(self, now_s: float, received_bytes: Callable[[], int], piece_bytes: int = 0) -> None:
+        self.timed.append(piece_bytes)
+        super().end(now_s, received_bytes, piece_bytes)
+
+
+async def test_a_warmed_probe_times_only_what_follows_the_warm_up_on_every_connection() -> None:
+    sender, receiver, server = await _linked_pair(4, Inbox())
+    meter = receiver.rx_meter = RecordingMeter()
+    try:
+        sender.send_probe(8 << 20, warm_bytes=24 << 20)
+        # 24 MiB of warm-up is 6 pieces of 4 MiB, rounded up to whole rounds of the
+        # 4 connections: 8 of 3 MiB, then the timed 8 MiB as 4 pieces of 2 MiB.
+        expect = 8 * (3 << 20) + (8 << 20)
+        deadline = asyncio.get_running_loop().time() + 10
+        while receiver.bytes_received() < expect and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.05)
+        assert meter.timed == [2 << 20] * 4
+        assert meter.samples >= 1 and meter.bytes_per_s is not None
+        # Each connection carried two warm pieces and one timed piece.
+        per_conn = [c.bytes_received for c in receiver.conns if c is not None]
+        assert all(n >= 2 * (3 << 20) + (2 << 20) for n in per_conn)
+        # Without warm-up, as before: every piece is timed.
+        meter.timed.clear()
+        sender.send_probe(8 << 20)
+        while len(meter.timed) < 4 and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.01)
+        assert meter.timed == [2 << 20] * 4
+    finally:
+        sender.close()
+        receiver.close()
+        server.close()
+        await server.wait_closed()
+
+
+def test_warm_up_pieces_never_push_a_probe_over_its_piece_limit() -> None:
+    from collnet.wire.topology import MAX_PROBE_PIECES
+
+    sent: list[list[int]] = []
+
+    class Conn:
+        def send(self, kind: Any, meta: list[int], payload: memoryview) -> None:
+            sent.append(meta)
+
+    for k in (1, 3, 8, 64):
+        link = PeerLink("p", k, Inbox())
+        link.conns = [Conn()] * k  # type: ignore[list-item]
+        for warm in (0, 1, 5 << 20, 48 << 20, 1 << 30):
+            sent.clear()
+            link.send_probe(16 << 20, warm_bytes=warm)
+            pieces, warm_pieces = sent[0][2], sent[0][3]
+            assert len(sent) == pieces <= MAX_PROBE_PIECES
+            assert warm_pieces % k == 0 and warm_pieces < pieces
+            assert [m[1] for m in sent] == list(range(pieces))
+            assert (warm_pieces > 0) == (warm > 0 and pieces - warm_pieces + k <= MAX_PROBE_PIECES)

@@ -15,7 +15,9 @@ from collnet.topology.matrix import LinkSample
 from collnet.topology.probe import (
     DEFAULT_BURST_BYTES,
     MAX_BURST_BYTES,
+    MAX_WARM_BYTES,
     MIN_BURST_BYTES,
+    WARM_BPS,
     BurstPolicy,
     ProbeState,
 )
@@ -141,12 +143,19 @@ def test_status_topology_round_trips_and_is_absent_from_an_older_status() -> Non
         ([0, 0], 10, "metadata"),
         ({"seq": 0}, 10, "metadata"),
         ([0, True, 2], 10, "metadata"),
+        ([0, 1, 2, 2], 10, "metadata"),  # every piece warm: nothing to time
+        ([0, 1, 2, 1, 0], 10, "metadata"),
+        ([0, 1, 2, -1], 10, "metadata"),
     ],
 )
 def test_probe_pieces_are_bounded_and_parsed_strictly(meta: Any, size: int, why: str) -> None:
     with pytest.raises(ProtocolError, match=why):
         ProbePiece.from_wire(meta, size)
     assert ProbePiece.from_wire([3, 1, 2], MAX_PROBE_PIECE_BYTES) == ProbePiece(3, 1, 2)
+    piece = ProbePiece.from_wire([3, 1, 4, 2], 10)
+    assert piece == ProbePiece(3, 1, 4, 2) and not piece.timed
+    assert ProbePiece.from_wire(piece.to_wire(), 10) == piece
+    assert ProbePiece(3, 2, 4, 2).timed and ProbePiece(3, 0, 1).timed
 
 
 def test_a_new_idle_link_gets_one_burst_then_only_when_no_traffic_refreshed_it() -> None:
@@ -171,6 +180,29 @@ def test_a_long_path_gets_a_burst_that_outlasts_slow_start(
     assert BurstPolicy().burst_bytes(ProbeState(), 0.0, False, bandwidth_bps, rtt_s) == (
         MAX_BURST_BYTES
     )
+
+
+@given(st.one_of(st.none(), st.floats(1e6, 1e11)), st.one_of(st.none(), st.floats(1e-5, 1.0)))
+def test_only_a_long_path_warms_up_for_its_rate_within_bounds(
+    bandwidth_bps: float | None, rtt_s: float | None
+) -> None:
+    policy = BurstPolicy()
+    warm = policy.warm_bytes(bandwidth_bps, rtt_s)
+    if rtt_s is None or rtt_s < policy.long_rtt_s:
+        assert warm == 0
+        return
+    assert 0 < warm <= MAX_WARM_BYTES
+    # Twice the BDP at twice the estimate (1 Gbit/s before one), unless capped.
+    bps = WARM_BPS if bandwidth_bps is None else 2 * bandwidth_bps
+    assert warm == min(MAX_WARM_BYTES, int(2 * bps / 8 * rtt_s))
+
+
+def test_the_first_warm_up_of_a_long_fat_path_covers_a_gigabit() -> None:
+    # 1 Gbit/s at 100 ms: 25 MB take a new connection through its start.
+    assert BurstPolicy().warm_bytes(None, 0.1) == 25_000_000
+    # An estimate read low (a cold 250 Mbit/s) still warms for twice that.
+    assert BurstPolicy().warm_bytes(250e6, 0.1) == 12_500_000
+    assert BurstPolicy().warm_bytes(None, 0.001) == 0
 
 
 @given(st.floats(1e6, 1e11), st.floats(1e-5, 0.0049))
