@@ -27,6 +27,7 @@ import asyncio
 import logging
 import socket
 from collections import deque
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from collnet.errors import AuthError, CollnetError, PeerLost, ProtocolError
@@ -79,6 +80,9 @@ class FrameConnection(asyncio.BufferedProtocol):
         self._reader = FrameReader(limits, self._sink)
         self._can_write = asyncio.Event()
         self._can_write.set()
+        # Told when everything queued has reached the kernel (a link then hands
+        # this connection its next piece: collnet.transport.pieceq).
+        self.on_resume: Callable[[], None] | None = None
         self._lost_reported = False
         self.bytes_received = 0
         self.bytes_sent = 0
@@ -143,6 +147,8 @@ class FrameConnection(asyncio.BufferedProtocol):
 
     def resume_writing(self) -> None:
         self._can_write.set()
+        if self.on_resume is not None:
+            self.on_resume()
 
     # -- API ---------------------------------------------------------------
     def send(

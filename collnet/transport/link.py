@@ -1,9 +1,15 @@
 """A link to one peer: K parallel TCP connections used as one striped pipe.
 
-Long fat WAN pipes are filled by several TCP streams; a large message is cut
-into at most K pieces, each carried by a different connection and written by
-the receiver straight to its offset in the destination buffer, so the pieces
-may arrive in any order and reassembly costs no copy. The link fails as a
+Long fat WAN pipes are filled by several TCP streams. Every piece of a
+message is written by the receiver straight to its offset in the
+destination buffer, so the pieces may arrive in any order, over any
+connection, and reassembly costs no copy. On a short path (RTT known and
+under ``LONG_PATH_RTT_S``) a large message is cut into at most K pieces of
+at least 2 MiB, one per connection in turn: there the CPU per frame is what
+counts. On a long (or not yet measured) path the pieces are small and go to
+whichever connection has handed all it holds to the kernel
+(``collnet.transport.pieceq``), so one connection that slows down does not
+hold up the rest of the message. The link fails as a
 whole: losing any of its connections loses the link, and the router learns it
 once, as a typed ``PeerLost``.
 
@@ -37,15 +43,12 @@ from collnet.topology.throughput import ThroughputMeter
 from collnet.transport.connection import FrameConnection
 from collnet.transport.heartbeat import Heartbeat
 from collnet.transport.loglimit import REMOTE, host_of
+from collnet.transport.pieceq import PieceQueue, pieces_for
 from collnet.wire import Frame, FrameKind, Header
 from collnet.wire.topology import MAX_PROBE_PIECE_BYTES, MAX_PROBE_PIECES, ProbePiece
 
 log = logging.getLogger(__name__)
 
-# A message is cut into one piece per connection (up to K) as long as each piece
-# keeps at least this much: below it a piece costs more in per-frame overhead than
-# striping gains. It is small on purpose (see ``pieces_for``).
-MIN_PIECE_BYTES = 64 << 10
 # On a short path (RTT known and under LONG_PATH_RTT_S: loopback, a LAN) a cold
 # connection costs next to nothing and the CPU per frame is what counts: pieces
 # keep at least this much there (4 peers on loopback, K = 4, 64 MiB: 0.22 s with
@@ -54,22 +57,6 @@ SHORT_PATH_MIN_PIECE_BYTES = 2 << 20
 LONG_PATH_RTT_S = 0.005
 # Pieces at least this large feed the bandwidth meter; smaller ones measure latency.
 METERED_PIECE_BYTES = 64 << 10
-
-
-def pieces_for(total_bytes: int, k: int, min_piece_bytes: int = MIN_PIECE_BYTES) -> int:
-    """How many pieces (one per connection) a message of ``total_bytes`` is cut into.
-
-    TCP's window and its model of the path grow only on a connection that
-    carries bytes, in the direction it carries them. Sent whole, each medium
-    message (a 1 MiB star contribution, a ring's chunk) went round-robin to
-    the next of K connections, and each collective met a connection that had
-    never carried one: 4 round trips of slow start per hop in the WAN lab
-    (64 KiB, 255 KiB, 666 KiB, the rest), 0.7 s for a 1 MiB star at 100 ms
-    where the links allow 0.13 s. Cut over all K, every such message keeps
-    all K connections warm alike, and on a cold link K windows ramp at once.
-    A short path takes ``SHORT_PATH_MIN_PIECE_BYTES`` instead (``PeerLink``).
-    """
-    return max(1, min(k, total_bytes // min_piece_bytes))
 
 
 class LinkRouter(Protocol):
@@ -111,6 +98,8 @@ class PeerLink:
         self._probe_sink: memoryview | None = None
         self._probes = 0
         self._checked_s = time.monotonic()
+        # A long path's pieces, for whichever connection can take one.
+        self._queue = PieceQueue(self.conns, peer)
 
     def bytes_received(self) -> int:
         return sum(c.bytes_received for c in self.conns if c is not None)
@@ -160,6 +149,7 @@ class PeerLink:
             raise ProtocolError(f"duplicate connection {index} from {self.peer}")
         conn.handler = self
         conn.label = f"{self.peer}#{index}"
+        conn.on_resume = self._resumed
         self.conns[index] = conn
         if all(c is not None for c in self.conns):
             self.ready.set()
@@ -188,7 +178,10 @@ class PeerLink:
         conns = self.conns
         rtt = self.rtt.value(time.monotonic())
         short = rtt is not None and rtt < LONG_PATH_RTT_S
-        pieces = pieces_for(total, self.k, SHORT_PATH_MIN_PIECE_BYTES if short else MIN_PIECE_BYTES)
+        if not short:
+            self._queue.put(meta_head, payload)
+            return
+        pieces = pieces_for(total, self.k, SHORT_PATH_MIN_PIECE_BYTES)
         step = -(-total // pieces) if total else 0
         offset = 0
         while True:
@@ -201,6 +194,15 @@ class PeerLink:
             offset = end
             if offset >= total:
                 break
+
+    def _resumed(self) -> None:
+        """A connection handed all it held to the kernel: it may take a piece."""
+        if self.error is not None or not len(self._queue):
+            return
+        try:
+            self._queue.pump()
+        except CollnetError as exc:
+            self.fail(exc)
 
     def send_probe(self, nbytes: int, warm_bytes: int = 0) -> None:
         """A bandwidth probe: ``nbytes`` of zeros as PROBE pieces striped over the
@@ -234,6 +236,9 @@ class PeerLink:
         conn.send(kind, meta, payload)
 
     async def drain(self) -> None:
+        await self._queue.drain()
+        if self.error is not None:
+            raise self.error
         for conn in self.conns:
             if conn is not None:
                 await conn.drain()
@@ -288,6 +293,7 @@ class PeerLink:
         self.error = exc
         self.ready.set()
         self.heartbeat.stop()
+        self._queue.clear()
         for c in self.conns:
             if c is not None:
                 c.close() if flush else c.abort()
@@ -298,6 +304,7 @@ class PeerLink:
         if self.error is None:
             self.error = PeerLost(f"link to {self.peer} closed", peer=self.peer)
             self.ready.set()
+        self._queue.clear()
         for c in self.conns:
             if c is not None:
                 c.close()

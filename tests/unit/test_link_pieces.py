@@ -5,6 +5,7 @@ them carries a share of every collective and none is left cold (see
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections.abc import Callable
 from typing import Any
 
@@ -15,7 +16,8 @@ from hypothesis import strategies as st
 from collnet.errors import CollnetError
 from collnet.topology.throughput import ThroughputMeter
 from collnet.transport.connection import FrameConnection
-from collnet.transport.link import MIN_PIECE_BYTES, PeerLink, pieces_for
+from collnet.transport.link import PeerLink
+from collnet.transport.pieceq import MIN_PIECE_BYTES, PIECE_BYTES, PieceQueue, pieces_for
 from collnet.wire import Frame, Limits
 
 
@@ -45,7 +47,9 @@ class Inbox:
 
     def data_sink(self, peer: str, meta: Any, nbytes: int) -> memoryview:
         msg, offset, total = meta[0], meta[-2], meta[-1]
-        buf = self.buffers.setdefault(msg, bytearray(total))
+        buf = self.buffers.get(msg)
+        if buf is None:
+            buf = self.buffers[msg] = bytearray(total)
         return memoryview(buf)[offset : offset + nbytes]
 
     def on_data(self, peer: str, meta: Any, payload: memoryview) -> None:
@@ -176,3 +180,76 @@ def test_warm_up_pieces_never_push_a_probe_over_its_piece_limit() -> None:
             assert warm_pieces % k == 0 and warm_pieces < pieces
             assert [m[1] for m in sent] == list(range(pieces))
             assert (warm_pieces > 0) == (warm > 0 and pieces - warm_pieces + k <= MAX_PROBE_PIECES)
+
+
+async def test_on_a_long_path_a_stalled_connection_holds_up_only_what_it_took() -> None:
+    """A connection whose far end stops reading (as BBR's PROBE_RTT all but stops
+    one) is given no more pieces; the others carry the rest of the message, and
+    the whole message lands once it moves again."""
+    inbox = Inbox()
+    sender, receiver, server = await _linked_pair(4, inbox)
+    try:
+        assert sender.rtt.value(0.0) is None  # a path not known short takes the queue
+        stalled = receiver.conns[0]
+        assert stalled is not None and stalled.transport is not None
+        # Small socket buffers, so what it holds is what the queue gave it.
+        stalled.transport.get_extra_info("socket").setsockopt(
+            socket.SOL_SOCKET, socket.SO_RCVBUF, 64 << 10
+        )
+        stalled.transport.pause_reading()
+        total = 64 << 20
+        data = np.random.default_rng(3).integers(0, 256, total, dtype=np.uint8).tobytes()
+        inbox.expect = total
+        sender.send_data([0], memoryview(data))
+        loop = asyncio.get_running_loop()
+        deadline, seen = loop.time() + 20, -1
+        while receiver.bytes_received() != seen and loop.time() < deadline:
+            seen = receiver.bytes_received()
+            await asyncio.sleep(0.2)
+        held = total - sum(c.bytes_received for c in receiver.conns[1:] if c is not None)
+        # Round-robin dealing would have left a quarter (16 MiB) behind it; it holds
+        # what its socket buffers took before they filled, and a piece or two.
+        assert 0 < held < 4 << 20, held
+        assert not inbox.done.is_set()
+        stalled.transport.resume_reading()
+        await asyncio.wait_for(inbox.done.wait(), 20)
+        await asyncio.wait_for(sender.drain(), 20)
+        assert bytes(inbox.buffers[0]) == data
+    finally:
+        sender.close()
+        receiver.close()
+        server.close()
+        await server.wait_closed()
+
+
+class FreeConn:
+    """A connection whose kernel takes everything at once (what the queue sees of it)."""
+
+    closed = False
+    transport = None
+
+    def __init__(self, sent: list[tuple[int, list[Any], int]], index: int) -> None:
+        self.sent, self.index = sent, index
+
+    def queued_bytes(self) -> int:
+        return 0
+
+    def send(self, kind: Any, meta: list[Any], payload: memoryview) -> None:
+        self.sent.append((self.index, meta, len(payload)))
+
+
+@given(st.integers(0, 64 << 20), st.integers(1, 16))
+def test_a_queued_message_is_cut_whole_in_order_and_spread_over_the_connections(
+    total: int, k: int
+) -> None:
+    sent: list[tuple[int, list[Any], int]] = []
+    queue = PieceQueue([FreeConn(sent, i) for i in range(k)], "p")  # type: ignore[misc]
+    queue.put([7], memoryview(bytes(total)))
+    offsets = [meta[1] for _, meta, _ in sent]
+    assert offsets == sorted(offsets) and offsets[0] == 0
+    assert all(meta[0] == 7 and meta[2] == total for _, meta, _ in sent)
+    assert sum(n for *_, n in sent) == total
+    assert all(n <= PIECE_BYTES for *_, n in sent)
+    # As many connections as pieces_for asks for each carry a piece.
+    assert len({conn for conn, *_ in sent}) == min(k, max(len(sent), pieces_for(total, k)))
+    assert len(queue) == 0
