@@ -7,12 +7,14 @@ Every ``link_report_s`` the reporter looks at the data links that are up:
   rather than one heartbeat interval), and a bandwidth probe burst when the
   policy allows it (``collnet.topology.probe.BurstPolicy``: only while this
   daemon is quiet, BDP-sized, behind an untimed warm-up on a long path, at
-  most one per link a minute, and
-  after the first only when no large traffic has refreshed the far end's
-  estimate). The far end times the burst with the meter it uses for
-  collective traffic, so probes and real transfers feed one estimate.
+  most one per link a minute, and after the first only when no large
+  traffic has refreshed the far end's estimate; one burst per interval, to
+  the links in turn from the next peer id on, so the bursts that the
+  daemons send at once land on different peers). The far end times the
+  burst with the meter it uses for collective traffic, so probes and real
+  transfers feed one estimate.
   Quiet means no collective running now nor started for ``QUIET_TICKS``
-  intervals: a burst (up to 16 MiB on a long path) in the short gaps of a
+  intervals: a burst (up to 64 MiB on a long path) in the short gaps of a
   loop of collectives would delay the next one, while a training run's
   minutes between all-reduces leave room for it;
 - then one ``LinkReport`` goes to the coordinator: for each peer the
@@ -109,7 +111,8 @@ class LinkReporter:
         for peer in [p for p in self._probes if p not in links]:
             del self._probes[peer]
         busy = not self._quiet(now_s)
-        for peer, link in links.items():
+        for peer in self._rotation(links):
+            link = links[peer]
             seen = self._probes.get(peer)
             if seen is None or seen[0] is not link:
                 seen = self._probes[peer] = (link, ProbeState(sent_bytes=link.bytes_sent()))
@@ -131,6 +134,17 @@ class LinkReporter:
                 state.burst_s = now_s
                 state.sent_bytes = link.bytes_sent()
                 busy = True  # one burst at a time: the next link waits for the next tick
+
+    def _rotation(self, peers: dict[str, PeerLink]) -> list[str]:
+        """``peers`` in the order this daemon probes them: the ids sorted, starting
+        after its own. Every daemon goes the same way round, so the first burst of
+        each goes to the next id, the second to the one after, and so on: no two
+        bursts of one round share a receiver (in a round where all sent their first,
+        the world's first bursts would otherwise all land on the same peer, which
+        would read a share of its link)."""
+        order = sorted([*peers, self.id])
+        at = order.index(self.id)
+        return order[at + 1 :] + order[:at]
 
     def _quiet(self, now_s: float) -> bool:
         """No collective now, and (with ``activity``) none started for ``QUIET_TICKS``

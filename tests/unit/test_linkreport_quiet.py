@@ -6,6 +6,8 @@ from __future__ import annotations
 from typing import Any, cast
 
 from collnet_daemon.linkreport import QUIET_TICKS, LinkReporter
+from hypothesis import given
+from hypothesis import strategies as st
 
 
 class Daemon:
@@ -61,3 +63,17 @@ def test_without_an_activity_count_only_running_collectives_count() -> None:
     assert r._quiet(0.0)
     d.running = 1
     assert not r._quiet(1.0)
+
+
+@given(st.sets(st.from_regex(r"[a-z0-9]{1,6}", fullmatch=True), min_size=2, max_size=12))
+def test_in_each_round_of_first_bursts_every_peer_receives_one(ids: set[str]) -> None:
+    """The daemons' k-th bursts (each to the k-th link of its rotation) go to
+    distinct peers: none reads a link shared with another burst."""
+    rotations = {}
+    for me in ids:
+        r = LinkReporter(me, 2.0, cast(Any, None), cast(Any, None), lambda: False)
+        rotations[me] = r._rotation(dict.fromkeys(ids - {me}, cast(Any, None)))
+        assert sorted(rotations[me]) == sorted(ids - {me})
+    for k in range(len(ids) - 1):
+        targets = [rotations[me][k] for me in ids]
+        assert len(set(targets)) == len(ids)

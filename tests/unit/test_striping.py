@@ -16,6 +16,7 @@ from collnet.membership import PeerInfo, WorldView
 from collnet.membership.bounds import world_from_wire
 from collnet.topology.costmodel import (
     DIRECT_MARGIN,
+    HOP_OVERHEAD_S,
     MAX_CHUNK_BYTES,
     LinkCosts,
     best_algorithm,
@@ -281,3 +282,13 @@ def test_the_choice_is_never_slower_in_the_model_than_the_star_or_the_ring(
         assert chosen <= ring
     if choice == "direct" and world > 2:
         assert chosen <= (1 - DIRECT_MARGIN) * ring
+
+
+def test_a_chain_bound_ring_still_streams_the_rest_of_its_last_step() -> None:
+    # 64 MiB in uint8 (16 MiB on the wire, 256 KiB chunks) at 100 ms: the ring's
+    # chain of 6 hops, then 4 MiB less a chunk behind it (WAN lab: 0.38 s).
+    wire, chunk = 16 << 20, 256 << 10
+    chain = 6 * (0.05 + HOP_OVERHEAD_S + chunk * 8 / GBIT) + ((4 << 20) - chunk) * 8 / GBIT
+    assert ring_seconds(WAN3, 4, wire, chunk) == pytest.approx(chain)
+    # So direct (0.30 s) wins even where the slowest pair read 20 % under the ring's.
+    assert best_algorithm(LinkCosts(0.1, GBIT, 0.8 * GBIT), 4, wire, chunk) == "direct"
