@@ -11,8 +11,8 @@ plus a round trip every ten seconds (PROBE_RTT), and in the WAN lab (1 Gbit/s,
 So on a long path the link keeps its pieces here instead and a connection
 takes the next one only when it has handed everything it holds to the kernel,
 whose own queue of unsent bytes is capped (``TCP_NOTSENT_LOWAT``): a stalled
-connection then holds at most one piece and the cap (1 MiB), and the others
-carry the rest. Pieces keep their order; which connection carries one does not
+connection then holds at most one piece and the cap (128 KiB), and the
+others carry the rest. Pieces keep their order; which connection carries one does not
 matter to the receiver, which places pieces by offset.
 
 The queue holds views of the senders' buffers (no copy), as a connection's
@@ -39,13 +39,15 @@ from collnet.wire import FrameKind
 MIN_PIECE_BYTES = 64 << 10
 # At most this much, so that a stalled connection holds up little.
 PIECE_BYTES = 128 << 10
-# Unsent bytes the kernel may keep per connection beyond what is in flight. The
-# kernel wakes the sender when half are left: 1 MiB is 16 ms at 250 Mbit/s per
-# connection. Less starves connections whose sender is slow to wake (WAN lab,
-# 200 ms, 4 daemons on 2 cores, 64 MiB fp32 ring, 10 samples each: at most
-# 512 KiB, none under 1.03 s; 1 MiB, 6 of 10 at 0.91-0.98 s; the kernel's
-# default, no cap, 7 of 10 held up at 1.26-1.38 s).
-NOTSENT_LOWAT_BYTES = 1 << 20
+# Unsent bytes the kernel may keep per connection beyond what is in flight: what
+# a stalled connection holds up besides its piece. A trade-off, measured in the
+# WAN lab (4 daemons on 2 cores, 64 MiB fp32 ring, 10-12 samples each): at 100
+# ms, 128 KiB held up 1 sample of 12, 1 MiB 3 of 10 (1 MiB leaves a connection
+# at four packets for four round trips); at 200 ms, 128 or 512 KiB never ran
+# under 1.03 s where 1 MiB ran 6 of 10 at 0.91-0.98 s (a sender slow to wake
+# starves its connections; the cause is not pinned down). The default scenario
+# (100 ms) decides.
+NOTSENT_LOWAT_BYTES = 128 << 10
 
 
 def pieces_for(total_bytes: int, k: int, min_piece_bytes: int = MIN_PIECE_BYTES) -> int:
