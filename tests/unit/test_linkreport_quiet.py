@@ -3,9 +3,10 @@ been quiet (no collective running, none started) for ``QUIET_TICKS`` intervals."
 
 from __future__ import annotations
 
+from types import SimpleNamespace
 from typing import Any, cast
 
-from collnet_daemon.linkreport import QUIET_TICKS, LinkReporter
+from collnet_daemon.linkreport import PROBE_ROUND_TICKS, QUIET_TICKS, LinkReporter
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -77,3 +78,32 @@ def test_in_each_round_of_first_bursts_every_peer_receives_one(ids: set[str]) ->
     for k in range(len(ids) - 1):
         targets = [rotations[me][k] for me in ids]
         assert len(set(targets)) == len(ids)
+
+
+@given(
+    st.sets(st.from_regex(r"[a-z0-9]{1,6}", fullmatch=True), min_size=2, max_size=12),
+    st.integers(0, 10**9),
+    st.floats(-0.2, 0.2),
+)
+def test_probe_rounds_start_together_and_send_each_peer_one_burst(
+    ids: set[str], tick: int, jitter_s: float
+) -> None:
+    """At a round's first tick every daemon may probe exactly one peer, no two the
+    same one, whatever the tick (and a wake-up a little early or late); at its
+    other ticks none may."""
+    interval = 2.0
+    targets = []
+    for me in ids:
+        mesh = SimpleNamespace(links=dict.fromkeys(ids - {me}))
+        r = LinkReporter(me, interval, cast(Any, mesh), cast(Any, None), lambda: False)
+        wall = (tick * PROBE_ROUND_TICKS) * interval + jitter_s
+        targets.append(r.round_target(wall))
+        for later in range(1, PROBE_ROUND_TICKS):
+            assert r.round_target(wall + later * interval) is None
+    assert None not in targets and len(set(targets)) == len(ids)
+    # Over n - 1 rounds each daemon targets every other peer once.
+    me = min(ids)
+    mesh = SimpleNamespace(links=dict.fromkeys(ids - {me}))
+    r = LinkReporter(me, interval, cast(Any, mesh), cast(Any, None), lambda: False)
+    rounds = range(tick, tick + len(ids) - 1)
+    assert {r.round_target(k * PROBE_ROUND_TICKS * interval) for k in rounds} == ids - {me}
