@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from typing import Any
 
 import numpy as np
@@ -64,8 +65,10 @@ class Inbox:
         pass
 
 
-async def _linked_pair(k: int, inbox: Inbox) -> tuple[PeerLink, PeerLink, asyncio.Server]:
-    """Two links of ``k`` real loopback TCP connections, attached without a handshake."""
+@asynccontextmanager
+async def linked_pair(k: int, inbox: Inbox) -> AsyncIterator[tuple[PeerLink, PeerLink]]:
+    """Two links of ``k`` real loopback TCP connections, attached without a
+    handshake (sender, receiver); closed on the way out."""
     loop = asyncio.get_running_loop()
     receiver = PeerLink("a", k, inbox)
     sender = PeerLink("b", k, Inbox())
@@ -78,19 +81,32 @@ async def _linked_pair(k: int, inbox: Inbox) -> tuple[PeerLink, PeerLink, asynci
 
     server = await loop.create_server(accept, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
-    for index in range(k):
-        _, conn = await loop.create_connection(
-            lambda: FrameConnection(sender, Limits(), "b"), "127.0.0.1", port
-        )
-        sender.attach(index, conn)
-        receiver.attach(index, await accepted.get())
-    return sender, receiver, server
+    try:
+        for index in range(k):
+            _, conn = await loop.create_connection(
+                lambda: FrameConnection(sender, Limits(), "b"), "127.0.0.1", port
+            )
+            sender.attach(index, conn)
+            receiver.attach(index, await accepted.get())
+        yield sender, receiver
+    finally:
+        sender.close()
+        receiver.close()
+        server.close()
+        await server.wait_closed()
+
+
+async def until(condition: Callable[[], bool], timeout_s: float = 10.0) -> None:
+    """Wait until ``condition()`` holds (checked every 10 ms), or fail the test."""
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, "condition not met in time"
+        await asyncio.sleep(0.01)
 
 
 async def test_medium_messages_land_whole_with_a_share_on_every_connection() -> None:
     inbox = Inbox()
-    sender, receiver, server = await _linked_pair(8, inbox)
-    try:
+    async with linked_pair(8, inbox) as (sender, receiver):
         rng = np.random.default_rng(7)
         sizes = [1 << 20, 256 << 10, 3 << 20, 4 << 10]
         messages = [rng.integers(0, 256, n, dtype=np.uint8).tobytes() for n in sizes]
@@ -104,11 +120,6 @@ async def test_medium_messages_land_whole_with_a_share_on_every_connection() -> 
         per_conn = [c.bytes_received for c in receiver.conns if c is not None]
         assert len(per_conn) == 8
         assert min(per_conn) >= (1 << 20) // 8 + (3 << 20) // 8
-    finally:
-        sender.close()
-        receiver.close()
-        server.close()
-        await server.wait_closed()
 
 
 def test_a_short_path_keeps_large_pieces() -> None:
@@ -131,17 +142,12 @@ class RecordingMeter(ThroughputMeter):
 
 
 async def test_a_warmed_probe_times_only_what_follows_the_warm_up_on_every_connection() -> None:
-    sender, receiver, server = await _linked_pair(4, Inbox())
-    meter = receiver.rx_meter = RecordingMeter()
-    try:
+    async with linked_pair(4, Inbox()) as (sender, receiver):
+        meter = receiver.rx_meter = RecordingMeter()
         sender.send_probe(8 << 20, warm_bytes=24 << 20)
         # 24 MiB of warm-up is 6 pieces of 4 MiB, rounded up to whole rounds of the
         # 4 connections: 8 of 3 MiB, then the timed 8 MiB as 4 pieces of 2 MiB.
-        expect = 8 * (3 << 20) + (8 << 20)
-        deadline = asyncio.get_running_loop().time() + 10
-        while receiver.bytes_received() < expect and asyncio.get_running_loop().time() < deadline:
-            await asyncio.sleep(0.01)
-        await asyncio.sleep(0.05)
+        await until(lambda: len(meter.timed) >= 4)
         assert meter.timed == [2 << 20] * 4
         assert meter.samples >= 1 and meter.bytes_per_s is not None
         # Each connection carried two warm pieces and one timed piece.
@@ -150,14 +156,8 @@ async def test_a_warmed_probe_times_only_what_follows_the_warm_up_on_every_conne
         # Without warm-up, as before: every piece is timed.
         meter.timed.clear()
         sender.send_probe(8 << 20)
-        while len(meter.timed) < 4 and asyncio.get_running_loop().time() < deadline:
-            await asyncio.sleep(0.01)
+        await until(lambda: len(meter.timed) >= 4)
         assert meter.timed == [2 << 20] * 4
-    finally:
-        sender.close()
-        receiver.close()
-        server.close()
-        await server.wait_closed()
 
 
 def test_warm_up_pieces_never_push_a_probe_over_its_piece_limit() -> None:
@@ -187,8 +187,7 @@ async def test_on_a_long_path_a_stalled_connection_holds_up_only_what_it_took() 
     one) is given no more pieces; the others carry the rest of the message, and
     the whole message lands once it moves again."""
     inbox = Inbox()
-    sender, receiver, server = await _linked_pair(4, inbox)
-    try:
+    async with linked_pair(4, inbox) as (sender, receiver):
         assert sender.rtt.value(0.0) is None  # a path not known short takes the queue
         stalled = receiver.conns[0]
         assert stalled is not None and stalled.transport is not None
@@ -201,12 +200,15 @@ async def test_on_a_long_path_a_stalled_connection_holds_up_only_what_it_took() 
         data = np.random.default_rng(3).integers(0, 256, total, dtype=np.uint8).tobytes()
         inbox.expect = total
         sender.send_data([0], memoryview(data))
-        loop = asyncio.get_running_loop()
-        deadline, seen = loop.time() + 20, -1
-        while receiver.bytes_received() != seen and loop.time() < deadline:
-            seen = receiver.bytes_received()
-            await asyncio.sleep(0.2)
-        held = total - sum(c.bytes_received for c in receiver.conns[1:] if c is not None)
+        # Every piece went to a connection, and the others delivered all theirs.
+        others = [(s, r) for s, r in zip(sender.conns[1:], receiver.conns[1:], strict=True)]
+        await until(
+            lambda: not len(sender._queue)
+            and all(s is not None and r is not None and s.bytes_sent == r.bytes_received
+                    for s, r in others),
+            20,
+        )  # fmt: skip
+        held = total - sum(r.bytes_received for _, r in others if r is not None)
         # Round-robin dealing would have left a quarter (16 MiB) behind it; it holds
         # what its socket buffers took before they filled, and a piece or two.
         assert 0 < held < 4 << 20, held
@@ -215,11 +217,6 @@ async def test_on_a_long_path_a_stalled_connection_holds_up_only_what_it_took() 
         await asyncio.wait_for(inbox.done.wait(), 20)
         await asyncio.wait_for(sender.drain(), 20)
         assert bytes(inbox.buffers[0]) == data
-    finally:
-        sender.close()
-        receiver.close()
-        server.close()
-        await server.wait_closed()
 
 
 class FreeConn:
