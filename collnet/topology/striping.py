@@ -13,7 +13,11 @@ any K the wire allows (``collnet.transport.mesh``), so peers configured
 differently still link. A link made again is sized from what the previous
 one measured (``connections_after``). Without an estimate the link keeps a fixed default
 (``UNKNOWN_LINK_CONNECTIONS``), except to a loopback address, whose RTT is
-known to be negligible.
+known to be negligible, and on a path whose round trip the dialler's first
+connection has timed (``rtt_s``): there the link gets at least what a
+``NOMINAL_LINK_BPS`` link of that RTT needs, with ``RTT_HEADROOM`` to spare
+(a link keeps its K, so one dialled at K = 4 on a 200 ms path could never
+carry more than 4 windows per 200 ms: 0.67 Gbit/s with 4 MiB windows).
 
 Units: bandwidth in bits per second (as ``collnet.topology.matrix``), RTT in
 seconds, sizes in bytes.
@@ -30,6 +34,10 @@ MIN_CONNECTIONS: Final = 1
 MAX_CONNECTIONS: Final = 16
 # What a link gets when nothing is known about it (and it is not loopback).
 UNKNOWN_LINK_CONNECTIONS: Final = 4
+# What a link of unknown bandwidth is sized for when only its RTT is known, and
+# the share of windows it gets beyond that BDP (K = 4 up to 134 ms, 8 at 200 ms).
+NOMINAL_LINK_BPS: Final = 1e9
+RTT_HEADROOM: Final = 1.25
 # The window one stream can keep in flight where the daemon does not say: half
 # the smaller of its buffers (collnet.transport.sockbuf), 4 MiB on the machines
 # measured.
@@ -56,10 +64,17 @@ def connections_for(
     host: str = "",
     window_bytes: int = DEFAULT_WINDOW_BYTES,
     default: int = UNKNOWN_LINK_CONNECTIONS,
+    rtt_s: float | None = None,
 ) -> int:
-    """K for a link to ``host`` with ``estimate`` (see the module docstring)."""
+    """K for a link to ``host`` with ``estimate``, on a path whose round trip
+    was timed at ``rtt_s`` if known (see the module docstring)."""
     if estimate is None:
-        return MIN_CONNECTIONS if is_loopback(host) else clamp_connections(default)
+        if is_loopback(host):
+            return MIN_CONNECTIONS
+        if rtt_s is None or not (math.isfinite(rtt_s) and rtt_s > 0):
+            return clamp_connections(default)
+        nominal = LinkFigures(NOMINAL_LINK_BPS, rtt_s).bdp_bytes * RTT_HEADROOM
+        return clamp_connections(max(default, math.ceil(nominal / max(1, window_bytes))))
     if not (math.isfinite(estimate.bdp_bytes) and estimate.bdp_bytes > 0):
         return MIN_CONNECTIONS
     return clamp_connections(math.ceil(estimate.bdp_bytes / max(1, window_bytes)))

@@ -90,6 +90,9 @@ class PeerLink:
         self._next = 0
         # The path's round-trip time, from this link's own heartbeats (topology.rtt).
         self.rtt = MinRtt()
+        # What the kernel timed while the dialler's first connection was made
+        # (its K was sized from it: collnet.transport.mesh), if this side dialled.
+        self.dial_rtt_s: float | None = None
         self.heartbeat = Heartbeat(
             self._beat, self.bytes_received, self._silent, liveness or Liveness(), self.rtt.sample
         )
@@ -137,6 +140,15 @@ class PeerLink:
                     log, host_of(conn.peername), "link %s: %s: %s", self.peer, exc.kind, exc
                 )
                 self.fail(exc)
+
+    def resize(self, connections: int) -> None:
+        """Set K while no connection is attached yet (the dialler sizes the link
+        once its first connection has timed the path)."""
+        if any(c is not None for c in self.conns):
+            raise RuntimeError(f"link to {self.peer} resized after a connection attached")
+        # In place: the piece queue holds this very list.
+        self.conns[:] = [None] * connections
+        self.k = connections
 
     @property
     def failed(self) -> bool:

@@ -4,11 +4,13 @@ Exactly one side dials each pair (the peer whose id sorts first), so two
 peers that need each other at the same moment never build two links. The
 dialler chooses the link's K (a fixed ``connections``, or with ``None``,
 "auto", from the link's bandwidth-delay product: ``collnet.topology.striping``,
-so a loopback link gets one stream and a long fat one several), opens K
-connections and sends ``HELLO {peer, conn, k, nonce}`` on each (any K the
-wire allows is accepted, so peers configured differently still link; a link
-keeps its K until it is made again, sized then from what the previous link
-measured: a stripe does not grow while collectives stream over it). The
+so a loopback link gets one stream and a long fat one several; with no
+estimate of the link yet, from the round trip its first connection timed:
+``collnet.transport.tcpinfo``), opens K connections and sends
+``HELLO {peer, conn, k, nonce}`` on each (any K the wire allows is
+accepted, so peers configured differently still link; a link keeps its K
+until it is made again, sized then from what the previous link measured: a
+stripe does not grow while collectives stream over it). The
 acceptor answers ``HELLO {peer, nonce, proof}``; the dialler checks the proof
 and answers ``HELLO {proof}`` (see ``collnet.membership.auth``), and only
 then does the acceptor attach the connection to its link for that peer.
@@ -49,6 +51,7 @@ from collnet.transport.connection import FrameConnection
 from collnet.transport.link import LinkRouter, PeerLink
 from collnet.transport.loglimit import REMOTE, host_of
 from collnet.transport.sockbuf import kernel_caps
+from collnet.transport.tcpinfo import smoothed_rtt_s
 from collnet.transport.tls import Listening, Tls, peer_name
 from collnet.transport.tls import connect as tls_connect
 from collnet.transport.tls import serve as tls_serve
@@ -276,15 +279,16 @@ class Mesh:
         for handshake in list(self._parked):
             handshake.admit_if_member()
 
-    def connections_to(self, peer: str, host: str) -> int:
-        """The K this daemon dials ``peer`` at ``host`` with."""
+    def connections_to(self, peer: str, host: str, rtt_s: float | None = None) -> int:
+        """The K this daemon dials ``peer`` at ``host`` with, on a path whose
+        round trip was timed at ``rtt_s`` (if known)."""
         if self.k is not None:
             return self.k
         estimate = self.estimate(peer) if self.estimate is not None else None
         if estimate is None and peer in self._measured:
             measured, k_before = self._measured[peer]
             return connections_after(measured, k_before, self.window_bytes)
-        return connections_for(estimate, host, self.window_bytes)
+        return connections_for(estimate, host, self.window_bytes, rtt_s=rtt_s)
 
     def _remember(self, link: PeerLink) -> None:
         """Keep what a link that is going measured, for sizing the next one."""
@@ -365,13 +369,12 @@ class Mesh:
 
     async def _dial(self, peer: str, addr: tuple[str, int]) -> PeerLink:
         loop = asyncio.get_running_loop()
-        k = self.connections_to(peer, addr[0])
-        link = self._new_link(peer, k)
-        log.info("dialling %s at %s:%d with %d connection(s)", peer, *addr, k)
+        link = self._new_link(peer, self.connections_to(peer, addr[0]))
         try:
             async with asyncio.timeout(self.connect_timeout_s):
                 answers = []
-                for index in range(k):
+                index = 0
+                while index < link.k:
                     answer: asyncio.Future[None] = loop.create_future()
                     handshake = _Handshake(self, answer, (link, index))
                     _, made = await tls_connect(
@@ -383,12 +386,27 @@ class Mesh:
                     )
                     assert isinstance(made, FrameConnection)
                     conn = made
+                    if index == 0:
+                        # The first connection has timed the path: size the link
+                        # before any HELLO says its K (striping.connections_for).
+                        tr = conn.transport
+                        rtt_s = smoothed_rtt_s(None if tr is None else tr.get_extra_info("socket"))
+                        link.resize(self.connections_to(peer, addr[0], rtt_s))
+                        link.dial_rtt_s = rtt_s
+                        log.info(
+                            "dialling %s at %s:%d with %d connection(s) (handshake RTT %s)",
+                            peer,
+                            *addr,
+                            link.k,
+                            "unknown" if rtt_s is None else f"{rtt_s * 1e3:.1f} ms",
+                        )
                     assert handshake.initiator is not None
-                    hello = {"peer": self.self_id, "conn": index, "k": k}
+                    hello = {"peer": self.self_id, "conn": index, "k": link.k}
                     conn.send(FrameKind.HELLO, handshake.initiator.hello(hello))
                     # Retrieved here: only the first failure is awaited below.
                     answer.add_done_callback(lambda f: f.cancelled() or f.exception())
                     answers.append(answer)
+                    index += 1
                 for answer in answers:
                     await answer
         except (OSError, TimeoutError, CollnetError) as exc:

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import math
-from typing import Any
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from recording_router import RecordingRouter
 
 from collnet.algo.select import choose_algorithm
-from collnet.errors import CollnetError, PeerLost, ProtocolError
+from collnet.errors import PeerLost, ProtocolError
 from collnet.membership import PeerInfo, WorldView
 from collnet.membership.bounds import world_from_wire
 from collnet.topology.costmodel import (
@@ -34,7 +34,6 @@ from collnet.topology.striping import (
     is_loopback,
 )
 from collnet.transport.mesh import Mesh
-from collnet.wire import Frame
 
 GBIT = 1e9
 WINDOW = 4 << 20
@@ -50,6 +49,30 @@ def test_loopback_gets_one_connection_with_or_without_an_estimate() -> None:
 def test_an_unknown_remote_link_keeps_the_fixed_default() -> None:
     assert connections_for(None, "10.0.0.2") == UNKNOWN_LINK_CONNECTIONS
     assert not is_loopback("10.0.0.2") and not is_loopback("example.org")
+
+
+def test_a_timed_round_trip_sizes_an_unknown_link_for_a_nominal_gigabit() -> None:
+    far = "10.0.0.2"
+    # Up to ~134 ms a nominal gigabit (with headroom) fits in the default 4 windows.
+    assert connections_for(None, far, WINDOW, rtt_s=0.1) == UNKNOWN_LINK_CONNECTIONS
+    assert connections_for(None, far, WINDOW, rtt_s=0.0005) == UNKNOWN_LINK_CONNECTIONS
+    # 200 ms: 1.25 x 25 MB over 4 MiB windows -> 8; 150 ms -> 6.
+    assert connections_for(None, far, WINDOW, rtt_s=0.2) == 8
+    assert connections_for(None, far, WINDOW, rtt_s=0.15) == 6
+    assert connections_for(None, far, WINDOW, rtt_s=5.0) == MAX_CONNECTIONS
+    # Loopback stays one stream; a nonsense RTT is no RTT; an estimate wins.
+    assert connections_for(None, "127.0.0.1", WINDOW, rtt_s=0.2) == 1
+    for bad in (float("nan"), float("inf"), 0.0, -1.0):
+        assert connections_for(None, far, WINDOW, rtt_s=bad) == UNKNOWN_LINK_CONNECTIONS
+    assert connections_for(LinkFigures(GBIT, 0.2), far, WINDOW, rtt_s=0.2) == 6
+
+
+@given(st.floats(min_value=1e-6, max_value=10.0), st.floats(min_value=1e-6, max_value=10.0))
+def test_a_longer_timed_round_trip_never_gets_fewer_streams(a: float, b: float) -> None:
+    short, long_ = sorted((a, b))
+    k_short = connections_for(None, "10.0.0.2", WINDOW, rtt_s=short)
+    k_long = connections_for(None, "10.0.0.2", WINDOW, rtt_s=long_)
+    assert UNKNOWN_LINK_CONNECTIONS <= k_short <= k_long <= MAX_CONNECTIONS
 
 
 def test_a_long_fat_link_gets_enough_streams_to_cover_its_bdp() -> None:
@@ -150,29 +173,10 @@ def test_world_carries_its_costs_through_the_wire_and_refuses_bad_ones() -> None
 
 
 # -- the mesh: the dialler's K over real loopback sockets ------------------------
-class _Router:
-    """Records what two in-process meshes tell their daemon."""
-
-    def __init__(self) -> None:
-        self.lost: list[str] = []
-
-    def data_sink(self, peer: str, meta: Any, nbytes: int) -> memoryview | None:
-        return None
-
-    def on_data(self, peer: str, meta: Any, payload: memoryview) -> None:
-        pass
-
-    def on_control(self, peer: str, frame: Frame) -> None:
-        pass
-
-    def on_link_lost(self, peer: str, exc: CollnetError) -> None:
-        self.lost.append(peer)
-
-
 @pytest.mark.timeout(30)
 async def test_the_acceptor_takes_the_diallers_k_and_an_undialled_wait_fails_once() -> None:
     # "m" sorts after "a", so "a" dials and "m" waits for it.
-    waiter_router, dialler_router = _Router(), _Router()
+    waiter_router, dialler_router = RecordingRouter(), RecordingRouter()
     waiter = Mesh("m", None, waiter_router, connect_timeout_s=0.5)
     dialler = Mesh("a", 3, dialler_router, connect_timeout_s=5.0)
     try:
@@ -184,7 +188,7 @@ async def test_the_acceptor_takes_the_diallers_k_and_an_undialled_wait_fails_onc
             return_exceptions=True,
         )
         assert all(isinstance(o, PeerLost) for o in outcomes), outcomes
-        assert waiter_router.lost == ["a"]
+        assert [peer for peer, _ in waiter_router.lost] == ["a"]
         # Now "a" dials with a forced K of 3; the auto side takes it.
         accepted = asyncio.ensure_future(waiter.get_link("a", ("127.0.0.1", 1)))
         dialled = await dialler.get_link("m", addr)

@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from recording_router import RecordingRouter
 
 from collnet.errors import CollnetError, PeerLost
 from collnet.membership.liveness import Liveness
@@ -109,25 +110,8 @@ def test_stalled_counts_only_while_bytes_are_queued_and_none_move() -> None:
     assert conn.stalled_s(110.0, restart=True) == 0.0
 
 
-class Router:
-    def __init__(self) -> None:
-        self.lost: list[tuple[str, CollnetError]] = []
-
-    def data_sink(self, peer: str, meta: Any, nbytes: int) -> None:
-        return None
-
-    def on_data(self, peer: str, meta: Any, payload: memoryview) -> None:
-        pass
-
-    def on_control(self, peer: str, frame: Frame) -> None:
-        pass
-
-    def on_link_lost(self, peer: str, exc: CollnetError) -> None:
-        self.lost.append((peer, exc))
-
-
 def test_a_link_whose_peer_reads_nothing_past_the_ceiling_fails_naming_it() -> None:
-    router = Router()
+    router = RecordingRouter()
     # Two connections, one attached: the link is not ready, so no heartbeat task
     # runs, and the checks are driven by hand below.
     link = PeerLink("p1", 2, router, Liveness(0.5, 2.0, 3.0))
@@ -145,7 +129,7 @@ def test_a_link_whose_peer_reads_nothing_past_the_ceiling_fails_naming_it() -> N
 
 
 def test_our_own_stall_is_not_blamed_on_the_peer() -> None:
-    router = Router()
+    router = RecordingRouter()
     link = PeerLink("p1", 2, router, Liveness(0.5, 2.0, 3.0))
     conn, _, _ = _conn()
     link.attach(0, conn)

@@ -7,6 +7,7 @@ minute on two shared cores and the loads of other tests do not move rates.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -14,11 +15,14 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from wanlab import Lab, LabError, LabSpec, down
 from wanlab.lab import child_env, namespaces
 from wanlab.measure import Probes
+
+from collnet.topology.striping import UNKNOWN_LINK_CONNECTIONS, connections_for
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -137,3 +141,35 @@ def test_cli_up_then_down_and_down_clears_leftovers() -> None:
         if sleeper.poll() is None:
             sleeper.kill()
         down("wanlab-tcli-")
+
+
+def test_a_dialler_sizes_an_unknown_link_from_the_round_trip_it_timed(lab: Lab) -> None:
+    # A small stream window stands in for a long fat path at this lab's 40 ms:
+    # the nominal gigabit's BDP then needs more than the default 4 streams.
+    script = str(Path(__file__).with_name("mesh_peer.py"))
+    window = 512 << 10
+    where = f"{lab.spec.addr(2)}:5301"
+    ready = lab.file("meshpeer.ready")
+    ready.unlink(missing_ok=True)
+    listener = lab.popen(2, sys.executable, script, "listen", where, str(ready),
+                         stdout=subprocess.PIPE)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 20
+        while not ready.exists():
+            assert listener.poll() is None and time.monotonic() < deadline
+            time.sleep(0.01)
+        dialled = json.loads(
+            subprocess.run(
+                lab.cmd(0, sys.executable, script, "dial", where, str(window)),
+                capture_output=True, text=True, env=child_env(), timeout=40, check=True,
+            ).stdout
+        )  # fmt: skip
+        accepted = json.loads(listener.communicate(timeout=20)[0])
+    finally:
+        listener.kill()
+        listener.wait()
+    rtt_s = dialled["dial_rtt_s"]
+    assert RTT <= rtt_s <= RTT + 0.006
+    k = connections_for(None, lab.spec.addr(2), window, rtt_s=rtt_s)
+    assert k > UNKNOWN_LINK_CONNECTIONS
+    assert dialled["k"] == accepted["k"] == k
