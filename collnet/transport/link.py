@@ -111,7 +111,14 @@ class PeerLink:
         return sum(c.bytes_sent for c in self.conns if c is not None)
 
     def _silent(self, silent_s: float) -> None:
-        self.fail(PeerLost(f"no sign of life from {self.peer} for {silent_s:.1f}s", peer=self.peer))
+        exc = PeerLost(f"no sign of life from {self.peer} for {silent_s:.1f}s", peer=self.peer)
+        # Said here, within the sender's budget: a peer that stops reading may also
+        # stop sending (its own TCP backing off), and then this, not the stall
+        # check, is what drops it.
+        conn = self.conns[0]
+        source = host_of(conn.peername) if conn is not None else self.peer
+        REMOTE.warning(log, source, "link %s: %s: %s", self.peer, exc.kind, exc)
+        self.fail(exc)
 
     def _beat(self, meta: dict[str, Any]) -> None:
         """A heartbeat frame to send; before each ping (not each pong), drop a peer

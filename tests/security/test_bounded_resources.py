@@ -192,7 +192,11 @@ def test_a_peer_that_asks_and_never_reads_is_dropped_and_what_is_queued_for_it_s
     grown = _rss_bytes(peers, 0) - before
     for sock in socks:
         sock.close()
-    assert "not reading" in text or "read nothing" in text, text[-2000:]
+    # Which check drops it depends on the kernel: with its answers unread, the
+    # probe's own TCP may back off and stop sending too (seen here: its pings
+    # unacknowledged, retransmission backoff 6), and then the peer is silent.
+    reasons = ("not reading", "read nothing", "no sign of life")
+    assert any(reason in text for reason in reasons), text[-2000:]
     assert grown < 64 * MiB, f"daemon grew by {grown / MiB:.0f} MiB (dropped={dropped})"
     assert took_s < 60
     _world_still_works(peers)

@@ -139,3 +139,21 @@ def test_our_own_stall_is_not_blamed_on_the_peer() -> None:
     link._check_reading(108.0)  # this loop was blocked for 7.5 s
     link._check_reading(108.5)
     assert not router.lost
+
+
+def test_a_silent_peer_is_dropped_with_a_warning_naming_it(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # A peer that stops reading may stop sending too (its TCP backs off): then the
+    # liveness check, not the stall check, drops it, and that must be said.
+    router = RecordingRouter()
+    link = PeerLink("p1", 2, router, Liveness(0.5, 2.0, 3.0))
+    conn, transport, _ = _conn()
+    link.attach(0, conn)
+    with caplog.at_level("WARNING", logger="collnet.transport.link"):
+        link._silent(3.2)
+    ((peer, exc),) = router.lost
+    assert peer == "p1" and isinstance(exc, PeerLost) and "no sign of life" in exc.message
+    assert transport.aborted
+    (line,) = [r.getMessage() for r in caplog.records if "p1" in r.getMessage()]
+    assert "PeerLost" in line and "no sign of life from p1 for 3.2s" in line
