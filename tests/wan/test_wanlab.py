@@ -149,9 +149,10 @@ def test_a_dialler_sizes_an_unknown_link_from_the_round_trip_it_timed(lab: Lab) 
     script = str(Path(__file__).with_name("mesh_peer.py"))
     window = 512 << 10
     where = f"{lab.spec.addr(2)}:5301"
-    ready = lab.file("meshpeer.ready")
+    ready, done = lab.file("meshpeer.ready"), lab.file("meshpeer.done")
     ready.unlink(missing_ok=True)
-    listener = lab.popen(2, sys.executable, script, "listen", where, str(ready),
+    done.unlink(missing_ok=True)
+    listener = lab.popen(2, sys.executable, script, "listen", where, str(ready), str(done),
                          stdout=subprocess.PIPE)  # fmt: skip
     try:
         deadline = time.monotonic() + 20
@@ -160,7 +161,7 @@ def test_a_dialler_sizes_an_unknown_link_from_the_round_trip_it_timed(lab: Lab) 
             time.sleep(0.01)
         dialled = json.loads(
             subprocess.run(
-                lab.cmd(0, sys.executable, script, "dial", where, str(window)),
+                lab.cmd(0, sys.executable, script, "dial", where, str(window), str(done)),
                 capture_output=True, text=True, env=child_env(), timeout=40, check=True,
             ).stdout
         )  # fmt: skip
