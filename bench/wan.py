@@ -37,6 +37,10 @@ all-reduces of ``--size`` (new connections ramp up); figures are medians of
 ``--repeats``.
 busbw = bytes / time x 2(N-1)/N; ``*_busbw_over_link`` divides it by the
 bottleneck link's rate (so uint8 can exceed 1: fewer bytes travel).
+``bound_over_link`` is the most any all-reduce could reach on these links
+(each rank's link carries 2(N-1)/N of the encoded bytes, and the last one
+then takes half a round trip): at 4 hosts, 1 Gbit/s, 100 ms and 64 MiB,
+0.942 (fp32), 3.20x (uint8), 5.34x (uint4).
 
 ``--sweep`` measures fp32, uint8 and gloo at each of ``--sweep-rtts`` and
 draws docs/wan_busbw_vs_rtt.png. Needs root (network namespaces).
@@ -240,6 +244,14 @@ def over_link(nbytes: int, t: float, world: int, link_bit: float) -> float:
     return round(busbw(nbytes, t, world) * 1e9 * 8 / link_bit, 3)
 
 
+def bound_over_link(nbytes: int, world: int, link_bit: float, rtt_s: float, bits: int) -> float:
+    """The most any all-reduce can reach here, as ``over_link``: every rank's access
+    link carries at least 2(W-1)/W of the tensor's encoded bytes, and the last
+    byte still has half a round trip to go (codec scales left out)."""
+    wire_bit = nbytes * 8 * bits / 32 * 2 * (world - 1) / world
+    return over_link(nbytes, wire_bit / link_bit + rtt_s / 2, world, link_bit)
+
+
 def scenario(args: argparse.Namespace, rtt_ms: float, full: bool) -> dict[str, Any]:
     """One lab at ``rtt_ms``; ``full`` adds uint4, 1 connection and the 1 MiB latencies."""
     spec = LabSpec(hosts=args.hosts, rate_bit=int(args.rate_mbit * 1e6), rtt_s=rtt_ms / 1e3,
@@ -248,6 +260,10 @@ def scenario(args: argparse.Namespace, rtt_ms: float, full: bool) -> dict[str, A
     n, size, reps = args.hosts, args.nbytes, args.repeats
     mib = 1 << 20
     out: dict[str, Any] = {"rtt_ms": rtt_ms, "link_mbit": args.rate_mbit, "hosts": n}
+    out["bound_over_link"] = {
+        name: bound_over_link(size, n, link, rtt_ms / 1e3, bits)
+        for name, bits in (("fp32", 32), ("uint8", 8), ("uint4", 4))
+    }
     samples: dict[str, list[float]] = {}
     with Lab(spec, args.delay_line) as lab:
         log(f"lab up: {n} hosts, {args.rate_mbit} Mbit/s, {rtt_ms} ms")

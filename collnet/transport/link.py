@@ -39,7 +39,7 @@ from collnet.errors import CollnetError, PeerLost, ProtocolError
 from collnet.membership.liveness import Liveness
 from collnet.topology.probe import MIN_BURST_BYTES
 from collnet.topology.rtt import MinRtt
-from collnet.topology.throughput import ThroughputMeter
+from collnet.topology.throughput import TAIL_TIMED_MIN_PIECES, BurstTimer, ThroughputMeter
 from collnet.transport.connection import FrameConnection
 from collnet.transport.heartbeat import Heartbeat
 from collnet.transport.loglimit import REMOTE, host_of
@@ -57,6 +57,10 @@ SHORT_PATH_MIN_PIECE_BYTES = 2 << 20
 LONG_PATH_RTT_S = 0.005
 # Pieces at least this large feed the bandwidth meter; smaller ones measure latency.
 METERED_PIECE_BYTES = 64 << 10
+# A long path's probe: timed pieces of at least this much, this many at most
+# (16 MiB: 32 of 512 KiB, so a stalled connection holds about 4 % of the burst).
+TAILED_PROBE_MIN_PIECE_BYTES = 512 << 10
+TAILED_PROBE_PIECES = 32
 
 
 class LinkRouter(Protocol):
@@ -97,6 +101,7 @@ class PeerLink:
             self._beat, self.bytes_received, self._silent, liveness or Liveness(), self.rtt.sample
         )
         self.rx_meter = ThroughputMeter()
+        self._burst = BurstTimer()
         # Where PROBE payloads land, to be discarded (allocated at the first one).
         self._probe_sink: memoryview | None = None
         self._probes = 0
@@ -227,25 +232,37 @@ class PeerLink:
         """A bandwidth probe: ``nbytes`` of zeros as PROBE pieces striped over the
         connections, which the far end's meter times (collnet.topology.probe),
         behind ``warm_bytes`` it does not time, spread so that every connection
-        carries its share of them before its timed pieces."""
+        carries its share of them before its timed pieces.
+
+        A warmed probe is a long path's: its timed bytes go as many small pieces
+        through the piece queue, and the far end times them blind to the last
+        few (``BurstTimer``), so a connection that stalls meanwhile costs the
+        reading little. Otherwise one timed piece per connection, each alone
+        big enough for the far end's meter (pieces may arrive one after another).
+        """
         if self.error is not None:
             raise self.error
-        # Each piece alone big enough for the far end's meter to take a sample
-        # (pieces may arrive one after another), and no piece over the limit.
-        pieces = max(1, min(self.k, nbytes // MIN_BURST_BYTES))
+        tailed = warm_bytes > 0
+        if tailed:
+            pieces = min(TAILED_PROBE_PIECES, max(1, nbytes // TAILED_PROBE_MIN_PIECE_BYTES))
+        else:
+            pieces = max(1, min(self.k, nbytes // MIN_BURST_BYTES))
         pieces = min(MAX_PROBE_PIECES, max(pieces, -(-nbytes // MAX_PROBE_PIECE_BYTES)))
         size = min(MAX_PROBE_PIECE_BYTES, -(-nbytes // pieces))
         # Warm pieces go round the connections whole times, so each one's come first.
-        warm = -(-warm_bytes // MAX_PROBE_PIECE_BYTES) if warm_bytes > 0 else 0
+        warm = -(-warm_bytes // MAX_PROBE_PIECE_BYTES) if tailed else 0
         warm = min(-(-warm // self.k), (MAX_PROBE_PIECES - pieces) // self.k) * self.k
         warm_size = min(MAX_PROBE_PIECE_BYTES, -(-warm_bytes // warm)) if warm else 0
         zeros = memoryview(bytes(max(size, warm_size)))
         seq, self._probes = self._probes, self._probes + 1
         for piece in range(warm + pieces):
+            meta = ProbePiece(seq, piece, warm + pieces, warm).to_wire()
+            if tailed and piece >= warm:
+                self._queue.put_piece(FrameKind.PROBE, meta, zeros[:size])
+                continue
             conn = self.conns[piece % self.k]
             if conn is None:
                 raise PeerLost(f"link to {self.peer} is not connected", peer=self.peer)
-            meta = ProbePiece(seq, piece, warm + pieces, warm).to_wire()
             conn.send(FrameKind.PROBE, meta, zeros[: warm_size if piece < warm else size])
 
     def send_control(self, kind: FrameKind, meta: Any, payload: bytes = b"") -> None:
@@ -270,13 +287,20 @@ class PeerLink:
             return self.router.data_sink(self.peer, meta, header.payload_len)
         if header.kind == FrameKind.PROBE:
             # Bounded before any byte is read.
-            timed = ProbePiece.from_wire(meta, header.payload_len).timed
-            if timed and header.payload_len >= METERED_PIECE_BYTES:
+            probe = ProbePiece.from_wire(meta, header.payload_len)
+            if self._metered(probe, header.payload_len):
                 self.rx_meter.begin(time.monotonic(), self.bytes_received)
             if self._probe_sink is None:
                 self._probe_sink = memoryview(bytearray(MAX_PROBE_PIECE_BYTES))
             return self._probe_sink[: header.payload_len]
         return None
+
+    @staticmethod
+    def _metered(probe: ProbePiece, nbytes: int) -> bool:
+        """Whether a probe piece is timed by the meter's windows (a burst of many
+        timed pieces is timed by ``BurstTimer`` instead)."""
+        few = probe.pieces - probe.warm < TAIL_TIMED_MIN_PIECES
+        return probe.timed and few and nbytes >= METERED_PIECE_BYTES
 
     def on_frame(self, conn: FrameConnection, frame: Frame) -> None:
         if frame.kind == FrameKind.DATA:
@@ -286,9 +310,15 @@ class PeerLink:
         elif frame.kind == FrameKind.HEARTBEAT:
             self.heartbeat.on_frame(frame.meta)
         elif frame.kind == FrameKind.PROBE:
-            timed = ProbePiece.from_wire(frame.meta, len(frame.payload)).timed
-            if timed and len(frame.payload) >= METERED_PIECE_BYTES:
-                self.rx_meter.end(time.monotonic(), self.bytes_received, len(frame.payload))
+            probe, nbytes = ProbePiece.from_wire(frame.meta, len(frame.payload)), len(frame.payload)
+            if self._metered(probe, nbytes):
+                self.rx_meter.end(time.monotonic(), self.bytes_received, nbytes)
+            elif probe.timed:
+                now = time.monotonic()
+                timed = probe.pieces - probe.warm
+                sample = self._burst.landed(probe.seq, timed, now, self.bytes_received())
+                if sample is not None:
+                    self.rx_meter.add(*sample, now)
         else:
             self.router.on_control(self.peer, frame)
 

@@ -84,7 +84,7 @@ class PieceQueue:
     def __init__(self, conns: Sequence[FrameConnection | None], peer: str) -> None:
         self.conns = conns
         self.peer = peer
-        self._pieces: deque[tuple[list[Any], memoryview]] = deque()
+        self._pieces: deque[tuple[FrameKind, Any, memoryview]] = deque()
         self._empty = asyncio.Event()
         self._empty.set()
         self._capped: set[int] = set()
@@ -100,7 +100,13 @@ class PieceQueue:
         step = min(PIECE_BYTES, -(-total // pieces_for(total, len(self.conns)))) or 1
         for offset in range(0, max(total, 1), step):
             end = min(total, offset + step)
-            self._pieces.append(([*meta_head, offset, total], payload[offset:end]))
+            self._pieces.append((FrameKind.DATA, [*meta_head, offset, total], payload[offset:end]))
+        self._empty.clear()
+        self.pump()
+
+    def put_piece(self, kind: FrameKind, meta: Any, payload: memoryview) -> None:
+        """Queue one piece cut by the caller (a probe's) and send what can go now."""
+        self._pieces.append((kind, meta, payload))
         self._empty.clear()
         self.pump()
 
@@ -120,8 +126,8 @@ class PieceQueue:
             if i not in self._capped:
                 self._capped.add(i)
                 cap_unsent(conn)
-            meta, view = pieces.popleft()
-            conn.send(FrameKind.DATA, meta, view)
+            kind, meta, view = pieces.popleft()
+            conn.send(kind, meta, view)
             idle = 0
         if not pieces:
             self._empty.set()

@@ -19,7 +19,7 @@ from collnet.topology.throughput import ThroughputMeter
 from collnet.transport.connection import FrameConnection
 from collnet.transport.link import PeerLink
 from collnet.transport.pieceq import MIN_PIECE_BYTES, PIECE_BYTES, PieceQueue, pieces_for
-from collnet.wire import Frame, Limits
+from collnet.wire import Frame, FrameKind, Limits
 
 
 @given(st.integers(0, 1 << 30), st.integers(1, 64))
@@ -130,34 +130,81 @@ def test_a_short_path_keeps_large_pieces() -> None:
 
 
 class RecordingMeter(ThroughputMeter):
-    """The real meter, remembering the size of every piece it timed."""
+    """The real meter, remembering the size of every piece its windows timed and
+    every sample timed elsewhere (a long probe's)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.timed: list[int] = []
+        self.added: list[int] = []
 
     def end(self, now_s: float, received_bytes: Callable[[], int], piece_bytes: int = 0) -> None:
         self.timed.append(piece_bytes)
         super().end(now_s, received_bytes, piece_bytes)
 
+    def add(self, nbytes: int, elapsed_s: float, now_s: float) -> None:
+        self.added.append(nbytes)
+        super().add(nbytes, elapsed_s, now_s)
+
+
+def arrivals(link: PeerLink) -> list[tuple[int, list[int]]]:
+    """Every PROBE frame ``link`` gets from now on: (connection index, meta)."""
+    seen: list[tuple[int, list[int]]] = []
+    on_frame = link.on_frame
+
+    def record(conn: FrameConnection, frame: Frame) -> None:
+        if frame.kind == FrameKind.PROBE:
+            seen.append((link.conns.index(conn), frame.meta))
+        on_frame(conn, frame)
+
+    link.on_frame = record  # type: ignore[method-assign]
+    return seen
+
 
 async def test_a_warmed_probe_times_only_what_follows_the_warm_up_on_every_connection() -> None:
     async with linked_pair(4, Inbox()) as (sender, receiver):
         meter = receiver.rx_meter = RecordingMeter()
+        seen = arrivals(receiver)
         sender.send_probe(8 << 20, warm_bytes=24 << 20)
         # 24 MiB of warm-up is 6 pieces of 4 MiB, rounded up to whole rounds of the
-        # 4 connections: 8 of 3 MiB, then the timed 8 MiB as 4 pieces of 2 MiB.
-        await until(lambda: len(meter.timed) >= 4)
-        assert meter.timed == [2 << 20] * 4
-        assert meter.samples >= 1 and meter.bytes_per_s is not None
-        # Each connection carried two warm pieces and one timed piece.
-        per_conn = [c.bytes_received for c in receiver.conns if c is not None]
-        assert all(n >= 2 * (3 << 20) + (2 << 20) for n in per_conn)
-        # Without warm-up, as before: every piece is timed.
-        meter.timed.clear()
+        # 4 connections: 8 of 3 MiB; the timed 8 MiB is 16 pieces of 512 KiB, to
+        # whichever connection has room, timed from the first to land to the 15th.
+        await until(lambda: len(seen) == 24)
+        # What the link's counter saw between: the 14 pieces after the first, give or
+        # take the parts of pieces in flight at either end (a piece on each connection).
+        assert meter.timed == [] and len(meter.added) == 1
+        assert 10 * (512 << 10) <= meter.added[0] <= 18 * (512 << 10) + 4096
+        assert meter.samples == 1 and meter.bytes_per_s is not None
+        for index in range(4):
+            warm = [m[1] < m[3] for conn, m in seen if conn == index]
+            assert warm[:2] == [True, True] and not any(warm[2:])  # warm-up first
+        # Without warm-up, as before: one timed piece per connection, in windows.
         sender.send_probe(8 << 20)
         await until(lambda: len(meter.timed) >= 4)
-        assert meter.timed == [2 << 20] * 4
+        assert meter.timed == [2 << 20] * 4 and len(meter.added) == 1
+
+
+async def test_a_long_probe_is_read_while_a_stalled_connection_still_holds_its_piece() -> None:
+    async with linked_pair(4, Inbox()) as (sender, receiver):
+        meter = receiver.rx_meter = RecordingMeter()
+        stalled = receiver.conns[2]
+        assert stalled is not None and stalled.transport is not None
+        stalled.transport.get_extra_info("socket").setsockopt(
+            socket.SOL_SOCKET, socket.SO_RCVBUF, 64 << 10
+        )
+        seen = arrivals(receiver)
+        # One byte of warm-up per connection, so the stalled one takes a timed piece.
+        stalled.transport.pause_reading()
+        sender.send_probe(64 << 20, warm_bytes=1)
+        await until(lambda: len(meter.added) == 1, 20)
+        # 32 pieces of 2 MiB: the sample came at the 29th to land (28 after the first,
+        # give or take a piece in flight per connection), and the stalled
+        # connection's piece was not one of them.
+        assert len(meter.added) == 1 and 25 * (2 << 20) <= meter.added[0] <= 31 * (2 << 20)
+        assert not any(conn == 2 for conn, _ in seen)
+        stalled.transport.resume_reading()
+        await until(lambda: len(seen) == 36, 20)
+        assert sorted(m[1] for _, m in seen) == list(range(36)) and len(meter.added) == 1
 
 
 def test_warm_up_pieces_never_push_a_probe_over_its_piece_limit() -> None:
@@ -166,12 +213,17 @@ def test_warm_up_pieces_never_push_a_probe_over_its_piece_limit() -> None:
     sent: list[list[int]] = []
 
     class Conn:
+        closed, transport = False, None
+
+        def queued_bytes(self) -> int:
+            return 0
+
         def send(self, kind: Any, meta: list[int], payload: memoryview) -> None:
             sent.append(meta)
 
     for k in (1, 3, 8, 64):
         link = PeerLink("p", k, Inbox())
-        link.conns = [Conn()] * k  # type: ignore[list-item]
+        link.conns[:] = [Conn()] * k  # type: ignore[list-item]
         for warm in (0, 1, 5 << 20, 48 << 20, 1 << 30):
             sent.clear()
             link.send_probe(16 << 20, warm_bytes=warm)

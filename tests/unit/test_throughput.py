@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import math
+import random
 from collections.abc import Callable
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from collnet.topology.throughput import ThroughputMeter
+from collnet.topology.throughput import BurstTimer, ThroughputMeter
 
 MIB = 1 << 20
 
@@ -123,3 +125,70 @@ def test_small_windows_apart_in_time_are_not_joined() -> None:
         meter.begin(t, counter(i * MIB // 4))
         meter.end(t + 0.001, counter((i + 1) * MIB // 4), MIB // 4)
     assert meter.samples == 0 and meter.bytes_per_s is None
+
+
+def test_a_burst_is_timed_blind_to_a_piece_that_lands_late() -> None:
+    # 32 pieces of 512 KiB, one landing every 4 ms (1 Gbit/s-ish); piece 7's
+    # connection stalls (PROBE_RTT) and it lands 300 ms after the rest.
+    timer, piece = BurstTimer(), 512 << 10
+    times = [0.004 * i for i in range(32)]
+    times[7] = times[-1] + 0.3
+    taken = []
+    for n, t in enumerate(sorted(times), 1):
+        sample = timer.landed(3, 32, t, n * piece)
+        if sample is not None:
+            taken.append(sample)
+    # From the first to land to the 29th (90 % of 32): 28 pieces in 29 intervals
+    # of 4 ms, one piece's gap being the one that went missing.
+    assert len(taken) == 1 and taken[0] == pytest.approx((28 * piece, 0.004 * 29))
+    assert timer.landed(3, 32, 1.0, 40 * piece) is None  # pieces past it add nothing
+
+
+def test_a_burst_counts_every_byte_the_link_received_meanwhile() -> None:
+    # The first timed piece lands while another connection still brings the
+    # warm-up's last 3 MiB: those shared the link, so they count.
+    timer = BurstTimer()
+    assert timer.landed(0, 16, 1.0, 100 * MIB) is None
+    out = [timer.landed(0, 16, 1.0 + 0.01 * i, 100 * MIB + i * MIB + (3 * MIB if i > 3 else 0))
+           for i in range(1, 15)]  # fmt: skip
+    assert out[-1] == pytest.approx((17 * MIB, 0.14)) and not any(out[:-1])
+
+
+def test_a_new_burst_starts_its_own_count() -> None:
+    timer = BurstTimer()
+    assert timer.landed(0, 16, 0.0, 0) is None
+    assert timer.landed(1, 16, 5.0, MIB) is None  # burst 0 never finished
+    out = [timer.landed(1, 16, 5.0 + 0.01 * i, (i + 1) * MIB) for i in range(1, 15)]
+    assert out[-1] == pytest.approx((14 * MIB, 0.14)) and not any(out[:-1])
+
+
+@given(
+    st.integers(16, 64),
+    st.floats(1e6, 1e10),
+    st.lists(st.floats(0.0, 5.0), max_size=3),
+    st.randoms(use_true_random=False),
+)
+def test_up_to_a_tenth_of_a_burst_late_leaves_the_reading_at_the_link_rate(
+    pieces: int, rate: float, delays: list[float], rng: random.Random
+) -> None:
+    nbytes = 1 << 19
+    late = min(len(delays), pieces - math.ceil(0.9 * pieces))
+    order = list(range(pieces))
+    rng.shuffle(order)  # which pieces come late
+    times = [i * nbytes / rate for i in range(pieces)]
+    for index, delay in zip(order[:late], delays, strict=False):
+        times[index] += delay + pieces * nbytes / rate
+    timer = BurstTimer()
+    taken = []
+    for n, t in enumerate(sorted(times), 1):
+        sample = timer.landed(0, pieces, t, n * nbytes)
+        if sample is not None:
+            taken.append(sample)
+    assert len(taken) == 1
+    sampled_bytes, seconds = taken[0]
+    # The pieces that land in time are evenly spaced; at most ``late`` gaps are
+    # left where the late ones would have been, among the m - 1 timed ones.
+    m = math.ceil(0.9 * pieces)
+    reading = sampled_bytes / seconds
+    assert sampled_bytes == (m - 1) * nbytes
+    assert rate * (m - 1) / (m - 1 + late) * (1 - 1e-9) <= reading <= rate * (1 + 1e-9)

@@ -1,0 +1,83 @@
+"""What the daemons' first bandwidth probes read of the WAN lab's links.
+
+``python bench/wan_probes.py --rtt-ms 100 --clusters 4 --json`` builds the
+lab of ``bench/wan.py`` (4 hosts, each access link ``--rate-mbit`` both ways,
+``--rtt-ms`` round trip) and starts a fresh cluster in it ``--clusters``
+times. Each cluster runs no collective: it waits until every ordered pair of
+daemons has a bandwidth figure in the coordinator's matrix, which then comes
+from the probe bursts alone (``collnet.topology.probe``), agrees on them
+(update_topology) and stops. Every pair's links are the same, so each figure
+should read the link; ``auto`` and the ring planner decide on the slowest
+ones. It prints one JSON object: every figure in Mbit/s per cluster, the
+agreed ring bottleneck and slowest pair, and over all of them the minimum,
+median and the share under 80 % of the link.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from typing import Any
+
+from wan import collnet_in, log
+from wanlab import Lab, LabSpec
+
+LOW_SHARE = 0.8
+
+
+def one_cluster(lab: Lab, connections: str) -> dict[str, Any]:
+    with collnet_in(lab, connections, []) as c:
+        started = time.monotonic()
+        known = c.await_matrix(limit_s=120)
+        waited = time.monotonic() - started
+        rows = c.status().get("links") or []
+        c.agree()
+        costs = c.costs()
+    figures = sorted(
+        round(r["bandwidth_bps"] / 1e6, 1) for r in rows if r.get("bandwidth_bps")
+    )  # fmt: skip
+    return {
+        "pairs_measured": known,
+        "waited_s": round(waited, 1),
+        "mbit": figures,
+        "agreed": None if costs is None else costs.to_wire(),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--hosts", type=int, default=4)
+    ap.add_argument("--rate-mbit", type=float, default=1000.0)
+    ap.add_argument("--rtt-ms", type=float, default=100.0)
+    ap.add_argument("--clusters", type=int, default=4)
+    ap.add_argument("--connections", default="auto")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args(argv)
+    spec = LabSpec(hosts=args.hosts, rate_bit=int(args.rate_mbit * 1e6), rtt_s=args.rtt_ms / 1e3,
+                   name="wanp", subnet=236)  # fmt: skip
+    runs = []
+    with Lab(spec) as lab:
+        for i in range(args.clusters):
+            runs.append(one_cluster(lab, args.connections))
+            log(f"cluster {i}: {runs[-1]['mbit']}")
+    every = [f for run in runs for f in run["mbit"]]
+    out = {
+        "rtt_ms": args.rtt_ms,
+        "link_mbit": args.rate_mbit,
+        "hosts": args.hosts,
+        "clusters": runs,
+        "min_mbit": min(every, default=None),
+        "median_mbit": statistics.median(every) if every else None,
+        "under_80pct": round(sum(f < LOW_SHARE * args.rate_mbit for f in every) / len(every), 3)
+        if every
+        else None,
+    }
+    print(json.dumps(out) if args.json else json.dumps(out, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
