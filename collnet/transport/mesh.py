@@ -158,7 +158,7 @@ class _Handshake:
         if self.hello is None or self.responder is None:
             raise ProtocolError("a second HELLO before the first was answered")
         self.responder.on_proof(frame.meta, f"peer {self.hello[0]!r} from {conn.peername}")
-        self.mesh._accept(*self.hello, conn)
+        self.mesh._accept(*self.hello, conn, proven=True)
 
     def _answer(self, conn: FrameConnection, meta: Any) -> None:
         """Answer the dialler's first HELLO (attaching at once if no proof follows)."""
@@ -172,7 +172,7 @@ class _Handshake:
         answer, done = self.responder.on_hello(meta, who)
         conn.send(FrameKind.HELLO, {"peer": self.mesh.self_id, **answer})
         if done:
-            self.mesh._accept(*self.hello, conn)
+            self.mesh._accept(*self.hello, conn, proven=certified is not None)
 
     def admit_if_member(self) -> None:
         """The world changed: answer a parked HELLO if its peer is in it now."""
@@ -416,8 +416,24 @@ class Mesh:
             raise err from None
         return link
 
-    def _accept(self, peer: str, index: int, k: int, conn: FrameConnection) -> None:
+    def _accept(
+        self, peer: str, index: int, k: int, conn: FrameConnection, proven: bool = False
+    ) -> None:
+        """Attach an accepted connection; ``proven``: the dialler proved who it is
+        (the shared secret, or a certificate naming it), not only claimed it."""
         link = self.links.get(peer)
+        stale = link is not None and not link.failed and link.conns[0] is not None
+        if link is not None and stale and index == 0 and proven:
+            # A dialler sends connection 0 only to begin a link: it gave up the one
+            # we hold (say we were frozen past its heartbeats, and never saw it
+            # close). Proven, its new link wins, and what ran over the old one fails
+            # at once instead of at its deadline. A loopback peer with no secret
+            # only claims its name: a duplicate from it is refused, as any other.
+            REMOTE.warning(
+                log, host_of(conn.peername), "link %s: replaced by the peer's new dial", peer
+            )
+            link.fail(PeerLost(f"link to {peer} replaced by its new dial", peer=peer))
+            link = self.links.get(peer)
         if link is None or link.failed:
             link = self._new_link(peer, k)
         elif link.k != k:
