@@ -188,17 +188,20 @@ class Collnet:
         0.93), which would be charged to whichever series ran first."""
         self.time(nbytes, WARM_UP - 1)
 
-    def time(self, nbytes: int, iters: int, codec: str = "none", algo: str = "auto") -> list[float]:
-        """``iters`` samples (warm-up dropped) of the slowest rank."""
+    def time(
+        self, nbytes: int, iters: int, codec: str = "none", algo: str = "auto", warm_up: bool = True
+    ) -> list[float]:
+        """``iters`` samples of the slowest rank (``warm_up``: one more first, dropped)."""
         self._n += 1
         tag = f"wan-{self._n}-{codec}-{algo}"
+        extra = 1 if warm_up else 0
         with ThreadPoolExecutor(len(self.comms)) as pool:
             futs = [
-                pool.submit(c.bench_all_reduce, nbytes // 4, tag=tag, iters=iters + 1,
+                pool.submit(c.bench_all_reduce, nbytes // 4, tag=tag, iters=iters + extra,
                             codec=codec, algo=algo, timeout_s=1800)
                 for c in self.comms
             ]  # fmt: skip
-            return max_over_ranks([f.result() for f in futs])[1:]
+            return max_over_ranks([f.result() for f in futs])[extra:]
 
 
 def run_gloo(lab: Lab, jobs: list[tuple[int, int]]) -> dict[int, list[float]]:

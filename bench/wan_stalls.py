@@ -25,10 +25,8 @@ import re
 import subprocess
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, NamedTuple
 
-from allreduce import max_over_ranks
 from collnet_lab.localcluster import parse_size
 from wan import Collnet, collnet_in
 from wanlab import Lab, LabSpec
@@ -107,15 +105,9 @@ def _collectives(reads: list[tuple[float, str]], router_suffix: str) -> list[tup
 def _gapped(c: Collnet, nbytes: int, samples: int, gap_s: float, algo: str) -> list[float]:
     """``samples`` timed all-reduces (slowest rank), each after ``gap_s`` idle."""
     out = []
-    for i in range(samples):
+    for _ in range(samples):
         time.sleep(gap_s)
-        with ThreadPoolExecutor(len(c.comms)) as pool:
-            futs = [
-                pool.submit(comm.bench_all_reduce, nbytes // 4, tag=f"gap-{i}", iters=1,
-                            algo=algo, timeout_s=600)
-                for comm in c.comms
-            ]  # fmt: skip
-            out += max_over_ranks([f.result() for f in futs])
+        out += c.time(nbytes, 1, algo=algo, warm_up=False)
     return out
 
 
