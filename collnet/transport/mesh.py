@@ -422,8 +422,8 @@ class Mesh:
         """Attach an accepted connection; ``proven``: the dialler proved who it is
         (the shared secret, or a certificate naming it), not only claimed it."""
         link = self.links.get(peer)
-        stale = link is not None and not link.failed and link.conns[0] is not None
-        if link is not None and stale and index == 0 and proven:
+        held = link is not None and not link.failed and link.conns[0] is not None
+        if proven and index == 0 and link is not None and held:
             # A dialler sends connection 0 only to begin a link: it gave up the one
             # we hold (say we were frozen past its heartbeats, and never saw it
             # close). Proven, its new link wins, and what ran over the old one fails
