@@ -108,6 +108,10 @@ class PeerLink:
         self._checked_s = time.monotonic()
         # A long path's pieces, for whichever connection can take one.
         self._queue = PieceQueue(self.conns, peer)
+        # Connections dialled for this link whose handshake is still open: closed
+        # with the link, or the acceptor (frozen while we gave up, say) would take
+        # them as a link we no longer serve.
+        self._handshaking: set[FrameConnection] = set()
 
     def bytes_received(self) -> int:
         return sum(c.bytes_received for c in self.conns if c is not None)
@@ -166,7 +170,19 @@ class PeerLink:
     def failed(self) -> bool:
         return self.error is not None
 
+    def hold(self, conn: FrameConnection) -> None:
+        """A connection dialled for this link, until its handshake attaches it."""
+        if self.error is not None:
+            conn.abort()
+            return
+        self._handshaking.add(conn)
+
     def attach(self, index: int, conn: FrameConnection) -> None:
+        self._handshaking.discard(conn)
+        if self.error is not None:
+            # Answered after we gave the link up: nobody would serve it.
+            conn.abort()
+            return
         if not 0 <= index < self.k:
             raise ProtocolError(f"connection index {index} outside 0..{self.k - 1}")
         if self.conns[index] is not None:
@@ -343,6 +359,7 @@ class PeerLink:
         self.ready.set()
         self.heartbeat.stop()
         self._queue.clear()
+        self._drop_handshakes()
         for c in self.conns:
             if c is not None:
                 c.close() if flush else c.abort()
@@ -354,6 +371,12 @@ class PeerLink:
             self.error = PeerLost(f"link to {self.peer} closed", peer=self.peer)
             self.ready.set()
         self._queue.clear()
+        self._drop_handshakes()
         for c in self.conns:
             if c is not None:
                 c.close()
+
+    def _drop_handshakes(self) -> None:
+        for conn in self._handshaking:
+            conn.abort()
+        self._handshaking.clear()

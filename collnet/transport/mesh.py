@@ -386,6 +386,9 @@ class Mesh:
                     )
                     assert isinstance(made, FrameConnection)
                     conn = made
+                    link.hold(conn)
+                    if link.error is not None:
+                        raise link.error  # given up while this one connected
                     if index == 0:
                         # The first connection has timed the path: size the link
                         # before any HELLO says its K (striping.connections_for).
@@ -409,6 +412,8 @@ class Mesh:
                     index += 1
                 for answer in answers:
                     await answer
+                if link.error is not None:
+                    raise link.error  # given up while its handshakes were open
         except (OSError, TimeoutError, CollnetError) as exc:
             why = str(exc) or f"no answer within {self.connect_timeout_s:.1f}s"
             err = PeerLost(f"cannot connect to {peer} at {addr[0]}:{addr[1]}: {why}", peer=peer)
@@ -425,10 +430,10 @@ class Mesh:
         held = link is not None and not link.failed and link.conns[0] is not None
         if proven and index == 0 and link is not None and held:
             # A dialler sends connection 0 only to begin a link: it gave up the one
-            # we hold (say we were frozen past its heartbeats, and never saw it
-            # close). Proven, its new link wins, and what ran over the old one fails
-            # at once instead of at its deadline. A loopback peer with no secret
-            # only claims its name: a duplicate from it is refused, as any other.
+            # we hold, and its close never reached us (a NAT forgot the flow, a path
+            # died silently). Proven, its new link wins, and what ran over the old
+            # one fails at once instead of at its heartbeat deadline. A loopback
+            # peer with no secret only claims its name: its duplicate is refused.
             REMOTE.warning(
                 log, host_of(conn.peername), "link %s: replaced by the peer's new dial", peer
             )

@@ -127,7 +127,9 @@ def _thaw_while_readmitted(tmp_path: Path, recover: bool, secret_file: Path | No
     """Frozen long enough to be removed, a peer's trainer still asks for an
     all-reduce of the old epoch. On thawing its daemon must fail that call with a
     typed error at once (the others left that world long ago), never leave it
-    waiting for partners who will not send, and come back as a joiner."""
+    waiting for partners who will not send, and come back as a joiner. The
+    survivors gave up their dials to it while it was frozen: on thawing it must
+    find those connections closed, not take them for links nobody serves."""
     with running_peers(3, tmp_path, secret_file=secret_file) as peers:
         victim = peers.cluster.daemons[2]
         frozen = peers.comms[2]
@@ -191,22 +193,15 @@ def test_a_peer_dropped_while_frozen_fails_its_pending_collective_when_it_thaws(
 
 
 def test_the_world_works_right_after_readmitting_a_thawed_peer(tmp_path: Path) -> None:
-    # Peers that prove who they are (a shared secret, as any world off loopback
-    # has): the thawed daemon takes a member's new dial in place of the link it
-    # never saw close.
+    # A loopback world with no secret: its peers only claim their names.
+    _thaw_while_readmitted(tmp_path, recover=True)
+
+
+def test_a_world_with_a_secret_works_right_after_readmitting_a_thawed_peer(
+    tmp_path: Path,
+) -> None:
+    # Peers that prove who they are (a shared secret, as any world off loopback has).
     secret = tmp_path / "secret"
     secret.write_text(secrets.token_hex(32))
     secret.chmod(0o600)
     _thaw_while_readmitted(tmp_path, recover=True, secret_file=secret)
-
-
-@pytest.mark.xfail(
-    reason="known limit: with no secret, loopback peers only claim their names, so the "
-    "thawed daemon refuses a member's new dial as a duplicate and keeps the stale link "
-    "until heartbeats drop it; collectives over it fail (typed, some at their deadline)",
-    strict=False,
-)
-def test_a_loopback_world_without_a_secret_works_right_after_readmitting(
-    tmp_path: Path,
-) -> None:
-    _thaw_while_readmitted(tmp_path, recover=True)
