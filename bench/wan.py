@@ -42,6 +42,13 @@ bottleneck link's rate (so uint8 can exceed 1: fewer bytes travel).
 then takes half a round trip): at 4 hosts, 1 Gbit/s, 100 ms and 64 MiB,
 0.942 (fp32), 3.20x (uint8), 5.34x (uint4).
 
+``overlapped_busbw_over_link``: ``--overlap`` all-reduces of ``--size`` started
+at once by each trainer through the SDK (as DDP's buckets or streaming
+DiLoCo's fragments overlap), per codec; their bytes over the time to the last
+one's end, against the link, beside the same bound for all their bytes, and
+how busy this machine's CPUs were meanwhile (``cpu_busy``). One collective
+cannot hide its round trips; overlapped ones hide each other's.
+
 ``--sweep`` measures fp32, uint8 and gloo at each of ``--sweep-rtts`` and
 draws docs/wan_busbw_vs_rtt.png. Needs root (network namespaces).
 
@@ -71,6 +78,7 @@ from pathlib import Path
 from typing import Any
 
 import collnet_client
+import numpy as np
 from allreduce import GLOO_WORKER, busbw, gloo_unavailable_reason, max_over_ranks
 from collnet_lab.localcluster import parse_size
 from tls import BenchCluster
@@ -203,6 +211,57 @@ class Collnet:
             ]  # fmt: skip
             return max_over_ranks([f.result() for f in futs])[extra:]
 
+    def time_overlapped(
+        self, nbytes: int, streams: int, iters: int, codec: str = "none"
+    ) -> list[float]:
+        """``iters`` samples of the slowest rank, each ``streams`` all-reduces of
+        ``nbytes`` started at once (one untimed round first)."""
+        self._n += 1
+        tag = f"wan-o{self._n}-{codec}"
+        with ThreadPoolExecutor(len(self.comms)) as pool:
+            futs = [
+                pool.submit(_overlapped, c, nbytes, streams, iters + 1, codec, tag)
+                for c in self.comms
+            ]
+            return max_over_ranks([f.result() for f in futs])[1:]
+
+
+def _overlapped(
+    comm: Any, nbytes: int, streams: int, iters: int, codec: str, tag: str
+) -> list[float]:
+    """One rank's share of ``Collnet.time_overlapped``: trainer all-reduces through
+    the SDK (shared memory, no copy), as DDP's buckets or streaming DiLoCo's
+    fragments overlap them; each sample from a direct one-element all-reduce (the
+    barrier ``bench_all_reduce`` uses) to the last one's end."""
+    rng = np.random.default_rng(comm.rank)
+    bufs = [comm.empty(nbytes // 4, np.float32) for _ in range(streams)]
+    for b in bufs:
+        b[:] = rng.standard_normal(b.size, dtype=np.float32)
+    times = []
+    for i in range(iters):
+        comm.all_reduce(np.ones(1, np.float32), algo="direct", tag=f"{tag}-b{i}")
+        t0 = time.perf_counter()
+        handles = [
+            comm.all_reduce_async(b, op="avg", codec=codec, tag=f"{tag}-{i}-{k}", timeout_s=1800)
+            for k, b in enumerate(bufs)
+        ]
+        for h in handles:
+            h.wait()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def _cpu_ticks() -> tuple[int, int]:
+    """(busy, total) jiffies of every CPU of this machine so far (/proc/stat)."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    idle = fields[3] + fields[4]  # idle, iowait
+    return sum(fields) - idle, sum(fields)
+
+
+def _cpu_busy(before: tuple[int, int], after: tuple[int, int]) -> float:
+    return round((after[0] - before[0]) / max(1, after[1] - before[1]), 3)
+
 
 def run_gloo(lab: Lab, jobs: list[tuple[int, int]]) -> dict[int, list[float]]:
     """gloo workers in the host namespaces; per size the samples of the slowest rank."""
@@ -292,6 +351,28 @@ def scenario(args: argparse.Namespace, rtt_ms: float, full: bool) -> dict[str, A
                         by_algo[algo] = over_link(size, _med(t), n, link)
                     out[f"{name}_busbw_over_link_by_algo"] = by_algo
                     log(f"collnet {name} by algorithm: {by_algo}")
+            if full and args.overlap > 1:
+                # A trainer with several all-reduces in flight (DDP's buckets,
+                # streaming DiLoCo's fragments) hides each one's latency behind
+                # the others' bytes: what the links carry then, against their rate.
+                k = args.overlap
+                overlapped: dict[str, Any] = {"streams": k}
+                busy: dict[str, float] = {}
+                for name, codec in CODECS.items():
+                    before = _cpu_ticks()
+                    t = c.time_overlapped(size, k, reps, codec)
+                    busy[name] = _cpu_busy(before, _cpu_ticks())
+                    samples[f"{name}_overlapped"] = t
+                    overlapped[name] = over_link(k * size, _med(t), n, link)
+                # This machine's CPUs, all daemons and trainers together, over the
+                # series: near 1, the codecs are bound by CPU here, not by the links.
+                overlapped["cpu_busy"] = busy
+                overlapped["bound"] = {
+                    name: bound_over_link(k * size, n, link, rtt_ms / 1e3, bits)
+                    for name, bits in (("fp32", 32), ("uint8", 8), ("uint4", 4))
+                }
+                out["overlapped_busbw_over_link"] = overlapped
+                log(f"collnet, {k} all-reduces in flight: {overlapped}")
             if full:
                 checks = {"4KiB": 4 << 10, "1MiB": mib, _size_name(size): size}
                 auto_check: dict[str, dict[str, Any]] = {}
@@ -467,6 +548,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--connections",
         default="auto",
         help="K of the striped runs: auto (the daemon's default) or 1-64",
+    )
+    ap.add_argument(
+        "--overlap",
+        type=int,
+        default=4,
+        help="all-reduces in flight at once for overlapped_busbw_over_link (<2: skip)",
     )
     ap.add_argument("--daemon-arg", action="append", default=[], help="extra daemon flag")
     ap.add_argument("--no-topology", action="store_true", help="skip topology_gain")
