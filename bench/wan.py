@@ -86,7 +86,8 @@ from wanlab import Lab, LabSpec
 from wanlab.lab import child_env
 from wanlab.measure import ceiling
 
-from collnet.algo.select import choose_algorithm
+from collnet.algo.select import choose_algorithm, wire_nbytes
+from collnet.codec import get_codec
 from collnet.topology.costmodel import LinkCosts
 
 HERE = Path(__file__).resolve().parent
@@ -251,6 +252,13 @@ def _overlapped(
     return times
 
 
+def _auto_pick(world: int, nbytes: int, codec: str, costs: LinkCosts | None) -> str:
+    """The schedule ``auto`` runs for an fp32 tensor of ``nbytes`` under ``codec``."""
+    buf = np.empty(nbytes // 4, np.float32)
+    wire = wire_nbytes(buf, None if codec == "none" else get_codec(codec))
+    return choose_algorithm("auto", world, nbytes, costs=costs, wire_nbytes=wire)
+
+
 def _cpu_ticks() -> tuple[int, int]:
     """(busy, total) jiffies of every CPU of this machine so far (/proc/stat)."""
     with open("/proc/stat") as f:
@@ -336,11 +344,16 @@ def scenario(args: argparse.Namespace, rtt_ms: float, full: bool) -> dict[str, A
             c.warm(size)
             costs = c.costs()
             out["costs"] = None if costs is None else costs.to_wire()
+            picks: dict[str, str] = {}
+            busy: dict[str, float] = {}
             for name, codec in CODECS.items():
                 if name == "uint4" and not full:
                     continue
+                before = _cpu_ticks()
                 samples[name] = c.time(size, reps, codec)
+                busy[name] = _cpu_busy(before, _cpu_ticks())
                 out[f"{name}_busbw_over_link"] = over_link(size, _med(samples[name]), n, link)
+                picks[name] = _auto_pick(n, size, codec, costs)
                 log(f"collnet {name}: {out[f'{name}_busbw_over_link']} of link")
                 if full:
                     # What auto chose against each schedule it chooses from.
@@ -351,6 +364,10 @@ def scenario(args: argparse.Namespace, rtt_ms: float, full: bool) -> dict[str, A
                         by_algo[algo] = over_link(size, _med(t), n, link)
                     out[f"{name}_busbw_over_link_by_algo"] = by_algo
                     log(f"collnet {name} by algorithm: {by_algo}")
+            # What auto ran (the daemon's rule on these figures), and how busy this
+            # machine's CPUs were over each series (daemons, trainers, delay line).
+            out["auto_picks"] = picks
+            out["cpu_busy"] = busy
             if full and args.overlap > 1:
                 # A trainer with several all-reduces in flight (DDP's buckets,
                 # streaming DiLoCo's fragments) hides each one's latency behind

@@ -1,5 +1,11 @@
-"""Star, direct or ring for ``auto``, and the ring's chunk, from agreed link figures
-(sans-I/O).
+"""Star, direct or ring for ``auto``, from agreed link figures (sans-I/O).
+
+No chunk rule: a chunk sized to a long link's bandwidth-delay product
+(BDP / 4) was tried and is not applied. The link stripes every message into
+pieces across its K connections, and their TCP windows, not the chunk, set
+what is in flight: in the WAN lab (1 Gbit/s, 100 ms, 4 hosts) 4 MiB chunks
+measured as 1 MiB ones (fp32 ring 0.924 against 0.923 of the link, uint8
+1.97x against 2.01x; bench/RESULTS.md, 2026-12-03 12:10 UTC).
 
 The figures are the world's, fixed for an epoch (``LinkCosts``: the largest
 round-trip time among the members, the ring's bottleneck bandwidth and the
@@ -55,9 +61,6 @@ HOP_OVERHEAD_S: Final = 100e-6
 # rank of the direct schedule handle 2 (W - 1) and 4 (W - 1) messages.
 MESSAGE_OVERHEAD_S: Final = 50e-6
 MIN_CHUNK_BYTES: Final = 1 << 20
-MAX_CHUNK_BYTES: Final = 16 << 20
-# Chunks of one step the ring keeps in flight on a link, for the chunk rule.
-PIPELINE_DEPTH: Final = 4
 # The direct schedule must beat the ring's modelled time by this share to be
 # chosen: the model has no CPU term, and on a CPU-bound host (4 daemons on 2
 # loopback cores, 64 MiB) it measured 5-10 % slower than the ring.
@@ -164,14 +167,3 @@ def best_algorithm(
     if direct is not None and direct <= (1 - DIRECT_MARGIN) * ring:
         return "direct"
     return "ring"
-
-
-def chunk_bytes_for(costs: LinkCosts, default: int) -> int:
-    """A ring chunk that keeps a long fat bottleneck busy: with ``PIPELINE_DEPTH``
-    chunks in flight a hop must cover its bandwidth-delay product, so the chunk
-    grows to ``BDP / PIPELINE_DEPTH`` (a power of two within the bounds); never
-    smaller than ``default``."""
-    bdp = costs.bottleneck_bps / 8 * costs.max_rtt_s
-    want = max(default, MIN_CHUNK_BYTES, int(bdp / PIPELINE_DEPTH))
-    chunk = 1 << max(0, math.ceil(math.log2(want)))
-    return max(default, min(MAX_CHUNK_BYTES, chunk))

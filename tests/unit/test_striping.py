@@ -17,10 +17,8 @@ from collnet.membership.bounds import world_from_wire
 from collnet.topology.costmodel import (
     DIRECT_MARGIN,
     HOP_OVERHEAD_S,
-    MAX_CHUNK_BYTES,
     LinkCosts,
     best_algorithm,
-    chunk_bytes_for,
     direct_seconds,
     ring_seconds,
     star_seconds,
@@ -136,13 +134,8 @@ def test_the_choice_is_the_cheaper_model_and_the_crossover_is_monotone(
         assert best_algorithm(costs, world, nbytes * 2) != "star"
 
 
-def test_chunk_grows_with_the_bottleneck_bdp_within_bounds() -> None:
-    assert chunk_bytes_for(LOOPBACK, 1 << 20) == 1 << 20
-    # 12.5 MB in flight over 4 chunks: 4 MiB chunks (a power of two at least 3.1 MB).
-    assert chunk_bytes_for(WAN, 1 << 20) == 4 << 20
-    assert chunk_bytes_for(LinkCosts(1.0, 100 * GBIT), 1 << 20) == MAX_CHUNK_BYTES
-    # Never below what the daemon was configured with.
-    assert chunk_bytes_for(LOOPBACK, 8 << 20) == 8 << 20
+def test_figures_that_are_not_a_real_link_are_invalid() -> None:
+    assert LOOPBACK.valid() and WAN.valid()
     assert not LinkCosts(math.nan, GBIT).valid() and not LinkCosts(0.1, 0.0).valid()
 
 
