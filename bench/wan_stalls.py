@@ -1,17 +1,18 @@
 """Timed all-reduces in the WAN lab beside what the kernel says of every connection.
 
 ``python bench/wan_stalls.py --rtt-ms 200 --samples 10 [--connections auto|K]``
-builds the lab of ``bench/wan.py`` (4 hosts, 1 Gbit/s), runs ``--samples``
-timed fp32 all-reduces of ``--size`` (``--algo``, ring by default) and, all
-the while, reads ``ss -tin`` in every host's namespace every 30 ms. It prints
-one JSON object: the samples (slowest rank, seconds), the connections per
-neighbour, the agreed link figures, and per collective (a stretch of host 0
-sending over 1 MB per read, as it does only inside one) its length, the
-connections that sat at a congestion window of at most 4 packets meanwhile,
-split by what ``ss`` says of BBR: ``probe_rtt`` (cwnd gain 1: PROBE_RTT,
-200 ms plus a round trip every 10 s on a busy connection, with whatever it
-had queued) and ``low_cwnd_not_probe_rtt`` (loss recovery, say), and the
-bytes retransmitted meanwhile on every host.
+builds the lab of ``bench/wan.py`` (4 hosts, ``--rate-mbit``, 1 Gbit/s by
+default), runs ``--samples`` timed fp32 all-reduces of ``--size``
+(``--algo``, ring by default) and, all the while, reads ``ss -tin`` in every
+host's namespace every 30 ms. It prints one JSON object: the samples
+(slowest rank, seconds), the connections per neighbour, the agreed link
+figures, and per collective (a stretch of host 0 sending over 1 MB per read,
+as it does only inside one) its length, the connections that sat at a
+congestion window of at most 4 packets meanwhile, split by what ``ss`` says
+of BBR: ``probe_rtt`` (cwnd gain 1: PROBE_RTT, 200 ms plus a round trip
+every 10 s on a busy connection, with whatever it had queued) and
+``low_cwnd_not_probe_rtt`` (loss recovery, say), and the bytes retransmitted
+meanwhile on every host.
 
 ``--gap-s G`` idles G seconds before each timed collective, as a DiLoCo run
 does between its all-reduces.
@@ -112,7 +113,13 @@ def _gapped(c: Collnet, nbytes: int, samples: int, gap_s: float, algo: str) -> l
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    spec = LabSpec(hosts=4, rate_bit=10**9, rtt_s=args.rtt_ms / 1e3, name="wans", subnet=234)
+    spec = LabSpec(
+        hosts=4,
+        rate_bit=int(args.rate_mbit * 1e6),
+        rtt_s=args.rtt_ms / 1e3,
+        name="wans",
+        subnet=234,
+    )
     suffix = f".{spec.subnet}.1.1"
     reads: dict[int, list[tuple[float, str]]] = {h: [] for h in range(spec.hosts)}
     with Lab(spec) as lab, collnet_in(lab, args.connections, []) as c:
@@ -179,6 +186,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--rtt-ms", type=float, default=200.0)
+    ap.add_argument("--rate-mbit", type=float, default=1000.0)
     ap.add_argument("--samples", type=int, default=10)
     ap.add_argument("--size", default="64MiB")
     ap.add_argument("--algo", default="ring")
