@@ -71,9 +71,10 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -94,6 +95,8 @@ HERE = Path(__file__).resolve().parent
 PLOT = HERE.parent / "docs" / "wan_busbw_vs_rtt.png"
 GLOO_PORT = 29555
 CODECS = {"fp32": "none", "uint8": "uint8", "uint4": "uint4"}
+# Bits per element on the wire, for the bounds (codec scales left out).
+CODEC_BITS = {"fp32": 32, "uint8": 8, "uint4": 4}
 ALGOS = ("star", "ring", "direct", "auto")
 WARM_UP = 4
 
@@ -267,8 +270,12 @@ def _cpu_ticks() -> tuple[int, int]:
     return sum(fields) - idle, sum(fields)
 
 
-def _cpu_busy(before: tuple[int, int], after: tuple[int, int]) -> float:
-    return round((after[0] - before[0]) / max(1, after[1] - before[1]), 3)
+def _with_cpu_busy(series: Callable[[], list[float]]) -> tuple[list[float], float]:
+    """``series()``'s samples, and the share of this machine's CPUs busy meanwhile."""
+    before = _cpu_ticks()
+    samples = series()
+    after = _cpu_ticks()
+    return samples, round((after[0] - before[0]) / max(1, after[1] - before[1]), 3)
 
 
 def run_gloo(lab: Lab, jobs: list[tuple[int, int]]) -> dict[int, list[float]]:
@@ -322,6 +329,14 @@ def bound_over_link(nbytes: int, world: int, link_bit: float, rtt_s: float, bits
     return over_link(nbytes, wire_bit / link_bit + rtt_s / 2, world, link_bit)
 
 
+def bounds_over_link(nbytes: int, world: int, link_bit: float, rtt_s: float) -> dict[str, float]:
+    """``bound_over_link`` per codec."""
+    return {
+        name: bound_over_link(nbytes, world, link_bit, rtt_s, bits)
+        for name, bits in CODEC_BITS.items()
+    }
+
+
 def scenario(args: argparse.Namespace, rtt_ms: float, full: bool) -> dict[str, Any]:
     """One lab at ``rtt_ms``; ``full`` adds uint4, 1 connection and the 1 MiB latencies."""
     spec = LabSpec(hosts=args.hosts, rate_bit=int(args.rate_mbit * 1e6), rtt_s=rtt_ms / 1e3,
@@ -330,10 +345,7 @@ def scenario(args: argparse.Namespace, rtt_ms: float, full: bool) -> dict[str, A
     n, size, reps = args.hosts, args.nbytes, args.repeats
     mib = 1 << 20
     out: dict[str, Any] = {"rtt_ms": rtt_ms, "link_mbit": args.rate_mbit, "hosts": n}
-    out["bound_over_link"] = {
-        name: bound_over_link(size, n, link, rtt_ms / 1e3, bits)
-        for name, bits in (("fp32", 32), ("uint8", 8), ("uint4", 4))
-    }
+    out["bound_over_link"] = bounds_over_link(size, n, link, rtt_ms / 1e3)
     samples: dict[str, list[float]] = {}
     with Lab(spec, args.delay_line) as lab:
         log(f"lab up: {n} hosts, {args.rate_mbit} Mbit/s, {rtt_ms} ms")
@@ -349,9 +361,7 @@ def scenario(args: argparse.Namespace, rtt_ms: float, full: bool) -> dict[str, A
             for name, codec in CODECS.items():
                 if name == "uint4" and not full:
                     continue
-                before = _cpu_ticks()
-                samples[name] = c.time(size, reps, codec)
-                busy[name] = _cpu_busy(before, _cpu_ticks())
+                samples[name], busy[name] = _with_cpu_busy(partial(c.time, size, reps, codec))
                 out[f"{name}_busbw_over_link"] = over_link(size, _med(samples[name]), n, link)
                 picks[name] = _auto_pick(n, size, codec, costs)
                 log(f"collnet {name}: {out[f'{name}_busbw_over_link']} of link")
@@ -374,20 +384,17 @@ def scenario(args: argparse.Namespace, rtt_ms: float, full: bool) -> dict[str, A
                 # the others' bytes: what the links carry then, against their rate.
                 k = args.overlap
                 overlapped: dict[str, Any] = {"streams": k}
-                busy: dict[str, float] = {}
+                # This machine's CPUs, all daemons and trainers together, over each
+                # series: near 1, the codecs are bound by CPU here, not by the links.
+                overlapped_busy: dict[str, float] = {}
                 for name, codec in CODECS.items():
-                    before = _cpu_ticks()
-                    t = c.time_overlapped(size, k, reps, codec)
-                    busy[name] = _cpu_busy(before, _cpu_ticks())
+                    t, overlapped_busy[name] = _with_cpu_busy(
+                        partial(c.time_overlapped, size, k, reps, codec)
+                    )
                     samples[f"{name}_overlapped"] = t
                     overlapped[name] = over_link(k * size, _med(t), n, link)
-                # This machine's CPUs, all daemons and trainers together, over the
-                # series: near 1, the codecs are bound by CPU here, not by the links.
-                overlapped["cpu_busy"] = busy
-                overlapped["bound"] = {
-                    name: bound_over_link(k * size, n, link, rtt_ms / 1e3, bits)
-                    for name, bits in (("fp32", 32), ("uint8", 8), ("uint4", 4))
-                }
+                overlapped["cpu_busy"] = overlapped_busy
+                overlapped["bound"] = bounds_over_link(k * size, n, link, rtt_ms / 1e3)
                 out["overlapped_busbw_over_link"] = overlapped
                 log(f"collnet, {k} all-reduces in flight: {overlapped}")
             if full:
