@@ -90,3 +90,10 @@ class Schedule(abc.ABC):
     def needs_agreement(self) -> bool:
         """True where ``Complete`` alone does not prove every rank agreed (see above)."""
         return False
+
+    @property
+    def fan(self) -> int:
+        """How many peers this rank sends to, or hears from, at once through its
+        own network link; a link to each of them gets that share of its
+        connections (``collnet.topology.striping.connections_sharing``)."""
+        return 1

@@ -84,6 +84,12 @@ class DirectAllReduce(ChunkedSchedule):
         # covers the length, so this is alike on every rank.)
         return self._red.n < self.world
 
+    @property
+    def fan(self) -> int:
+        # Every rank sends its segments to all the others at once, and hears
+        # from all of them: W - 1 links share each node's access link.
+        return max(1, self.world - 1)
+
     def start(self) -> list[Action]:
         if self._started:
             raise ProtocolError("start() called twice")

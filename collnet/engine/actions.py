@@ -24,12 +24,15 @@ class Transmit:
     ``payload`` may be a view of the caller's tensor: the schedule does not
     touch those bytes until the receiver has consumed them, and the executor
     drains every link before it tells the caller the collective completed.
+    ``fan``: the schedule's (``Schedule.fan``), how many links share this
+    node's own while it sends.
     """
 
     key: Key
     to: int
     head: list[Any]
     payload: memoryview
+    fan: int = 1
 
 
 @dataclass(frozen=True, slots=True)

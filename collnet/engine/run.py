@@ -183,7 +183,7 @@ class Run:
                 break
             if type(action) is Send:
                 head = data_head(self.key, action.step, action.chunk, self.digest)
-                out.append(Transmit(self.key, action.to, head, action.payload))
+                out.append(Transmit(self.key, action.to, head, action.payload, self.schedule.fan))
             elif isinstance(action, Complete):
                 self._schedule_done = True
                 out.extend(self._finish())

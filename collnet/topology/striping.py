@@ -19,6 +19,14 @@ connection has timed (``rtt_s``): there the link gets at least what a
 (a link keeps its K, so one dialled at K = 4 on a 200 ms path could never
 carry more than 4 windows per 200 ms: 0.67 Gbit/s with 4 MiB windows).
 
+K is sized for a node's whole link. A schedule that sends to several peers at
+once (the direct all-reduce: to all ``W - 1``) shares that link among them,
+so each of those links stripes a message over only ``connections_sharing``
+of its connections: together they still keep at least K windows in flight.
+All K at once overfilled the path: in the WAN lab at 400 Mbit/s and 200 ms
+(K = 8, sized for a nominal 1 Gbit/s), 24 BBR connections on one host's link
+lost 4-58 MB per 64 MiB direct all-reduce, with 3 per peer almost nothing.
+
 Units: bandwidth in bits per second (as ``collnet.topology.matrix``), RTT in
 seconds, sizes in bytes.
 """
@@ -78,6 +86,12 @@ def connections_for(
     if not (math.isfinite(estimate.bdp_bytes) and estimate.bdp_bytes > 0):
         return MIN_CONNECTIONS
     return clamp_connections(math.ceil(estimate.bdp_bytes / max(1, window_bytes)))
+
+
+def connections_sharing(k: int, fan: int) -> int:
+    """Connections of a K-connection link that carry a message sent while
+    ``fan`` links share this node's own (see the module docstring)."""
+    return max(MIN_CONNECTIONS, min(k, -(-k // max(1, fan))))
 
 
 def clamp_connections(k: int) -> int:

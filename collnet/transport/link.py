@@ -9,7 +9,9 @@ at least 2 MiB, one per connection in turn: there the CPU per frame is what
 counts. On a long (or not yet measured) path the pieces are small and go to
 whichever connection has handed all it holds to the kernel
 (``collnet.transport.pieceq``), so one connection that slows down does not
-hold up the rest of the message. The link fails as a
+hold up the rest of the message; a message sent while other links share this
+node's own (a direct all-reduce's, ``fan``) goes over only its share of them
+(``collnet.topology.striping.connections_sharing``). The link fails as a
 whole: losing any of its connections loses the link, and the router learns it
 once, as a typed ``PeerLost``.
 
@@ -39,6 +41,7 @@ from collnet.errors import CollnetError, PeerLost, ProtocolError
 from collnet.membership.liveness import Liveness
 from collnet.topology.probe import MIN_BURST_BYTES
 from collnet.topology.rtt import MinRtt
+from collnet.topology.striping import connections_sharing
 from collnet.topology.throughput import TAIL_TIMED_MIN_PIECES, BurstTimer, ThroughputMeter
 from collnet.transport.connection import FrameConnection
 from collnet.transport.heartbeat import Heartbeat
@@ -206,8 +209,9 @@ class PeerLink:
             raise self.error
 
     # -- sending -----------------------------------------------------------
-    def send_data(self, meta_head: list[Any], payload: memoryview) -> None:
-        """Send ``payload`` striped over the connections.
+    def send_data(self, meta_head: list[Any], payload: memoryview, fan: int = 1) -> None:
+        """Send ``payload`` striped over the connections, or on a long path over
+        its share of them while ``fan`` links share this node's own.
 
         Every piece's metadata is ``meta_head + [offset, total]`` so the
         receiver can place it without knowing the striping.
@@ -219,7 +223,7 @@ class PeerLink:
         rtt = self.rtt.value(time.monotonic())
         short = rtt is not None and rtt < LONG_PATH_RTT_S
         if not short:
-            self._queue.put(meta_head, payload)
+            self._queue.put(meta_head, payload, connections_sharing(self.k, fan))
             return
         pieces = pieces_for(total, self.k, SHORT_PATH_MIN_PIECE_BYTES)
         step = -(-total // pieces) if total else 0

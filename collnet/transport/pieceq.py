@@ -13,7 +13,10 @@ takes the next one only when it has handed everything it holds to the kernel,
 whose own queue of unsent bytes is capped (``TCP_NOTSENT_LOWAT``): a stalled
 connection then holds at most one piece and the cap (128 KiB), and the
 others carry the rest. Pieces keep their order; which connection carries one does not
-matter to the receiver, which places pieces by offset.
+matter to the receiver, which places pieces by offset. A message may be
+limited to the first few connections (``width``: a direct all-reduce shares
+this node's link among its peers' links, ``collnet.topology.striping``); the
+others then wait for a piece that may use them.
 
 The queue holds views of the senders' buffers (no copy), as a connection's
 queue does; ``drain`` waits for it to empty and ``clear`` drops it when the
@@ -84,7 +87,8 @@ class PieceQueue:
     def __init__(self, conns: Sequence[FrameConnection | None], peer: str) -> None:
         self.conns = conns
         self.peer = peer
-        self._pieces: deque[tuple[FrameKind, Any, memoryview]] = deque()
+        # Each piece with the number of connections (the first ones) it may use.
+        self._pieces: deque[tuple[FrameKind, Any, memoryview, int]] = deque()
         self._empty = asyncio.Event()
         self._empty.set()
         self._capped: set[int] = set()
@@ -93,20 +97,23 @@ class PieceQueue:
     def __len__(self) -> int:
         return len(self._pieces)
 
-    def put(self, meta_head: list[Any], payload: memoryview) -> None:
-        """Queue ``payload`` in pieces (one per connection, at most ``PIECE_BYTES``
-        each) and send what can go now."""
+    def put(self, meta_head: list[Any], payload: memoryview, width: int | None = None) -> None:
+        """Queue ``payload`` in pieces (one per connection of the first ``width``,
+        all by default; at most ``PIECE_BYTES`` each) and send what can go now."""
         total = len(payload)
-        step = min(PIECE_BYTES, -(-total // pieces_for(total, len(self.conns)))) or 1
+        k = len(self.conns)
+        width = k if width is None else max(1, min(k, width))
+        step = min(PIECE_BYTES, -(-total // pieces_for(total, width))) or 1
         for offset in range(0, max(total, 1), step):
             end = min(total, offset + step)
-            self._pieces.append((FrameKind.DATA, [*meta_head, offset, total], payload[offset:end]))
+            meta = [*meta_head, offset, total]
+            self._pieces.append((FrameKind.DATA, meta, payload[offset:end], width))
         self._empty.clear()
         self.pump()
 
     def put_piece(self, kind: FrameKind, meta: Any, payload: memoryview) -> None:
         """Queue one piece cut by the caller (a probe's) and send what can go now."""
-        self._pieces.append((kind, meta, payload))
+        self._pieces.append((kind, meta, payload, len(self.conns)))
         self._empty.clear()
         self.pump()
 
@@ -120,13 +127,13 @@ class PieceQueue:
             conn = conns[i]
             if conn is None:
                 raise PeerLost(f"link to {self.peer} is not connected", peer=self.peer)
-            if conn.closed or conn.queued_bytes():
+            if i >= pieces[0][3] or conn.closed or conn.queued_bytes():
                 idle += 1
                 continue
             if i not in self._capped:
                 self._capped.add(i)
                 cap_unsent(conn)
-            kind, meta, view = pieces.popleft()
+            kind, meta, view, _ = pieces.popleft()
             conn.send(kind, meta, view)
             idle = 0
         if not pieces:

@@ -251,7 +251,9 @@ class Executor:
                 if action.key == broken:
                     continue
                 try:
-                    self._links[action.key][action.to].send_data(action.head, action.payload)
+                    self._links[action.key][action.to].send_data(
+                        action.head, action.payload, action.fan
+                    )
                 except CollnetError as exc:
                     broken = action.key
                     self.perform(self.engine.send_failed(action.key, exc))

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from ringsim import FP16_TEST, RingSim, build
 
-from collnet.algo import Complete, DirectAllReduce, Send
+from collnet.algo import Complete, DirectAllReduce, RingAllReduce, Send
 from collnet.algo.direct import STEP_CONTRIBUTE, STEP_RESULT
 from collnet.algo.partition import Partition
 from collnet.errors import ProtocolError
@@ -110,3 +110,11 @@ def test_an_owner_holds_few_contributions_when_they_arrive_in_order() -> None:
             owner.recv_buffer(src, STEP_CONTRIBUTE, c, 16)
             owner.on_receive(src, STEP_CONTRIBUTE, c)
             assert len(owner._pending) == 0
+
+
+def test_the_direct_schedule_shares_a_node_link_among_all_its_peers_the_ring_does_not() -> None:
+    buf = np.zeros(1000, dtype=np.float32)
+    for world in (1, 2, 4, 7):
+        direct = DirectAllReduce(0, world, buf.copy(), "sum")
+        assert direct.fan == max(1, world - 1)
+        assert RingAllReduce(0, world, buf.copy(), "sum").fan == 1

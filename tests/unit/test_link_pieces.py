@@ -302,3 +302,41 @@ def test_a_queued_message_is_cut_whole_in_order_and_spread_over_the_connections(
     # As many connections as pieces_for asks for each carry a piece.
     assert len({conn for conn, *_ in sent}) == min(k, max(len(sent), pieces_for(total, k)))
     assert len(queue) == 0
+
+
+@given(st.integers(0, 64 << 20), st.integers(1, 16), st.integers(1, 16))
+def test_a_message_limited_to_a_width_uses_only_that_many_connections(
+    total: int, k: int, width: int
+) -> None:
+    sent: list[tuple[int, list[Any], int]] = []
+    queue = PieceQueue([FreeConn(sent, i) for i in range(k)], "p")  # type: ignore[misc]
+    queue.put([1], memoryview(bytes(total)), width)
+    queue.put([2], memoryview(bytes(total)))  # after it, one that may use all of them
+    used = min(k, width)
+    first = [(conn, n) for conn, meta, n in sent if meta[0] == 1]
+    second = [(conn, n) for conn, meta, n in sent if meta[0] == 2]
+    assert sum(n for _, n in first) == sum(n for _, n in second) == total
+    assert {conn for conn, _ in first} == set(range(min(used, len(first))))
+    assert len({conn for conn, _ in second}) == min(k, max(len(second), pieces_for(total, k)))
+    assert len(queue) == 0
+
+
+async def test_a_direct_all_reduces_message_goes_over_its_share_of_a_long_link() -> None:
+    """Sent while 3 links share this node's (a direct all-reduce among 4), a
+    message crosses 3 of a link's 8 connections, whole; alone, all 8."""
+    inbox = Inbox()
+    async with linked_pair(8, inbox) as (sender, receiver):
+        assert sender.rtt.value(0.0) is None  # not known short: the piece queue
+        data = np.random.default_rng(5).integers(0, 256, 8 << 20, dtype=np.uint8).tobytes()
+        inbox.expect = len(data)
+        sender.send_data([0], memoryview(data), fan=3)
+        await asyncio.wait_for(inbox.done.wait(), 10)
+        assert bytes(inbox.buffers[0]) == data
+        carried = [c.bytes_received if c is not None else 0 for c in receiver.conns]
+        assert all(n > 0 for n in carried[:3]) and carried[3:] == [0] * 5, carried
+        inbox.done.clear()
+        inbox.expect += len(data)
+        sender.send_data([1], memoryview(data))
+        await asyncio.wait_for(inbox.done.wait(), 10)
+        assert bytes(inbox.buffers[1]) == data
+        assert all(c is not None and c.bytes_received > 0 for c in receiver.conns)

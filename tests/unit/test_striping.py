@@ -29,6 +29,7 @@ from collnet.topology.striping import (
     LinkFigures,
     connections_after,
     connections_for,
+    connections_sharing,
     is_loopback,
 )
 from collnet.transport.mesh import Mesh
@@ -98,6 +99,24 @@ def test_k_is_the_ceiling_of_bdp_over_window_within_bounds(bps: float, rtt: floa
 # -- the star/ring model ------------------------------------------------------
 WAN = LinkCosts(max_rtt_s=0.1, bottleneck_bps=GBIT)
 LOOPBACK = LinkCosts(max_rtt_s=50e-6, bottleneck_bps=20 * GBIT)
+
+
+@given(st.integers(1, MAX_CONNECTIONS), st.integers(1, 64))
+def test_links_sharing_a_node_split_its_connections_and_keep_them_all_in_flight(
+    k: int, fan: int
+) -> None:
+    share = connections_sharing(k, fan)
+    assert 1 <= share <= k
+    assert share * fan >= k  # together at least the K windows the link was sized for
+    assert (share - 1) * fan < k  # and no more of them than that takes
+    assert connections_sharing(k, 1) == k
+
+
+def test_a_direct_all_reduce_among_four_at_400_mbit_and_200ms_uses_three_per_peer() -> None:
+    # The dial sizes that unmeasured link for a nominal 1 Gbit/s: K = 8; the
+    # three links of a direct all-reduce share the node's, 3 connections each.
+    k = connections_for(None, "10.0.0.2", WINDOW, rtt_s=0.2)
+    assert k == 8 and connections_sharing(k, 3) == 3
 
 
 def test_on_a_100ms_wan_small_and_mid_tensors_take_the_star_big_ones_the_ring() -> None:
