@@ -34,6 +34,8 @@ from otheruser import OtherUser
 
 # The integration tests' cluster harness, for the tests of this directory.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "integration"))
+# The unit tests' link router (recording_router), for meshes that carry no collective.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "unit"))
 
 PROBE_USER = "collnet-probe"
 PROBE = Path(__file__).resolve().parent / "probe.py"

@@ -43,6 +43,7 @@ from cluster_harness import (
 from collnet_daemon.certs import issue, make_ca
 from collnet_daemon.control import CoordinatorClient
 from collnet_lab.localcluster import LocalCluster
+from recording_router import RecordingRouter
 
 from collnet.errors import AuthError, CollnetError, PeerLost
 from collnet.membership import PeerInfo
@@ -417,22 +418,6 @@ def test_tensor_bytes_are_on_the_wire_only_in_plaintext_mode(
     assert (PATTERN * 8 in captured) is not with_tls
 
 
-class _NoRouter:
-    """A link router for meshes that carry no collective."""
-
-    def data_sink(self, peer: str, meta: Any, nbytes: int) -> memoryview | None:
-        return None
-
-    def on_data(self, peer: str, meta: Any, payload: memoryview) -> None:
-        pass
-
-    def on_control(self, peer: str, frame: Any) -> None:
-        pass
-
-    def on_link_lost(self, peer: str, exc: CollnetError) -> None:
-        pass
-
-
 async def test_a_member_admitted_a_moment_ago_is_linked_once_the_world_admits_it(
     pki: Path,
 ) -> None:
@@ -443,7 +428,7 @@ async def test_a_member_admitted_a_moment_ago_is_linked_once_the_world_admits_it
     def mesh(name: str, members: set[str] | None = None) -> Mesh:
         tls = Tls(TlsFiles(str(pki / "ca.crt"), str(pki / f"{name}.crt"), str(pki / f"{name}.key")))
         held = (lambda: members) if members is not None else None
-        return Mesh(name, 2, _NoRouter(), connect_timeout_s=2.0, tls=tls, members=held)
+        return Mesh(name, 2, RecordingRouter(), connect_timeout_s=2.0, tls=tls, members=held)
 
     world01: set[str] = {"peer01"}  # peer01's world: peer00 not admitted yet
     joiner, acceptor = mesh("peer00"), mesh("peer01", world01)
