@@ -11,6 +11,14 @@ should read the link; ``auto`` and the ring planner decide on the slowest
 ones. It prints one JSON object: every figure in Mbit/s per cluster, the
 agreed ring bottleneck and slowest pair, and over all of them the minimum,
 median and the share under 80 % of the link.
+
+``--after ALGO[,ALGO...]`` then keeps each cluster running: it runs
+``--iters`` fp32 all-reduces of ``--size`` with each named schedule in turn,
+waits ``REPORT_WAIT_S`` for the daemons' next link reports, and reads the
+matrix again (``after`` in each cluster's object, with the samples and the
+figures agreed at the end). Collective traffic refreshes the figures; a
+schedule that shares a host's link among its links (the direct all-reduce)
+must leave them where they were, not at its share of the link.
 """
 
 from __future__ import annotations
@@ -22,29 +30,48 @@ import sys
 import time
 from typing import Any
 
-from wan import collnet_in, log
+from collnet_lab.localcluster import parse_size
+from wan import Collnet, collnet_in, log
 from wanlab import Lab, LabSpec
 
 LOW_SHARE = 0.8
+# Two link-report intervals (2 s each by default): every daemon has reported since.
+REPORT_WAIT_S = 5.0
 
 
-def one_cluster(lab: Lab, connections: str) -> dict[str, Any]:
+def _figures(c: Collnet) -> list[float]:
+    """Every bandwidth figure of the coordinator's matrix, Mbit/s, sorted."""
+    rows = c.status().get("links") or []
+    return sorted(round(r["bandwidth_bps"] / 1e6, 1) for r in rows if r.get("bandwidth_bps"))
+
+
+def one_cluster(
+    lab: Lab, connections: str, after: list[str], nbytes: int, iters: int
+) -> dict[str, Any]:
     with collnet_in(lab, connections, []) as c:
         started = time.monotonic()
         known = c.await_matrix(limit_s=120)
         waited = time.monotonic() - started
-        rows = c.status().get("links") or []
+        figures = _figures(c)
         c.agree()
         costs = c.costs()
-    figures = sorted(
-        round(r["bandwidth_bps"] / 1e6, 1) for r in rows if r.get("bandwidth_bps")
-    )  # fmt: skip
-    return {
-        "pairs_measured": known,
-        "waited_s": round(waited, 1),
-        "mbit": figures,
-        "agreed": None if costs is None else costs.to_wire(),
-    }
+        out: dict[str, Any] = {
+            "pairs_measured": known,
+            "waited_s": round(waited, 1),
+            "mbit": figures,
+            "agreed": None if costs is None else costs.to_wire(),
+        }
+        if after:
+            out["after"] = {}
+            for algo in after:
+                samples = c.time(nbytes, iters, "none", algo)
+                time.sleep(REPORT_WAIT_S)
+                out["after"][algo] = {"samples_s": samples, "mbit": _figures(c)}
+                log(f"after {algo}: {out['after'][algo]['mbit']}")
+            c.agree()
+            costs = c.costs()
+            out["agreed_after"] = None if costs is None else costs.to_wire()
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -54,14 +81,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rtt-ms", type=float, default=100.0)
     ap.add_argument("--clusters", type=int, default=4)
     ap.add_argument("--connections", default="auto")
+    ap.add_argument("--after", default="", help="schedules to run after the probes (ring,direct)")
+    ap.add_argument("--size", default="64MiB")
+    ap.add_argument("--iters", type=int, default=6)
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     spec = LabSpec(hosts=args.hosts, rate_bit=int(args.rate_mbit * 1e6), rtt_s=args.rtt_ms / 1e3,
                    name="wanp", subnet=236)  # fmt: skip
     runs = []
     with Lab(spec) as lab:
+        after = [a for a in args.after.split(",") if a]
+        nbytes = parse_size(args.size)
         for i in range(args.clusters):
-            runs.append(one_cluster(lab, args.connections))
+            runs.append(one_cluster(lab, args.connections, after, nbytes, args.iters))
             log(f"cluster {i}: {runs[-1]['mbit']}")
     every = [f for run in runs for f in run["mbit"]]
     out = {

@@ -19,6 +19,11 @@ other, each alone too small to count). Samples smaller than
 ``min_sample_bytes`` say more about latency than bandwidth and are dropped.
 The estimate is an exponentially weighted mean of the samples.
 
+A link's share is not the link: while a collective runs whose schedule
+shares this node's link among several of its links (``share``, for a direct
+all-reduce: ``Schedule.fan``), each of them carries a fraction of what its
+path holds, so windows that saw any of that time are dropped, not sampled.
+
 Pieces striped over K connections overlap in time, which is why the window
 spans all of them rather than timing each piece: one piece alone gets only
 its connection's share of the link.
@@ -53,6 +58,19 @@ class ThroughputMeter:
     _window_cut: bool = False
     # A closed window too small to sample: when it closed (None: none pending).
     _pending_end_s: float | None = None
+    # Collectives now sharing the node's link with this one (see the docstring),
+    # and whether the current window saw any of that.
+    _shared: int = 0
+    _tainted: bool = False
+
+    def share(self) -> None:
+        """A collective that shares this node's link among several links began."""
+        self._shared += 1
+        self._tainted = True
+
+    def unshare(self) -> None:
+        """One such collective ended."""
+        self._shared = max(0, self._shared - 1)
 
     def begin(self, now_s: float, received_bytes: Callable[[], int]) -> None:
         """A large piece started arriving; ``received_bytes()`` reads the link's byte counter.
@@ -68,6 +86,7 @@ class ThroughputMeter:
                 self._window_start_bytes = received_bytes()
                 self._window_piece_bytes = 0
                 self._window_cut = False
+                self._tainted = self._shared > 0
         self._in_flight += 1
 
     def end(self, now_s: float, received_bytes: Callable[[], int], piece_bytes: int = 0) -> None:
@@ -87,11 +106,13 @@ class ThroughputMeter:
             if self._in_flight == 0 and nbytes < self.min_sample_bytes:
                 self._pending_end_s = now_s  # the next piece may continue it
                 return
-            self._sample(nbytes, elapsed_s, now_s)
+            if not self._tainted:
+                self._sample(nbytes, elapsed_s, now_s)
             self._window_start_s = now_s
             self._window_start_bytes = received
             self._window_piece_bytes = 0
             self._window_cut = self._in_flight > 0
+            self._tainted = self._shared > 0
 
     def add(self, nbytes: int, elapsed_s: float, now_s: float) -> None:
         """A sample timed elsewhere (a long probe's, ``BurstTimer``)."""

@@ -107,6 +107,10 @@ class Executor:
         future = asyncio.get_running_loop().create_future()
         self._futures[key] = future
         self._links[key] = links
+        # Its links share this node's own: what each carries now is not its rate.
+        shared = list(links.values()) if schedule.fan > 1 else []
+        for link in shared:
+            link.rx_meter.share()
         try:
             self.perform(self.engine.start(Run(key, world, rank, schedule, digest)))
             try:
@@ -128,6 +132,8 @@ class Executor:
             if self._futures.get(key) is future:
                 del self._futures[key]
             self._links.pop(key, None)
+            for link in shared:
+                link.rx_meter.unshare()
         # Sent payloads may be views of the caller's tensor: they must reach the
         # kernel before the caller may touch the tensor again.
         await asyncio.gather(*(link.drain() for link in links.values()), return_exceptions=True)

@@ -192,3 +192,41 @@ def test_up_to_a_tenth_of_a_burst_late_leaves_the_reading_at_the_link_rate(
     reading = sampled_bytes / seconds
     assert sampled_bytes == (m - 1) * nbytes
     assert rate * (m - 1) / (m - 1 + late) * (1 - 1e-9) <= reading <= rate * (1 + 1e-9)
+
+
+def test_what_a_link_carries_while_it_shares_the_nodes_link_is_not_its_rate() -> None:
+    meter = ThroughputMeter(alpha=1.0)
+    meter.begin(0.0, counter(0))
+    meter.end(1.0, counter(100 * MIB))  # alone: the link's rate
+    assert meter.samples == 1 and meter.bytes_per_s == pytest.approx(100 * MIB)
+    meter.share()  # a direct all-reduce: a third of it
+    meter.begin(2.0, counter(100 * MIB))
+    meter.end(3.0, counter(133 * MIB))
+    assert meter.samples == 1 and meter.bytes_per_s == pytest.approx(100 * MIB)
+    # A window already open when the sharing began is dropped too.
+    meter.unshare()
+    meter.begin(4.0, counter(133 * MIB))
+    meter.share()
+    meter.end(5.0, counter(166 * MIB))
+    meter.unshare()
+    assert meter.samples == 1
+    # Alone again: sampled, at its new rate.
+    meter.begin(6.0, counter(166 * MIB))
+    meter.end(7.0, counter(216 * MIB))
+    assert meter.samples == 2 and meter.bytes_per_s == pytest.approx(50 * MIB)
+
+
+def test_a_long_window_cut_while_shared_samples_only_after_the_sharing_ends() -> None:
+    meter = ThroughputMeter(alpha=1.0, sample_period_s=1.0)
+    t, received = 0.0, 0
+    meter.begin(t, counter(received))
+    meter.share()
+    for step in range(8):  # one busy stretch, cut every second
+        if step == 4:
+            meter.unshare()
+        meter.begin(t, counter(received))
+        t += 1.0
+        received += (10 if step < 4 else 30) * MIB
+        meter.end(t, counter(received))
+    # Cuts up to the end of the shared time were dropped; the rest read 30 MiB/s.
+    assert meter.samples >= 1 and meter.bytes_per_s == pytest.approx(30 * MIB)
