@@ -53,11 +53,13 @@ class ProbeState:
     traffic_s: float | None = None
 
     def saw_sent(self, sent_bytes: int, now_s: float, large_bytes: int = MIN_BURST_BYTES) -> None:
-        """The link's sent-byte counter now: a jump of ``large_bytes`` or more since
-        the last look is real traffic the receiver could measure."""
+        """The link's counter of timed bytes sent now: a jump of ``large_bytes`` or
+        more past the highest it read is real traffic the receiver could measure.
+        (The counter may dip: untimed payload is subtracted when it is queued,
+        before the kernel has taken it, and climbs back as it goes.)"""
         if sent_bytes - self.sent_bytes >= large_bytes:
             self.traffic_s = now_s
-        self.sent_bytes = sent_bytes
+        self.sent_bytes = max(self.sent_bytes, sent_bytes)
 
 
 @dataclass(frozen=True)

@@ -104,6 +104,9 @@ class PeerLink:
             self._beat, self.bytes_received, self._silent, liveness or Liveness(), self.rtt.sample
         )
         self.rx_meter = ThroughputMeter()
+        # Payload sent while other links shared this node's (fan > 1): the far
+        # end's meter does not time it, so it refreshes no estimate.
+        self.shared_bytes_sent = 0
         self._burst = BurstTimer()
         # Where PROBE payloads land, to be discarded (allocated at the first one).
         self._probe_sink: memoryview | None = None
@@ -121,6 +124,10 @@ class PeerLink:
 
     def bytes_sent(self) -> int:
         return sum(c.bytes_sent for c in self.conns if c is not None)
+
+    def timed_bytes_sent(self) -> int:
+        """What was sent that the far end's meter may have timed (not shared)."""
+        return self.bytes_sent() - self.shared_bytes_sent
 
     def _silent(self, silent_s: float) -> None:
         exc = PeerLost(f"no sign of life from {self.peer} for {silent_s:.1f}s", peer=self.peer)
@@ -219,6 +226,8 @@ class PeerLink:
         if self.error is not None:
             raise self.error
         total = len(payload)
+        if fan > 1:
+            self.shared_bytes_sent += total
         conns = self.conns
         rtt = self.rtt.value(time.monotonic())
         short = rtt is not None and rtt < LONG_PATH_RTT_S

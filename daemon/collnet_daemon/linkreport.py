@@ -8,7 +8,8 @@ Every ``link_report_s`` the reporter looks at the data links that are up:
   policy allows it (``collnet.topology.probe.BurstPolicy``: only while this
   daemon is quiet, BDP-sized, behind an untimed warm-up on a long path, at
   most one per link a minute, and after the first only when no large
-  traffic has refreshed the far end's estimate; in rounds on the wall
+  traffic has refreshed the far end's estimate (a direct all-reduce's does
+  not: ``PeerLink.timed_bytes_sent``); in rounds on the wall
   clock, each daemon to its next peer id, then the one after, so that the
   bursts of one round land on different peers: ``round_target``). The far end times the
   burst with the meter it uses for collective traffic, so probes and real
@@ -136,11 +137,11 @@ class LinkReporter:
             link = links[peer]
             seen = self._probes.get(peer)
             if seen is None or seen[0] is not link:
-                seen = self._probes[peer] = (link, ProbeState(sent_bytes=link.bytes_sent()))
+                seen = self._probes[peer] = (link, ProbeState(sent_bytes=link.timed_bytes_sent()))
                 for _ in range(FIRST_PINGS):
                     link.heartbeat.probe()
             state = seen[1]
-            state.saw_sent(link.bytes_sent(), now_s)
+            state.saw_sent(link.timed_bytes_sent(), now_s)
             received_bps = link.rx_meter.bytes_per_s
             # What it received tells the likely rate of what it sends.
             bps = None if received_bps is None else received_bps * 8
@@ -153,7 +154,7 @@ class LinkReporter:
                     continue
                 log.debug("daemon %s: probing the link to %s with %d bytes", self.id, peer, nbytes)
                 state.burst_s = now_s
-                state.sent_bytes = link.bytes_sent()
+                state.sent_bytes = link.timed_bytes_sent()
                 busy = True  # one burst at a time: the next link waits for the next tick
 
     def _rotation(self, peers: dict[str, PeerLink]) -> list[str]:

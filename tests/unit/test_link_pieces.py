@@ -334,9 +334,13 @@ async def test_a_direct_all_reduces_message_goes_over_its_share_of_a_long_link()
         assert bytes(inbox.buffers[0]) == data
         carried = [c.bytes_received if c is not None else 0 for c in receiver.conns]
         assert all(n > 0 for n in carried[:3]) and carried[3:] == [0] * 5, carried
+        # The far end's meter does not time it, so it counts as untimed.
+        assert sender.shared_bytes_sent == len(data)
+        assert sender.bytes_sent() - sender.timed_bytes_sent() == len(data)
         inbox.done.clear()
         inbox.expect += len(data)
         sender.send_data([1], memoryview(data))
         await asyncio.wait_for(inbox.done.wait(), 10)
         assert bytes(inbox.buffers[1]) == data
+        assert sender.shared_bytes_sent == len(data)  # alone: timed
         assert all(c is not None and c.bytes_received > 0 for c in receiver.conns)

@@ -172,6 +172,17 @@ def test_a_new_idle_link_gets_one_burst_then_only_when_no_traffic_refreshed_it()
     assert policy.burst_bytes(state, 171.0, busy=False) == DEFAULT_BURST_BYTES
 
 
+def test_untimed_traffic_going_out_late_is_not_taken_for_traffic_that_refreshed_it() -> None:
+    state = ProbeState(sent_bytes=100 << 20)
+    # A direct all-reduce queued 60 MiB, untimed: the counter dips by what the
+    # kernel has not taken yet, then climbs back as it goes out.
+    state.saw_sent(50 << 20, 10.0)
+    state.saw_sent(100 << 20, 12.0)
+    assert state.traffic_s is None
+    state.saw_sent(164 << 20, 14.0)  # then a ring's 64 MiB, timed
+    assert state.traffic_s == 14.0
+
+
 @given(st.one_of(st.none(), st.floats(1e6, 1e11)), st.floats(0.005, 1.0))
 def test_a_long_path_gets_a_burst_that_outlasts_slow_start(
     bandwidth_bps: float | None, rtt_s: float
