@@ -97,3 +97,14 @@ class Schedule(abc.ABC):
         own network link; a link to each of them gets that share of its
         connections (``collnet.topology.striping.connections_sharing``)."""
         return 1
+
+    @property
+    def shares_node_link(self) -> bool:
+        """Whether some node's link (this one's or a peer's) carries several of
+        this collective's links at once: what one of them carries is then a
+        share of its path, which its meter must not take for the path's rate.
+        True wherever ``fan`` > 1, and for a star, whose root serves W - 1 links
+        at once although its stripes are not narrowed (it carries small
+        messages, whose first round trips want every connection:
+        ``collnet.transport.pieceq.pieces_for``)."""
+        return self.fan > 1

@@ -109,6 +109,11 @@ class TreeBroadcast(ChunkedSchedule):
     def needs_agreement(self) -> bool:
         return True
 
+    @property
+    def shares_node_link(self) -> bool:
+        # A star's root sends to all W - 1 at once; a chain's links take turns.
+        return self.algorithm == "star" and self.world > 2
+
     def start(self) -> list[Action]:
         if self._started:
             raise ProtocolError("start() called twice")

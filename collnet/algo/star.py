@@ -73,6 +73,11 @@ class StarAllReduce(ChunkedSchedule):
         self._arrived = [0] * self._nchunks if self._is_root else []
         self._chunks_done = 0
 
+    @property
+    def shares_node_link(self) -> bool:
+        # The root hears from, and sends to, all W - 1 at once.
+        return self.world > 2
+
     def start(self) -> list[Action]:
         if self._started:
             raise ProtocolError("start() called twice")

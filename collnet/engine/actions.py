@@ -25,7 +25,8 @@ class Transmit:
     touch those bytes until the receiver has consumed them, and the executor
     drains every link before it tells the caller the collective completed.
     ``fan``: the schedule's (``Schedule.fan``), how many links share this
-    node's own while it sends.
+    node's own while it sends; ``timed``: whether the far end's meter may time
+    it (not where ``Schedule.shares_node_link``).
     """
 
     key: Key
@@ -33,6 +34,7 @@ class Transmit:
     head: list[Any]
     payload: memoryview
     fan: int = 1
+    timed: bool = True
 
 
 @dataclass(frozen=True, slots=True)

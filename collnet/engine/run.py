@@ -183,7 +183,17 @@ class Run:
                 break
             if type(action) is Send:
                 head = data_head(self.key, action.step, action.chunk, self.digest)
-                out.append(Transmit(self.key, action.to, head, action.payload, self.schedule.fan))
+                schedule = self.schedule
+                out.append(
+                    Transmit(
+                        self.key,
+                        action.to,
+                        head,
+                        action.payload,
+                        schedule.fan,
+                        not schedule.shares_node_link,
+                    )
+                )
             elif isinstance(action, Complete):
                 self._schedule_done = True
                 out.extend(self._finish())

@@ -20,9 +20,10 @@ other, each alone too small to count). Samples smaller than
 The estimate is an exponentially weighted mean of the samples.
 
 A link's share is not the link: while a collective runs whose schedule
-shares this node's link among several of its links (``share``, for a direct
-all-reduce: ``Schedule.fan``), each of them carries a fraction of what its
-path holds, so windows that saw any of that time are dropped, not sampled.
+shares a node's link among several of its links (``share``; the direct and
+star all-reduces: ``Schedule.shares_node_link``), each of them carries a
+fraction of what its path holds, so windows that saw any of that time are
+dropped, not sampled.
 
 Pieces striped over K connections overlap in time, which is why the window
 spans all of them rather than timing each piece: one piece alone gets only

@@ -104,8 +104,9 @@ class PeerLink:
             self._beat, self.bytes_received, self._silent, liveness or Liveness(), self.rtt.sample
         )
         self.rx_meter = ThroughputMeter()
-        # Payload sent while other links shared this node's (fan > 1): the far
-        # end's meter does not time it, so it refreshes no estimate.
+        # Payload sent while links shared a node's link (``send_data``'s
+        # ``timed`` false): the far end's meter does not time it, so it
+        # refreshes no estimate.
         self.shared_bytes_sent = 0
         self._burst = BurstTimer()
         # Where PROBE payloads land, to be discarded (allocated at the first one).
@@ -216,9 +217,12 @@ class PeerLink:
             raise self.error
 
     # -- sending -----------------------------------------------------------
-    def send_data(self, meta_head: list[Any], payload: memoryview, fan: int = 1) -> None:
+    def send_data(
+        self, meta_head: list[Any], payload: memoryview, fan: int = 1, timed: bool = True
+    ) -> None:
         """Send ``payload`` striped over the connections, or on a long path over
-        its share of them while ``fan`` links share this node's own.
+        its share of them while ``fan`` links share this node's own. ``timed``
+        false: the far end's meter will not time it (``timed_bytes_sent``).
 
         Every piece's metadata is ``meta_head + [offset, total]`` so the
         receiver can place it without knowing the striping.
@@ -226,7 +230,7 @@ class PeerLink:
         if self.error is not None:
             raise self.error
         total = len(payload)
-        if fan > 1:
+        if not timed:
             self.shared_bytes_sent += total
         conns = self.conns
         rtt = self.rtt.value(time.monotonic())

@@ -108,7 +108,7 @@ class Executor:
         self._futures[key] = future
         self._links[key] = links
         # Its links share this node's own: what each carries now is not its rate.
-        shared = list(links.values()) if schedule.fan > 1 else []
+        shared = list(links.values()) if schedule.shares_node_link else []
         for link in shared:
             link.rx_meter.share()
         try:
@@ -258,7 +258,7 @@ class Executor:
                     continue
                 try:
                     self._links[action.key][action.to].send_data(
-                        action.head, action.payload, action.fan
+                        action.head, action.payload, action.fan, action.timed
                     )
                 except CollnetError as exc:
                     broken = action.key

@@ -8,8 +8,8 @@ Every ``link_report_s`` the reporter looks at the data links that are up:
   policy allows it (``collnet.topology.probe.BurstPolicy``: only while this
   daemon is quiet, BDP-sized, behind an untimed warm-up on a long path, at
   most one per link a minute, and after the first only when no large
-  traffic has refreshed the far end's estimate (a direct all-reduce's does
-  not: ``PeerLink.timed_bytes_sent``); in rounds on the wall
+  traffic has refreshed the far end's estimate (a direct or star all-reduce's
+  does not: ``PeerLink.timed_bytes_sent``); in rounds on the wall
   clock, each daemon to its next peer id, then the one after, so that the
   bursts of one round land on different peers: ``round_target``). The far end times the
   burst with the meter it uses for collective traffic, so probes and real

@@ -107,7 +107,7 @@ def test_an_owner_holds_few_contributions_when_they_arrive_in_order() -> None:
     # Contributions in the combining order (left neighbour first): nothing waits.
     for src in (3, 2, 1):
         for c in range(part.num_chunks(0)):
-            owner.recv_buffer(src, STEP_CONTRIBUTE, c, 16)
+            owner.recv_buffer(src, STEP_CONTRIBUTE, c, 16)[:] = bytes(16)  # not scratch garbage
             owner.on_receive(src, STEP_CONTRIBUTE, c)
             assert len(owner._pending) == 0
 
@@ -118,3 +118,19 @@ def test_the_direct_schedule_shares_a_node_link_among_all_its_peers_the_ring_doe
         direct = DirectAllReduce(0, world, buf.copy(), "sum")
         assert direct.fan == max(1, world - 1)
         assert RingAllReduce(0, world, buf.copy(), "sum").fan == 1
+
+
+def test_which_schedules_share_a_node_link_among_their_links() -> None:
+    from collnet.algo.broadcast import TreeBroadcast
+    from collnet.algo.star import StarAllReduce
+
+    buf = np.zeros(1000, dtype=np.float32)
+    for world in (2, 3, 5):
+        many = world > 2
+        assert DirectAllReduce(1, world, buf.copy(), "sum").shares_node_link is many
+        assert StarAllReduce(1, world, buf.copy(), "sum").shares_node_link is many
+        assert StarAllReduce(1, world, buf.copy(), "sum").fan == 1  # stripes not narrowed
+        star = TreeBroadcast(1, world, buf.copy(), 0, tree="star")
+        assert star.shares_node_link is many
+        assert not TreeBroadcast(1, world, buf.copy(), 0, tree="chain").shares_node_link
+        assert not RingAllReduce(1, world, buf.copy(), "sum").shares_node_link

@@ -450,13 +450,16 @@ def test_a_peer_outside_the_world_may_stash_far_less_than_a_member() -> None:
     _early_piece(router, "nobody", (2, "t"), 1000)  # a joiner's first piece is fine
 
 
-def test_a_runs_transmits_carry_its_schedules_fan() -> None:
+def test_a_runs_transmits_carry_its_schedules_fan_and_whether_they_are_timed() -> None:
     from collnet.algo.direct import DirectAllReduce
+    from collnet.algo.ring import RingAllReduce
     from collnet.engine import Transmit
 
     world = world_of(4)
     direct = Run((1, 1), world, 0, DirectAllReduce(0, 4, np.ones(4096, np.float32), "sum"), 7)
     sent = [a for a in direct.start() if isinstance(a, Transmit)]
-    assert {a.to for a in sent} == {1, 2, 3} and {a.fan for a in sent} == {3}
+    assert {a.to for a in sent} == {1, 2, 3} and {(a.fan, a.timed) for a in sent} == {(3, False)}
     star = Run((1, 2), world, 0, _star(0, 4, np.ones(4096, np.float32)), 7)
-    assert {a.fan for a in star.start() if isinstance(a, Transmit)} == {1}
+    assert {(a.fan, a.timed) for a in star.start() if isinstance(a, Transmit)} == {(1, False)}
+    ring = Run((1, 3), world, 0, RingAllReduce(0, 4, np.ones(4096, np.float32), "sum"), 7)
+    assert {(a.fan, a.timed) for a in ring.start() if isinstance(a, Transmit)} == {(1, True)}

@@ -329,7 +329,7 @@ async def test_a_direct_all_reduces_message_goes_over_its_share_of_a_long_link()
         assert sender.rtt.value(0.0) is None  # not known short: the piece queue
         data = np.random.default_rng(5).integers(0, 256, 8 << 20, dtype=np.uint8).tobytes()
         inbox.expect = len(data)
-        sender.send_data([0], memoryview(data), fan=3)
+        sender.send_data([0], memoryview(data), fan=3, timed=False)
         await asyncio.wait_for(inbox.done.wait(), 10)
         assert bytes(inbox.buffers[0]) == data
         carried = [c.bytes_received if c is not None else 0 for c in receiver.conns]
