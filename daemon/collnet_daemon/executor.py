@@ -107,7 +107,8 @@ class Executor:
         future = asyncio.get_running_loop().create_future()
         self._futures[key] = future
         self._links[key] = links
-        # Its links share this node's own: what each carries now is not its rate.
+        # Its links share a node's link (this one's or a peer's): what each
+        # carries now is not its path's rate.
         shared = list(links.values()) if schedule.shares_node_link else []
         for link in shared:
             link.rx_meter.share()
