@@ -71,6 +71,9 @@ class Run:
         # member's AGREE may still be missing.
         self._schedule_done = False
         self._agree = schedule.needs_agreement and world.size > 1
+        # How every data message goes out (Transmit.fan, Transmit.timed).
+        self._fan = schedule.fan
+        self._timed = not schedule.shares_node_link
         # Ranks whose AGREE came (one each).
         self._agrees: set[int] = set()
         # The schedule itself gave up (this rank's data cannot be encoded): the
@@ -183,16 +186,8 @@ class Run:
                 break
             if type(action) is Send:
                 head = data_head(self.key, action.step, action.chunk, self.digest)
-                schedule = self.schedule
                 out.append(
-                    Transmit(
-                        self.key,
-                        action.to,
-                        head,
-                        action.payload,
-                        schedule.fan,
-                        not schedule.shares_node_link,
-                    )
+                    Transmit(self.key, action.to, head, action.payload, self._fan, self._timed)
                 )
             elif isinstance(action, Complete):
                 self._schedule_done = True
