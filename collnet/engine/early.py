@@ -3,8 +3,8 @@
 A faster peer may begin a collective first; its pieces are read into a stash
 and replayed when the collective starts here. Anyone with a data link can
 send such pieces, so what the stash holds is bounded by what it really costs
-in memory, not by payload bytes alone: one stashed piece of one byte holds a
-bytearray, a record, a ``DataPiece`` with its key, and a list slot, which is
+in memory, not by payload bytes alone: one stashed piece of one byte holds an
+array object, a record, a ``DataPiece`` with its key, and a list slot, which is
 hundreds of bytes. Every piece is charged its payload plus a measured
 per-piece overhead (plus its tag, which each piece holds its own copy of),
 every distinct key a per-key overhead; the charge counts against the sending
@@ -25,14 +25,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from collnet.errors import ProtocolError
 from collnet.wire.datalink import DataPiece, Key
 
-# Bytes one stashed piece holds besides its payload and its tag: bytearray,
-# ``_Early`` record, ``DataPiece``, key tuple, ints and list slot. Measured with
-# tracemalloc at about 390 (tests/unit/test_engine_early.py checks that this
-# still covers it), rounded up for the allocator's own rounding.
-PIECE_OVERHEAD_BYTES = 512
+# Bytes one stashed piece holds besides its payload and its tag: the array
+# object, ``_Early`` record, ``DataPiece``, key tuple, ints and list slot.
+# Measured with tracemalloc at about 680 (tests/unit/test_engine_early.py
+# checks that this still covers it), rounded up for the allocator's own
+# rounding and other numpy versions.
+PIECE_OVERHEAD_BYTES = 1024
 # What one more distinct key costs: its dict slot, its list and the key itself
 # (measured at about 170).
 KEY_OVERHEAD_BYTES = 512
@@ -42,15 +45,26 @@ MAX_EARLY_KEYS = 4096
 MAX_STRANGER_BYTES = 64 << 20
 
 
-class EarlyBuffer(bytearray):
-    """Bytes of a piece that arrived before its collective started here."""
+class EarlyBuffer(np.ndarray):
+    """Bytes of a piece that arrived before its collective started here.
+
+    Uninitialised (``early_buffer``): the kernel writes every byte of it. A
+    ``bytearray`` of the size would first be zeroed, which cost a tenth of a
+    daemon's time in a 4-peer loopback all-reduce series (py-spy), since a
+    peer that starts a moment later finds much of its first step stashed.
+    """
+
+
+def early_buffer(nbytes: int) -> EarlyBuffer:
+    """An uninitialised ``EarlyBuffer`` of ``nbytes``."""
+    return np.empty(nbytes, np.uint8).view(EarlyBuffer)
 
 
 @dataclass(slots=True)
 class Early:
     peer: str
     piece: DataPiece
-    payload: bytearray
+    payload: EarlyBuffer
 
 
 def piece_cost(piece: DataPiece, nbytes: int) -> int:
@@ -117,7 +131,7 @@ class EarlyStash:
                 f"{self.total} are held (limit {self.max_bytes})"
             )
         self._charge(peer, piece_cost(piece, nbytes))
-        return EarlyBuffer(nbytes)
+        return early_buffer(nbytes)
 
     def keep(self, peer: str, piece: DataPiece, payload: EarlyBuffer) -> None:
         """The piece ``reserve`` placed has landed: hold it until its key starts."""

@@ -258,7 +258,7 @@ class Router:
                 raise ProtocolError(f"{peer} sent data for {piece.key} but is not in epoch {epoch}")
             world = self.world
             stranger = peer not in world.ids and peer not in world.pending
-            return memoryview(self.early.reserve(peer, piece, nbytes, stranger)), []
+            return self.early.reserve(peer, piece, nbytes, stranger).data, []
         src = run.ranks.get(peer)
         if src is None:
             raise ProtocolError(
@@ -384,7 +384,7 @@ class Router:
         return actions
 
     def _replay(
-        self, run: Run, peer: str, piece: DataPiece, payload: bytearray
+        self, run: Run, peer: str, piece: DataPiece, payload: EarlyBuffer
     ) -> list[EngineAction]:
         src = run.ranks.get(peer)
         if src is None:
@@ -394,7 +394,7 @@ class Router:
             return []
         try:
             view = run.sink(src, piece, len(payload))
-            view[:] = payload
+            view[:] = payload.data
             run.piece_done(peer)
             return self._after(run, run.received(src, piece, len(payload)))
         except CollnetError as exc:
