@@ -18,6 +18,8 @@ Invariants:
   reference entry for that tensor (at any revision: the digest, not the
   revision, says the bytes are right), never from the peer itself, and
   stripes a tensor of k chunks over min(k, holders) distinct holders.
+- ``shared_transfers`` names the (source, fetcher) pairs whose bytes share a
+  node's link with another transfer of the same sync, the same on every peer.
 - Zero-byte tensors get no ``Fetch``: the receiver allocates every needed
   tensor from its reference entry (``allocate``) before fetching, and a
   zero-byte tensor is complete once allocated. ``verify`` still checks it.
@@ -55,6 +57,7 @@ __all__ = [
     "holders",
     "in_parity",
     "majority",
+    "shared_transfers",
     "stale_names",
     "transfer_plan",
     "verify",
@@ -228,6 +231,33 @@ def transfer_plan(
             load[source] = load.get(source, 0) + size
             plan.append(Fetch(name, offset, size, source, info.digest))
     return plan
+
+
+def shared_transfers(
+    manifests: Mapping[str, StateManifest], reference: StateManifest, chunk_bytes: int
+) -> frozenset[tuple[str, str]]:
+    """The ``(source, fetcher)`` pairs of a sync whose bytes share a node's link
+    with another transfer: the fetcher fetches from several sources at once,
+    or the source serves several fetchers at once.
+
+    Such a link carries only a share of its path, so its bandwidth meter must
+    not time it. Every peer computes the same pairs from the same manifests.
+    """
+    sources_of: dict[str, set[str]] = {}
+    for peer in manifests:
+        try:
+            plan = transfer_plan(manifests, reference, peer, chunk_bytes)
+        except InvalidArgument:
+            continue  # that peer's sync fails on its own; it moves no bytes
+        if plan:
+            sources_of[peer] = {f.source_peer for f in plan}
+    fetchers_of = Counter(s for sources in sources_of.values() for s in sources)
+    return frozenset(
+        (source, fetcher)
+        for fetcher, sources in sources_of.items()
+        for source in sources
+        if len(sources) > 1 or fetchers_of[source] > 1
+    )
 
 
 def check_fetch(fetch: Fetch, local: StateManifest, me: str | None = None) -> TensorInfo:

@@ -171,6 +171,35 @@ def test_daemon_metrics_count_traffic_latency_and_failures_as_collectives_run(
         assert value(coord, "collnet_coordinator_control_connections") == 3
 
 
+@pytest.mark.timeout(120)
+def test_a_state_sync_from_several_holders_leaves_the_fetchers_link_meters_alone(
+    tmp_path: Path,
+) -> None:
+    """A fetch striped over two holders shares the fetcher's own link: its meters
+    must not read a share of it as each link's rate (the next epoch's plan would
+    take it for the link). The same links one at a time (a ring) are measured."""
+    n = (32 << 20) // 4
+    args = [*METRICS, "--link-report-s", "0"]  # no probes: only this traffic is metered
+    with running_peers(3, tmp_path, extra_args=args) as p:
+        fetcher = p.cluster.daemons[0]
+        states = []
+        for index, comm in enumerate(p.comms):
+            arr = comm.empty(n, np.float32)
+            arr.fill(0.0 if index == 0 else 7.0)
+            states.append({"w": arr})
+        results = run_on_all(
+            p.comms, lambda r, c: c.sync_state(states[r], 1, timeout_s=CALL_TIMEOUT_S)
+        )
+        assert results[0].bytes_fetched == 4 * n and len(results[0].sources) == 2
+        assert all(r.in_parity for r in results) and float(states[0]["w"][-1]) == 7.0
+        bandwidth = "collnet_link_bandwidth_bytes_per_second"
+        assert labelled(scrape(fetcher.metrics), bandwidth, "peer") == {}
+
+        p.all_reduce(_ring_inputs(p, n), algo="ring")
+        measured = labelled(scrape(fetcher.metrics), bandwidth, "peer")
+        assert len(measured) == 1 and all(v > 0 for v in measured.values()), measured
+
+
 @pytest.mark.timeout(60)
 def test_metrics_endpoint_refuses_other_paths_and_methods(tmp_path: Path) -> None:
     with running_peers(1, tmp_path, extra_args=METRICS) as p:

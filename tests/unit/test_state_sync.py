@@ -25,6 +25,7 @@ from collnet.state import (
     in_parity,
     majority,
     manifest_of,
+    shared_transfers,
     stale_names,
     tensor_digest,
     transfer_plan,
@@ -322,6 +323,44 @@ def test_two_joiners_do_not_all_start_on_the_same_holder() -> None:
     world = {f"h{i}": ref for i in range(4)}
     firsts = {transfer_plan(world, ref, f"joiner{j}", 64)[0].source_peer for j in range(16)}
     assert len(firsts) > 1
+
+
+# ---------------------------------------------------------------- transfers sharing a link
+
+
+def test_one_holder_serving_one_fetcher_shares_no_link() -> None:
+    ref = manifest(1, w=info(1, 1000))
+    assert shared_transfers({"h": ref, "j": manifest(0)}, ref, 100) == frozenset()
+    # in parity: nothing moves, nothing is shared
+    assert shared_transfers({"a": ref, "b": ref}, ref, 100) == frozenset()
+
+
+def test_a_joiner_fetching_from_four_holders_shares_its_link_with_all_of_them() -> None:
+    ref = manifest(1, w=info(1, 16 * 100))
+    world: dict[str, StateManifest] = {f"h{i}": ref for i in range(4)} | {"j": manifest(0)}
+    assert shared_transfers(world, ref, 100) == {(f"h{i}", "j") for i in range(4)}
+
+
+def test_a_holder_serving_two_fetchers_shares_its_link_between_them() -> None:
+    ref = manifest(1, w=info(1, 50))
+    world = {"h": ref, "j1": manifest(0), "j2": manifest(0)}
+    assert shared_transfers(world, ref, 100) == {("h", "j1"), ("h", "j2")}
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(worlds(), st.integers(1, 128))
+def test_shared_transfers_are_exactly_those_that_meet_another_at_either_end(
+    w: tuple[dict[str, StateManifest], StateManifest, str], chunk_bytes: int
+) -> None:
+    world, ref, _ = w
+    sources = {p: {f.source_peer for f in transfer_plan(world, ref, p, chunk_bytes)} for p in world}
+    moving = {(s, p) for p, ss in sources.items() for s in ss}
+    fetchers = Counter(s for s, _ in moving)
+    shared = shared_transfers(world, ref, chunk_bytes)
+    assert shared <= moving
+    for s, p in moving:
+        assert ((s, p) in shared) == (len(sources[p]) > 1 or fetchers[s] > 1)
+    assert shared_transfers(dict(reversed(list(world.items()))), ref, chunk_bytes) == shared
 
 
 # ---------------------------------------------------------------- fetch wire, source side

@@ -8,7 +8,10 @@ A sync is two coordinator barriers around a transfer (the plan itself is
    computes the same reference (``majority``) and its own ``transfer_plan``;
 2. each peer fetches the byte ranges it lacks straight into its tensors over
    the data links, striped over the holders, and verifies every fetched
-   tensor against the reference digest;
+   tensor against the reference digest. Where transfers share a node's link
+   (a fetch from several holders, a holder serving several fetchers:
+   ``shared_transfers``, the same on every peer), the links' bandwidth meters
+   do not time them and the holder sends them untimed;
 3. every member reports what it reached (or its error) to the ``synced``
    barrier. Sources keep serving until then, so no fetcher is ever left
    without its holders; everyone learns whether all peers are in bit parity,
@@ -53,6 +56,7 @@ from collnet.state import (
     byte_view,
     check_fetch,
     majority,
+    shared_transfers,
     transfer_plan,
     verify,
 )
@@ -82,6 +86,9 @@ class Serving:
 
     manifest: StateManifest
     arrays: Mapping[str, npt.NDArray[Any]]
+    # Fetchers whose link from here shares a node's link with another transfer
+    # of this sync: their meters do not time it (``shared_transfers``).
+    untimed: frozenset[str] = frozenset()
 
 
 # (barrier name, this peer's payload) -> every member's payload, by peer id.
@@ -171,8 +178,10 @@ class StateSync:
             report: dict[str, Any]
             try:
                 check_declarations(manifests, reference)
+                shared = shared_transfers(manifests, reference, self.chunk_bytes)
+                self.serving.untimed = frozenset(f for s, f in shared if s == self.me)
                 fetched, sources, nbytes = await self.fetch(
-                    manifests, reference, arrays, await links()
+                    manifests, reference, arrays, await links(), shared
                 )
                 # What this peer now holds: its own entries, and for what it fetched
                 # the digests just verified on arrival (the peers compare these).
@@ -249,8 +258,14 @@ class StateSync:
         reference: StateManifest,
         arrays: Mapping[str, npt.NDArray[Any]],
         links: Mapping[str, PeerLink],
+        shared: frozenset[tuple[str, str]] = frozenset(),
     ) -> tuple[list[str], list[str], int]:
-        """Fetch and verify what this peer lacks; (names fetched, sources, bytes)."""
+        """Fetch and verify what this peer lacks; (names fetched, sources, bytes).
+
+        The links of ``shared`` (source, fetcher) pairs carry only a share of
+        this node's link or of the source's while the fetch runs: their meters
+        do not time it, or the next epoch's plan would read a share for a link.
+        """
         plan = transfer_plan(manifests, reference, self.me, self.chunk_bytes)
         names = sorted({f.name for f in plan})
         sources = sorted({f.source_peer for f in plan})
@@ -273,6 +288,9 @@ class StateSync:
             p = self.pending[fid] = _Pending(f, dest.data, f.nbytes)
             mine.append(p)
             by_source.setdefault(f.source_peer, []).append((fid, f.to_wire()))
+        meters = [links[s].rx_meter for s in by_source if (s, self.me) in shared and s in links]
+        for meter in meters:
+            meter.share()
         try:
             for source, ranges in by_source.items():
                 link = links[source]
@@ -281,6 +299,8 @@ class StateSync:
                     link.send_control(FrameKind.CONTROL, request.to_wire())
             await asyncio.gather(*(p.future for p in mine))
         finally:
+            for meter in meters:
+                meter.unshare()
             for fid in [fid for fid, p in self.pending.items() if p in mine]:
                 del self.pending[fid]
         for name in names:
@@ -387,7 +407,11 @@ class StateSync:
                     raise MismatchError(f"{self.me} has no state sync in progress")
                 check_fetch(fetch, serving.manifest, self.me)
                 data = byte_view(serving.arrays[fetch.name])
-                link.send_data(state_head(fid), data[fetch.offset :][: fetch.nbytes].data)
+                link.send_data(
+                    state_head(fid),
+                    data[fetch.offset :][: fetch.nbytes].data,
+                    timed=peer not in serving.untimed,
+                )
                 # One range at a time: the views stay in the owner's tensor and
                 # are never buffered wholesale in user space.
                 await link.drain()
