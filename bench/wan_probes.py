@@ -18,7 +18,11 @@ waits ``REPORT_WAIT_S`` for the daemons' next link reports, and reads the
 matrix again (``after`` in each cluster's object, with the samples and the
 figures agreed at the end). Collective traffic refreshes the figures; a
 schedule that shares a host's link among its links (the direct all-reduce)
-must leave them where they were, not at its share of the link.
+must leave them where they were, not at its share of the link. ``sync`` in
+that list runs ``--iters`` state syncs of ``--size`` instead, in which the
+first trainer holds other bytes than the rest and fetches all of them,
+striped over every other host (``_sync_series``): a fetch that shares its
+host's link among its holders, which must leave the figures alone too.
 """
 
 from __future__ import annotations
@@ -28,8 +32,10 @@ import json
 import statistics
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import numpy as np
 from collnet_lab.localcluster import parse_size
 from wan import Collnet, collnet_in, log
 from wanlab import Lab, LabSpec
@@ -43,6 +49,28 @@ def _figures(c: Collnet) -> list[float]:
     """Every bandwidth figure of the coordinator's matrix, Mbit/s, sorted."""
     rows = c.status().get("links") or []
     return sorted(round(r["bandwidth_bps"] / 1e6, 1) for r in rows if r.get("bandwidth_bps"))
+
+
+def _sync_series(c: Collnet, nbytes: int, iters: int) -> list[float]:
+    """``iters`` state syncs of one float32 tensor of ``nbytes``: the first trainer
+    holds other bytes than the rest each time and fetches all of them; seconds each."""
+    states = [{"w": comm.empty(nbytes // 4, np.float32)} for comm in c.comms]
+    samples = []
+    for i in range(iters):
+        for k, state in enumerate(states):
+            state["w"].fill(-1.0 if k == 0 else float(i))
+        with ThreadPoolExecutor(len(states)) as pool:
+            started = time.perf_counter()
+            results = list(
+                pool.map(
+                    lambda k, rev=i + 1: c.comms[k].sync_state(states[k], rev, timeout_s=600),
+                    range(len(states)),
+                )
+            )
+            samples.append(round(time.perf_counter() - started, 3))
+        if results[0].bytes_fetched != nbytes or not all(r.in_parity for r in results):
+            raise RuntimeError(f"state sync {i}: {results}")
+    return samples
 
 
 def one_cluster(
@@ -64,7 +92,10 @@ def one_cluster(
         if after:
             out["after"] = {}
             for algo in after:
-                samples = c.time(nbytes, iters, "none", algo)
+                if algo == "sync":
+                    samples = _sync_series(c, nbytes, iters)
+                else:
+                    samples = c.time(nbytes, iters, "none", algo)
                 time.sleep(REPORT_WAIT_S)
                 out["after"][algo] = {"samples_s": samples, "mbit": _figures(c)}
                 log(f"after {algo}: {out['after'][algo]['mbit']}")
@@ -81,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rtt-ms", type=float, default=100.0)
     ap.add_argument("--clusters", type=int, default=4)
     ap.add_argument("--connections", default="auto")
-    ap.add_argument("--after", default="", help="schedules to run after the probes (ring,direct)")
+    ap.add_argument("--after", default="", help="schedules (ring,direct) or sync after the probes")
     ap.add_argument("--size", default="64MiB")
     ap.add_argument("--iters", type=int, default=6)
     ap.add_argument("--json", action="store_true")
