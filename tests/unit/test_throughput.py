@@ -41,6 +41,29 @@ def test_idle_time_between_transfers_does_not_dilute_the_estimate() -> None:
     assert meter.samples == 2
 
 
+def test_a_short_window_that_drains_queued_bytes_barely_moves_the_estimate() -> None:
+    """Bytes the kernel queued while the loop was busy arrive at memory speed:
+    such a window reads many times the link, but spans almost no time."""
+    meter = ThroughputMeter()
+    t, received = 0.0, 0
+    for _ in range(3):  # half a second at 100 MiB/s, three times
+        meter.begin(t, counter(received))
+        t, received = t + 0.5, received + 50 * MIB
+        meter.end(t, counter(received))
+    assert meter.bytes_per_s == pytest.approx(100 * MIB)
+    meter.begin(t, counter(received))  # 2 MiB in a millisecond: 2 GiB/s
+    meter.end(t + 0.001, counter(received + 2 * MIB))
+    assert meter.samples == 4
+    assert 100 * MIB < meter.bytes_per_s < 1.05 * 100 * MIB  # a plain mean: 6.7x
+    # A link that really changed is followed within a few windows of its own.
+    t, received = t + 1.0, received + 2 * MIB
+    for _ in range(4):
+        meter.begin(t, counter(received))
+        t, received = t + 0.5, received + 5 * MIB
+        meter.end(t, counter(received))
+    assert meter.bytes_per_s < 25 * MIB  # from 100 to 10 MiB/s: 22 (a plain mean: 32)
+
+
 def test_small_windows_are_not_samples() -> None:
     meter = ThroughputMeter(min_sample_bytes=MIB)
     meter.begin(0.0, counter(0))
