@@ -226,6 +226,37 @@ def test_a_burst_is_bdp_sized_within_bounds(bandwidth_bps: float, rtt_s: float) 
         assert abs(n - 2 * bdp) <= 2  # BDP-sized, give or take rounding
 
 
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.booleans(), st.floats(0.0, 20.0), st.floats(-0.1, 1.0)),
+        max_size=60,
+    ),
+    st.integers(1, 6),
+)
+def test_min_rtt_is_the_minimum_of_the_kept_samples_whatever_the_order(
+    steps: list[tuple[bool, float, float]], max_samples: int
+) -> None:
+    """The running minimum against a plain scan of the same samples."""
+    f = MinRtt(window_s=5.0, max_samples=max_samples)
+    kept: list[tuple[float, float]] = []
+    now = 0.0
+    for is_sample, advance, rtt in steps:
+        now += advance
+        if is_sample:
+            f.sample(rtt, now)
+            if rtt >= 0:
+                kept = [*kept, (now, rtt)][-max_samples:]
+            continue
+        while len(kept) > 1 and now - kept[0][0] > 5.0:
+            kept.pop(0)
+        want = None
+        if kept:
+            inside = now - kept[0][0] <= 5.0
+            want = min(r for _, r in kept) if inside else kept[-1][1]
+        assert f.value(now) == want
+
+
 def test_min_rtt_ignores_queueing_and_follows_a_slower_path_after_the_window() -> None:
     f = MinRtt(window_s=10.0, max_samples=8)
     assert f.value(0.0) is None
