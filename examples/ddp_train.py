@@ -3,33 +3,38 @@
 Two modes:
 
 * **launcher** (default): starts a local cluster (a coordinator and
-  ``--peers`` daemons, ``collnet_lab.localcluster.LocalCluster``) and one
-  trainer process per daemon, reads their JSON lines and checks the run: the
-  loss fell, and the parameters were bit-identical on every rank after every
-  step. ``--kill K`` SIGKILLs the last K peers (daemon and trainer) a third
-  of the way in: every survivor's ``loss.backward()`` raises collnet's typed
+  ``--peers`` daemons, ``collnet_lab.localcluster.LocalCluster``) and
+  ``--local-size`` trainer processes per daemon (one per GPU on a real node;
+  default 1), reads their JSON lines and checks the run: the loss fell, and
+  the parameters were bit-identical on every rank after every step.
+  ``--kill K`` SIGKILLs the last K peers (daemon and trainers) a third of
+  the way in: every survivor's ``loss.backward()`` raises collnet's typed
   error (a ``PeerLost`` that is also a ``torch.distributed.DistBackendError``),
   which must come within ``--failure-bound-s`` of the kill; the survivors
   then re-form the group (``collnet_client.torch.reinit()``), wrap the model
   in a new DDP and train on to the end.
 * **trainer** (``--daemon ADDRESS``): one rank. It joins with
   ``dist.init_process_group("collnet", init_method="collnet://?daemon=...",
-  world_size=N)`` (N: wait for that many peers; rank and size are the agreed
-  world's), registers ``collnet_client.torch.hooks.collnet_hook`` (unless
-  ``--no-hook``: DDP's own all-reduce through the group) and prints
-  one JSON line per event: ``start``, ``step`` (``step``, ``generation``,
-  ``loss``, ``hash`` of the parameters, ``world``), ``error`` (the exception's
-  class, whether it is a ``DistBackendError`` and a ``CollnetError``, the lost
-  peer), ``reformed`` and ``done``.
+  world_size=N)`` (N: wait for that many trainers; rank and size are the
+  agreed world's; ``--local-size L --local-rank l`` add ``local_size`` and
+  ``local_rank`` to the URL: rank ``node * L + l``), registers
+  ``collnet_client.torch.hooks.collnet_hook`` (unless ``--no-hook``: DDP's
+  own all-reduce through the group) and prints one JSON line per event:
+  ``start``, ``step`` (``step``, ``generation``, ``loss``, ``hash`` of the
+  parameters, ``world``), ``error`` (the exception's class, whether it is a
+  ``DistBackendError`` and a ``CollnetError``, the lost peer), ``reformed``
+  and ``done``.
 
 The launcher's ``--json`` prints one object: ``ok``, ``params_equal``,
-``initial_loss``, ``final_loss``, ``loss_fell``, ``peers_final``,
+``initial_loss``, ``final_loss``, ``loss_fell``, ``peers_final`` (ranks that
+finished),
 ``world_final``, ``killed``, ``errors`` (per survivor: class, both isinstance
 checks, seconds from the kill to the error as the launcher saw it),
 ``errors_within_bound`` and ``wall_s``.
 
     python examples/ddp_train.py --peers 3 --json
     python examples/ddp_train.py --peers 3 --kill 1 --json
+    python examples/ddp_train.py --peers 2 --local-size 2 --kill 1 --json
     python examples/ddp_train.py --codec uint8 --error-feedback
 """
 
@@ -80,7 +85,7 @@ def train(args: argparse.Namespace) -> int:
 
     eval_x = torch.randn(EVAL_SAMPLES, IN_DIM, generator=torch.Generator().manual_seed(99))
     eval_y = teacher(eval_x)
-    gen = torch.Generator().manual_seed(zlib.crc32(args.daemon.encode()))
+    gen = torch.Generator().manual_seed(zlib.crc32(f"{args.daemon}/{args.local_rank}".encode()))
     torch.manual_seed(0)
     model = torch.nn.Sequential(
         torch.nn.Linear(IN_DIM, HIDDEN), torch.nn.Tanh(), torch.nn.Linear(HIDDEN, 1)
@@ -118,6 +123,8 @@ def train(args: argparse.Namespace) -> int:
         return int(counter[0])
 
     init_method = f"collnet://?daemon={quote(args.daemon, safe='')}"
+    if args.local_size > 1:
+        init_method += f"&local_size={args.local_size}&local_rank={args.local_rank}"
     timeout = timedelta(seconds=args.timeout_s)
     dist.init_process_group(
         "collnet", init_method=init_method, world_size=args.min_peers, timeout=timeout
@@ -200,9 +207,10 @@ class Trainer:
 def launch(args: argparse.Namespace) -> int:
     from collnet_lab.localcluster import LocalCluster
 
-    argv = ["--min-peers", str(args.peers), "--steps", str(args.steps), "--lr", str(args.lr),
-            "--codec", args.codec, "--timeout-s", str(args.timeout_s),
-            "--step-ms", str(args.step_ms)]  # fmt: skip
+    local = args.local_size
+    argv = ["--min-peers", str(args.peers * local), "--local-size", str(local),
+            "--steps", str(args.steps), "--lr", str(args.lr), "--codec", args.codec,
+            "--timeout-s", str(args.timeout_s), "--step-ms", str(args.step_ms)]  # fmt: skip
     argv += ["--error-feedback"] if args.error_feedback else []
     argv += ["--no-hook"] if args.no_hook else []
     kill_at = max(1, args.steps // 3)
@@ -221,7 +229,11 @@ def launch(args: argparse.Namespace) -> int:
     trainers: list[Trainer] = []
     try:
         cluster.start()
-        trainers = [Trainer(i, d.ipc, argv, events) for i, d in enumerate(cluster.daemons)]
+        trainers = [
+            Trainer(i * local + k, d.ipc, [*argv, "--local-rank", str(k)], events)
+            for i, d in enumerate(cluster.daemons)
+            for k in range(local)
+        ]
         open_streams = len(trainers)
         while open_streams and time.monotonic() < deadline:
             try:
@@ -241,8 +253,9 @@ def launch(args: argparse.Namespace) -> int:
                 losses[event["step"]] = event["loss"]
                 if args.kill and not killed and event["step"] >= kill_at:
                     for victim in range(args.peers - args.kill, args.peers):
-                        trainers[victim].proc.send_signal(signal.SIGKILL)
-                        trainers[victim].killed = True
+                        for trainer in trainers[victim * local : (victim + 1) * local]:
+                            trainer.proc.send_signal(signal.SIGKILL)
+                            trainer.killed = True
                         cluster.kill(cluster.daemons[victim], signal.SIGKILL)
                         killed.append(cluster.daemons[victim].peer_id)
                     killed_at = time.monotonic()
@@ -278,6 +291,7 @@ def launch(args: argparse.Namespace) -> int:
         "loss_fell": final_loss < initial_loss * args.loss_ratio,
         "losses": [round(losses[s], 5) for s in sorted(losses)],
         "peers": args.peers,
+        "local_size": local,
         "peers_final": len(done),
         "world_final": world_final,
         "steps": args.steps,
@@ -292,7 +306,7 @@ def launch(args: argparse.Namespace) -> int:
         "failed_trainers": failed,
         "wall_s": round(time.monotonic() - started, 2),
     }
-    expected = args.peers - args.kill
+    expected = (args.peers - args.kill) * local
     result["ok"] = bool(
         params_equal
         and result["loss_fell"]
@@ -321,6 +335,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--daemon", default=None, help="Trainer: attach to this daemon.")
     ap.add_argument("--peers", type=int, default=3, help="Launcher: daemons to start.")
     ap.add_argument("--kill", type=int, default=0, help="Launcher: peers to SIGKILL mid-run.")
+    ap.add_argument(
+        "--local-size", type=int, default=1, help="Trainers per daemon (launcher and trainer)."
+    )
+    ap.add_argument("--local-rank", type=int, default=0, help="Trainer: its place on its node.")
     ap.add_argument("--min-peers", type=int, default=1, help="Trainer: world_size to wait for.")
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--lr", type=float, default=0.05)

@@ -73,13 +73,27 @@ class Comm:
         *,
         daemon_gone: Callable[[], bool] | None = None,
         token_file: str | None = None,
+        local_rank: int | None = None,
     ) -> None:
         if not isinstance(local_size, int) or isinstance(local_size, bool) or local_size < 1:
             raise InvalidArgument(f"local_size must be a positive int, got {local_size!r}")
+        if local_size == 1 and local_rank is None:
+            local_rank = 0
+        if local_rank is not None and (
+            not isinstance(local_rank, int)
+            or isinstance(local_rank, bool)
+            or not 0 <= local_rank < local_size
+        ):
+            raise InvalidArgument(
+                f"local_rank must be an int in [0, local_size {local_size}), got {local_rank!r}"
+            )
         self.address = address
         # Trainers on this node sharing the daemon (one per GPU, say): their
         # collectives are reduced in the daemon first and cross the network once.
         self.local_size = local_size
+        # This trainer's place among them (None: not given, so only all-reduce
+        # and sync_state, which need no order among a node's trainers).
+        self.local_rank = local_rank
         self._transport = Transport(
             address, timeout_s, daemon_gone=daemon_gone, token_file=token_file
         )
@@ -92,7 +106,9 @@ class Comm:
             self._transport, self.memory, self._agreement, self.feedback, local_size
         )
         self._state = StateSync(self._transport, self.memory, self._agreement, local_size)
-        self._collectives = Collectives(self._transport, self.memory, self._agreement, local_size)
+        self._collectives = Collectives(
+            self._transport, self.memory, self._agreement, local_size, local_rank
+        )
 
     @property
     def timeout_s(self) -> float:
@@ -115,14 +131,21 @@ class Comm:
 
     @property
     def rank(self) -> int:
-        """This peer's index in the world of the epoch it agreed to (its position in
-        that world's peer list); ``InvalidArgument`` while it is not a member."""
+        """This trainer's rank in the world of the epoch it agreed to: its peer's
+        position in that world's peer list (``node_rank``), times ``local_size``,
+        plus ``local_rank``; ``InvalidArgument`` while it is not a member."""
         return self._collectives.rank()
 
     @property
+    def node_rank(self) -> int:
+        """This peer's position in the agreed world's peer list."""
+        return self._collectives.node_rank()
+
+    @property
     def size(self) -> int:
-        """How many peers the world of the agreed epoch has."""
-        return self._agreement.world.size
+        """How many trainers the world of the agreed epoch has: its peers times
+        ``local_size`` (every node runs as many)."""
+        return self._agreement.world.size * self.local_size
 
     @property
     def world(self) -> World:
@@ -416,6 +439,7 @@ def connect(
     timeout_s: float = DEFAULT_TIMEOUT_S,
     local_size: int | None = None,
     token_file: str | None = None,
+    local_rank: int | None = None,
 ) -> Comm:
     """Connect to the local daemon at ``address`` (default: ``$COLLNET_DAEMON``, else
     the daemon's default ``ipc:///tmp/collnet-daemon.sock``, else its loopback
@@ -428,25 +452,37 @@ def connect(
     of this node share the daemon. Each of them calls every collective; the
     daemon reduces theirs locally, then once across the network (``avg``: the
     mean of the nodes' means). All of them must pass the same ``local_size``.
+    ``local_rank`` (default ``$COLLNET_LOCAL_RANK``): this trainer's place among
+    them, each of ``0..local_size-1`` once; broadcast, all-gather,
+    reduce-scatter and barrier need it when ``local_size`` > 1 (trainer ``l``
+    of the node at position ``d`` is rank ``d * local_size + l``).
     """
     if local_size is None:
-        env = os.environ.get("COLLNET_LOCAL_SIZE", "1")
-        try:
-            local_size = int(env)
-        except ValueError:
-            raise InvalidArgument(f"COLLNET_LOCAL_SIZE must be an int, got {env!r}") from None
+        local_size = _env_int("COLLNET_LOCAL_SIZE", 1)
+    if local_rank is None and "COLLNET_LOCAL_RANK" in os.environ:
+        local_rank = _env_int("COLLNET_LOCAL_RANK", 0)
     address = address or os.environ.get("COLLNET_DAEMON")
     if address:
-        return Comm(address, timeout_s, local_size, token_file=token_file)
+        return Comm(address, timeout_s, local_size, token_file=token_file, local_rank=local_rank)
     # The defaults a daemon serves on: its ipc socket if this process can see
     # it, else its loopback TCP fallback (if the daemon was told to serve one).
     tried = []
     for candidate in (DEFAULT_IPC, loopback_tcp(DEFAULT_TCP_PORT)):
         try:
-            return Comm(candidate, timeout_s, local_size, token_file=token_file)
+            return Comm(
+                candidate, timeout_s, local_size, token_file=token_file, local_rank=local_rank
+            )
         except DaemonUnavailable as exc:
             tried.append(exc.message)
     raise DaemonUnavailable(
         "no address given, COLLNET_DAEMON not set, and no daemon at the defaults: "
         + "; ".join(tried)
     )
+
+
+def _env_int(name: str, default: int) -> int:
+    env = os.environ.get(name, str(default))
+    try:
+        return int(env)
+    except ValueError:
+        raise InvalidArgument(f"{name} must be an int, got {env!r}") from None

@@ -164,11 +164,13 @@ class Collectives:
         memory: SharedMemory,
         agreement: Agreement,
         local_size: int,
+        local_rank: int | None = 0,
     ) -> None:
         self.transport = transport
         self.memory = memory
         self._agreement = agreement
         self._local_size = local_size
+        self._local_rank = local_rank
 
     def _named(self, tag: int | str | None, timeout_s: float | None) -> dict[str, Any]:
         """The fields every request names: its collective (a default tag is drawn
@@ -178,7 +180,21 @@ class Collectives:
             "epoch": self._agreement.epoch,
             "timeout_s": timeout_s,
             "local_size": self._local_size,
+            "local_rank": self.local_rank(),
         }
+
+    def local_rank(self) -> int:
+        if self._local_rank is None:
+            raise InvalidArgument(
+                f"broadcast, all-gather, reduce-scatter and barrier with local_size "
+                f"{self._local_size} need this trainer's local_rank: pass it to connect "
+                "(or set COLLNET_LOCAL_RANK)"
+            )
+        return self._local_rank
+
+    def size(self) -> int:
+        """Trainers in the agreed world: its peers times ``local_size``."""
+        return self._agreement.world.size * self._local_size
 
     def _input(self, tensor: Any) -> tuple[HostTensor, npt.NDArray[Any], Any, list[Staging]]:
         host = host_tensor(tensor)
@@ -227,7 +243,7 @@ class Collectives:
     def all_gather(
         self, tensor: Any, out: Any, codec: str, tag: int | str | None, timeout_s: float | None
     ) -> Handle:
-        size = self._agreement.world.size
+        size = self.size()
         host, view, where, lent = self._input(tensor)
         output = self._output(tensor, out, host, (size, *host.shape), lent)
         request = AllGather(
@@ -269,6 +285,7 @@ class Collectives:
             epoch=counts_request.epoch,
             timeout_s=counts_request.timeout_s,
             local_size=self._local_size,
+            local_rank=counts_request.local_rank,
         )
 
         def result(_: Reply) -> list[Any]:
@@ -288,7 +305,7 @@ class Collectives:
         tag: int | str | None,
         timeout_s: float | None,
     ) -> Handle:
-        size, rank = self._agreement.world.size, self.rank()
+        size, rank = self.size(), self.rank()
         host, view, where, lent = self._input(tensor)
         start, stop = output_range(int(view.size), size, rank)
         output = self._output(tensor, out, host, (stop - start,), lent)
@@ -307,6 +324,11 @@ class Collectives:
         return Handle(_Request(self, request, lambda _: None, [], staged_output=False))
 
     def rank(self) -> int:
+        """This trainer's rank: ``node_rank * local_size + local_rank``."""
+        node = self.node_rank()
+        return node * self._local_size + (self.local_rank() if self._local_size > 1 else 0)
+
+    def node_rank(self) -> int:
         """This peer's position in the agreed world's peer list."""
         world = self._agreement.world
         try:

@@ -25,15 +25,20 @@ segment holds data has, through the ring, heard from every rank. With fewer
 elements than ranks the last ``W - n`` segments are empty and their owners
 complete without word from some ranks: ``needs_agreement`` is True then
 (``Schedule``).
+
+``counts`` replaces the equal segments with given blocks (rank ``k`` owns
+``counts[k]`` consecutive elements): a node whose trainers own several
+consecutive blocks of a larger reduce-scatter owns their union.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import numpy.typing as npt
 
-from collnet.algo.partition import Partition
+from collnet.algo.partition import Blocks, Partition, chunk_elems_for
 from collnet.algo.ring import RingSchedule
 from collnet.codec.base import Codec
 
@@ -42,6 +47,8 @@ class RingReduceScatter(RingSchedule):
     """Ring reduce-scatter of ``buf`` in place, seen from ``rank``.
 
     Arguments as for ``RingAllReduce``; the result is ``buf[output_range]``.
+    ``counts``: each rank's block size (they sum to ``buf``'s length), if not
+    ``output_range``'s equal split.
     """
 
     collective = "reduce-scatter"
@@ -54,19 +61,36 @@ class RingReduceScatter(RingSchedule):
         op: str,
         codec: Codec | None = None,
         chunk_bytes: int = 1 << 20,
+        counts: Sequence[int] | None = None,
     ) -> None:
+        layout = None
+        if counts is not None:
+            layout = Blocks(
+                tuple(int(c) for c in counts), chunk_elems_for(chunk_bytes, buf.itemsize)
+            )
         super().__init__(
-            rank, world, buf, op, codec, chunk_bytes, reduce=True, gather=False, shift=-1
+            rank,
+            world,
+            buf,
+            op,
+            codec,
+            chunk_bytes,
+            reduce=True,
+            gather=False,
+            shift=-1,
+            layout=layout,
         )
 
     @property
     def needs_agreement(self) -> bool:
-        return self._red.n < self.world
+        # An empty block's owner completes without word from some ranks. The
+        # layout is the same on every rank (the digest covers it).
+        return any(self._part.num_chunks(k) == 0 for k in range(self.world))
 
     @property
     def output_range(self) -> tuple[int, int]:
         """``(start, stop)`` of the elements of ``buf`` this rank owns."""
-        return output_range(self._red.n, self.world, self.rank)
+        return self._part.segment(self.rank)
 
 
 def output_range(n: int, world: int, rank: int) -> tuple[int, int]:

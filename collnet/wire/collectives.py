@@ -9,6 +9,10 @@ on the other members at once. Every request names a collective ``(epoch,
 tag)`` in the world of the epoch the trainer agreed to; ranks are positions
 in that world's peer list.
 
+Several trainers per node (``local_size`` > 1, the same on every node) each
+name their ``local_rank``; ranks are then trainers' ranks: node ``d``'s
+trainer ``l`` is rank ``d * local_size + l`` of ``size * local_size``.
+
 A tensor is ``count`` elements of ``dtype`` at byte ``offset`` of segment
 ``shm``; an output is ``out_shm`` at ``out_offset``, its length implied by the
 kind. Every reply is empty but the counts phase of ``AllGatherV``.
@@ -23,9 +27,11 @@ from collnet.algo.select import BROADCAST_ALGORITHMS
 from collnet.errors import InvalidArgument
 from collnet.membership.bounds import MAX_WORLD_PEERS
 from collnet.wire.fields import (
+    MAX_LOCAL_SIZE,
     Tag,
     int_field,
     is_int,
+    local_rank_field,
     local_size_field,
     named_fields,
     reduce_op_field,
@@ -60,6 +66,7 @@ def _output(obj: dict[str, Any], kind: str) -> dict[str, Any]:
         **tensor_fields(obj, kind),
         "out_shm": str_field(obj, kind, "out_shm"),
         "out_offset": int_field(obj, kind, "out_offset", 0),
+        "local_rank": local_rank_field(obj),
     }
 
 
@@ -82,9 +89,10 @@ class Broadcast:
     epoch: int | None = None
     timeout_s: float | None = None
     local_size: int = 1
+    local_rank: int = 0
 
     def to_wire(self) -> dict[str, Any]:
-        return tensor_wire(self, root=self.root, algo=self.algo)
+        return tensor_wire(self, root=self.root, algo=self.algo, local_rank=_rank(self))
 
     @classmethod
     def from_wire(cls, obj: dict[str, Any]) -> Self:
@@ -96,7 +104,7 @@ class Broadcast:
                 raise InvalidArgument(
                     f"unknown broadcast algorithm {algo!r}; use one of {list(BROADCAST_ALGORITHMS)}"
                 )
-            return {**fields, "root": root, "algo": algo}
+            return {**fields, "root": root, "algo": algo, "local_rank": local_rank_field(obj)}
 
         return cls(**named_fields(obj, cls.KIND, parse))
 
@@ -118,9 +126,12 @@ class AllGather:
     epoch: int | None = None
     timeout_s: float | None = None
     local_size: int = 1
+    local_rank: int = 0
 
     def to_wire(self) -> dict[str, Any]:
-        return tensor_wire(self, out_shm=self.out_shm, out_offset=self.out_offset)
+        return tensor_wire(
+            self, out_shm=self.out_shm, out_offset=self.out_offset, local_rank=_rank(self)
+        )
 
     @classmethod
     def from_wire(cls, obj: dict[str, Any]) -> Self:
@@ -152,6 +163,7 @@ class AllGatherV:
     epoch: int | None = None
     timeout_s: float | None = None
     local_size: int = 1
+    local_rank: int = 0
 
     def to_wire(self) -> dict[str, Any]:
         return tensor_wire(
@@ -159,6 +171,7 @@ class AllGatherV:
             out_shm=self.out_shm,
             out_offset=self.out_offset,
             counts=None if self.counts is None else list(self.counts),
+            local_rank=_rank(self),
         )
 
     @classmethod
@@ -170,17 +183,30 @@ class AllGatherV:
             out_shm = None if obj.get("out_shm") is None else str_field(obj, cls.KIND, "out_shm")
             if (counts is None) != (out_shm is None):
                 raise InvalidArgument("all_gather_v: 'counts' and 'out_shm' come together")
-            return {**fields, "out_shm": out_shm, "out_offset": out_offset, "counts": counts}
+            return {
+                **fields,
+                "out_shm": out_shm,
+                "out_offset": out_offset,
+                "counts": counts,
+                "local_rank": local_rank_field(obj),
+            }
 
         return cls(**named_fields(obj, cls.KIND, parse))
+
+
+def _rank(req: CollectiveRequest) -> int | None:
+    """``local_rank`` as the wire carries it: left out when 0."""
+    return req.local_rank or None
 
 
 def _counts(value: Any) -> tuple[int, ...] | None:
     if value is None:
         return None
-    if not isinstance(value, list | tuple) or not 1 <= len(value) <= MAX_WORLD_PEERS:
+    # One count per trainer: a node's local group names one each.
+    most = MAX_WORLD_PEERS * MAX_LOCAL_SIZE
+    if not isinstance(value, list | tuple) or not 1 <= len(value) <= most:
         raise InvalidArgument(
-            f"field 'counts' must be a list of 1 to {MAX_WORLD_PEERS} ints, got {value!r:.40}"
+            f"field 'counts' must be a list of 1 to {most} ints, got {value!r:.40}"
         )
     if not all(is_int(c) and c >= 0 for c in value):
         raise InvalidArgument(f"field 'counts' must hold non-negative ints, got {value!r:.40}")
@@ -206,10 +232,15 @@ class ReduceScatter:
     epoch: int | None = None
     timeout_s: float | None = None
     local_size: int = 1
+    local_rank: int = 0
 
     def to_wire(self) -> dict[str, Any]:
         return tensor_wire(
-            self, out_shm=self.out_shm, out_offset=self.out_offset, reduce=self.reduction
+            self,
+            out_shm=self.out_shm,
+            out_offset=self.out_offset,
+            reduce=self.reduction,
+            local_rank=_rank(self),
         )
 
     @classmethod
@@ -232,16 +263,26 @@ class Barrier:
     epoch: int | None = None
     timeout_s: float | None = None
     local_size: int = 1
+    local_rank: int = 0
 
     def to_wire(self) -> dict[str, Any]:
         return wire(
-            self.KIND, self.local_size, tag=self.tag, epoch=self.epoch, timeout_s=self.timeout_s
+            self.KIND,
+            self.local_size,
+            tag=self.tag,
+            epoch=self.epoch,
+            timeout_s=self.timeout_s,
+            local_rank=_rank(self),
         )
 
     @classmethod
     def from_wire(cls, obj: dict[str, Any]) -> Self:
         def parse() -> dict[str, Any]:
-            return {"timeout_s": timeout_field(obj), "local_size": local_size_field(obj)}
+            return {
+                "timeout_s": timeout_field(obj),
+                "local_size": local_size_field(obj),
+                "local_rank": local_rank_field(obj),
+            }
 
         return cls(**named_fields(obj, cls.KIND, parse))
 

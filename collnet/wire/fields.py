@@ -88,6 +88,17 @@ def local_size_field(obj: dict[str, Any]) -> int:
     return int(size)
 
 
+def local_rank_field(obj: dict[str, Any]) -> int:
+    """``local_rank``: this trainer's place among its node's ``local_size`` (0 if absent)."""
+    size = local_size_field(obj)
+    rank = obj.get("local_rank", 0)
+    if not is_int(rank) or not 0 <= rank < size:
+        raise InvalidArgument(
+            f"local_rank must be an int in [0, local_size {size}), got {rank!r:.40}"
+        )
+    return int(rank)
+
+
 def dtype_field(obj: dict[str, Any], kind: str, default: Any = REQUIRED) -> str:
     name = str_field(obj, kind, "dtype", default)
     if name not in DTYPE_BY_NAME:

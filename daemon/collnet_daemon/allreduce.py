@@ -69,7 +69,8 @@ class CollectiveEntry:
     """The way in of every collective request, all-reduce or other: the world its
     trainer agreed to, a plan (refused on the other members at once when this
     peer cannot make it, or they would wait for this one until their deadline),
-    then the schedule run by the executor under its deadline, observed."""
+    then the schedule run by the executor under its deadline, observed.
+    ``local``: where several trainers of this node meet first."""
 
     def __init__(
         self,
@@ -77,6 +78,7 @@ class CollectiveEntry:
         membership: PeerMembership,
         executor: Executor,
         buffers: SharedBuffers,
+        local: LocalGroups,
         observer: CollectiveObserver,
         leaving: Callable[[], bool],
     ) -> None:
@@ -84,6 +86,7 @@ class CollectiveEntry:
         self.membership = membership
         self.executor = executor
         self.buffers = buffers
+        self.local = local
         self.observer = observer
         self.leaving = leaving
 
@@ -123,19 +126,6 @@ class CollectiveEntry:
 
 class AllReduces(CollectiveEntry):
     """This daemon's all-reduce requests; see the module docstring."""
-
-    def __init__(
-        self,
-        config: DaemonConfig,
-        membership: PeerMembership,
-        executor: Executor,
-        buffers: SharedBuffers,
-        local: LocalGroups,
-        observer: CollectiveObserver,
-        leaving: Callable[[], bool],
-    ) -> None:
-        super().__init__(config, membership, executor, buffers, observer, leaving)
-        self.local = local
 
     async def handle(self, req: AllReduce) -> None:
         if req.local_size == 1:

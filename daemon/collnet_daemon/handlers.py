@@ -152,6 +152,8 @@ class LocalApi:
         return {}
 
     async def _collective(self, ident: bytes, req: CollectiveRequest) -> Reply:
+        if req.local_size > 1:  # as for an all-reduce
+            self.session.joined(ident, req.local_size)
         return await self.collectives.handle(req)
 
     async def _sync_state(self, ident: bytes, req: SyncState) -> Reply:

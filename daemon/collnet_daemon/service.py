@@ -66,7 +66,7 @@ class Daemon:
         )
         self.buffers = SharedBuffers()
         self.local = LocalGroups()
-        self.all_reduces = AllReduces(
+        entry = (
             config,
             self.membership,
             self.executor,
@@ -75,9 +75,8 @@ class Daemon:
             self.metrics,
             self._leaving,
         )
-        self.collectives = Collectives(
-            config, self.membership, self.executor, self.buffers, self.metrics, self._leaving
-        )
+        self.all_reduces = AllReduces(*entry)
+        self.collectives = Collectives(*entry)
         self.syncs = SyncRequests(
             config,
             self.membership,

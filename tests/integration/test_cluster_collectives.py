@@ -14,7 +14,6 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import collnet_client
 import numpy as np
 import pytest
 import torch
@@ -361,23 +360,6 @@ def test_a_root_outside_the_world_is_refused_on_every_rank(peers: Peers) -> None
 
     outcomes = run_on_all_outcomes(peers.comms, one)
     assert all(isinstance(o, InvalidArgument) for o in outcomes), outcomes
-
-
-def test_several_trainers_per_daemon_are_refused_on_every_member(peers: Peers) -> None:
-    tag = fresh_tag()
-    grouped = collnet_client.connect(peers.cluster.daemons[0].ipc, timeout_s=30, local_size=2)
-
-    def one(i: int, comm: Comm) -> None:
-        # Rank order does not matter here: the node with two trainers refuses.
-        (grouped if i == 0 else comm).barrier(tag=tag, timeout_s=20.0)
-
-    try:
-        outcomes = run_on_all_outcomes(peers.comms, one)
-    finally:
-        grouped.close()
-    assert isinstance(outcomes[0], InvalidArgument), outcomes
-    assert "local_size" in outcomes[0].message
-    assert all(isinstance(o, CollectiveAborted) for o in outcomes[1:]), outcomes
 
 
 def test_a_cancelled_collective_fails_on_the_others_with_collective_aborted(peers: Peers) -> None:

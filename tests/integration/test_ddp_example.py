@@ -42,6 +42,19 @@ def test_killed_peer_gives_survivors_a_typed_error_and_training_goes_on_reformed
     assert out["final_loss"] < 0.5 * out["initial_loss"], out
 
 
+def test_two_trainers_per_daemon_train_reform_after_a_node_is_killed() -> None:
+    # Ranks 0-1 on the first node, 2-3 on the second, 4-5 on the killed third.
+    out = _run("--peers", "3", "--local-size", "2", "--kill", "1")
+    assert out["ok"] and out["params_equal"], out
+    assert out["local_size"] == 2 and len(out["killed"]) == 1 and out["reformed"] == 4, out
+    assert set(out["errors"]) == {f"trainer{i}" for i in range(4)}, out
+    for error in out["errors"].values():
+        assert error["class"] == "PeerLost" and error["peer"] == out["killed"][0], error
+        assert error["dist_backend_error"] and error["after_kill_s"] <= out["failure_bound_s"]
+    assert out["peers_final"] == 4 and out["world_final"] == 4
+    assert out["final_loss"] < 0.5 * out["initial_loss"], out
+
+
 def test_quantized_gradients_with_error_feedback_keep_the_replicas_bit_identical() -> None:
     # uint8 loses bits on the wire, but every rank decodes the same bytes.
     out = _run("--peers", "3", "--step-ms", "0", "--codec", "uint8", "--error-feedback")

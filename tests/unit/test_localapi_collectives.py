@@ -7,6 +7,7 @@ it on the other peers at once.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import msgpack
@@ -29,6 +30,7 @@ from collnet.wire.collectives import (
     ReduceScatter,
     counts_tag,
 )
+from collnet.wire.fields import MAX_LOCAL_SIZE
 from collnet.wire.localapi import REQUEST_TYPES, parse_request
 
 FAST = settings(max_examples=100, deadline=None)
@@ -65,8 +67,21 @@ reduce_scatters = st.builds(
     ReduceScatter, out_shm=names, out_offset=ints, reduction=st.sampled_from(OPS), **common
 )
 barriers = st.builds(Barrier, tag=tags, epoch=epochs, timeout_s=timeouts, local_size=local_sizes)
-tensor_requests = st.one_of(broadcasts, all_gathers, all_gather_vs, reduce_scatters)
-requests: st.SearchStrategy[CollectiveRequest] = st.one_of(tensor_requests, barriers)
+
+
+def _with_local_rank(request: CollectiveRequest) -> st.SearchStrategy[CollectiveRequest]:
+    """``request`` as one of its local group's trainers."""
+    return st.integers(0, request.local_size - 1).map(
+        lambda rank: dataclasses.replace(request, local_rank=rank)
+    )
+
+
+tensor_requests = st.one_of(broadcasts, all_gathers, all_gather_vs, reduce_scatters).flatmap(
+    _with_local_rank
+)
+requests: st.SearchStrategy[CollectiveRequest] = st.one_of(
+    tensor_requests, barriers.flatmap(_with_local_rank)
+)
 
 
 @FAST
@@ -154,7 +169,7 @@ _RS: dict[str, Any] = {
         pytest.param({**_AGV, "out_shm": "o", "counts": [True]}, "non-negative", id="agv-bool"),
         pytest.param({**_AGV, "out_shm": "o", "counts": 3}, "'counts' must", id="agv-int"),
         pytest.param(
-            {**_AGV, "out_shm": "o", "counts": [0] * (MAX_WORLD_PEERS + 1)},
+            {**_AGV, "out_shm": "o", "counts": [0] * (MAX_WORLD_PEERS * MAX_LOCAL_SIZE + 1)},
             "'counts' must",
             id="agv-too-many",
         ),
@@ -163,6 +178,10 @@ _RS: dict[str, Any] = {
         pytest.param({"op": "barrier", "tag": 1, "timeout_s": "x"}, "timeout_s", id="bar-to"),
         pytest.param({"op": "barrier", "tag": 1, "local_size": 300}, "local_size", id="bar-local"),
         pytest.param({"op": "barrier", "tag": 1, "epoch": -2}, "bad epoch", id="bar-epoch"),
+        pytest.param({"op": "barrier", "tag": 1, "local_rank": 1}, "local_rank", id="bar-lrank"),
+        pytest.param({**_AG, "local_size": 2, "local_rank": 2}, "local_rank", id="ag-lrank"),
+        pytest.param({**_RS, "local_size": 2, "local_rank": -1}, "local_rank", id="rs-lrank"),
+        pytest.param({**_BC, "local_size": 2, "local_rank": True}, "local_rank", id="bc-lrank"),
     ],
 )
 def test_a_bad_field_is_an_invalid_argument_naming_it(raw: dict[str, Any], mentions: str) -> None:

@@ -5,7 +5,8 @@ and CUDA tensors; CUDA ones go through host staging), so
 ``dist.init_process_group("collnet", init_method="collnet://")`` works; see
 ``collnet_client.torch.rendezvous`` for where rank and world size come from.
 
-What maps to what (ranks are positions in the agreed world's peer list):
+What maps to what (ranks are ``Comm.rank``: positions in the agreed world's
+peer list, times ``local_size``, plus ``local_rank``):
 
 ==============================================  =====================================
 torch                                           collnet

@@ -8,9 +8,15 @@ agree on at ``update_topology``. So the group is built after an agreement:
   ``collnet://`` rendezvous connects to the local daemon (``?daemon=ADDRESS``,
   else ``$COLLNET_DAEMON``, else the daemon's default address), waits until
   ``world_size`` peers (if given) are members or pending, calls
-  ``update_topology`` and hands torch the agreed rank (this peer's position
-  in the world's peer list) and size. ``rank``, if given, must be that one.
-  The group owns the Comm and closes it when destroyed.
+  ``update_topology`` and hands torch the agreed rank and size (``Comm.rank``
+  and ``Comm.size``: with one trainer per daemon, the peer's position in the
+  world's peer list and the peer count). ``rank``, if given, must be that
+  one. The group owns the Comm and closes it when destroyed.
+- Several trainers per daemon (one per GPU): ``?local_size=L&local_rank=l``
+  (else ``$COLLNET_LOCAL_SIZE`` and ``$COLLNET_LOCAL_RANK``); every node runs
+  ``L`` trainers, and trainer ``l`` of the node at position ``d`` is rank
+  ``d * L + l`` of ``peers * L`` (``world_size``, if given, counts trainers:
+  the rendezvous waits for ``world_size / L`` peers).
 - ``collnet_client.torch.init_process_group(comm)``: the same over a Comm
   the caller holds (and closes).
 - ``reinit()``: after a failure, agree on the new world with the same Comm
@@ -77,10 +83,14 @@ def _claim(store: Store) -> tuple[Comm, bool] | None:
 
 
 def agree(comm: Comm, min_size: int = 1, timeout_s: float | None = None) -> tuple[int, int]:
-    """Wait for ``min_size`` peers (members or pending), agree on the world; rank and size."""
-    if comm.local_size != 1:
+    """Wait for ``min_size`` peers (members or pending), agree on the world; this
+    trainer's rank and the trainer count."""
+    if comm.local_rank is None:
         raise as_torch_error(
-            InvalidArgument("the collnet backend takes one trainer per daemon (local_size=1)")
+            InvalidArgument(
+                f"the collnet backend with local_size {comm.local_size} needs each trainer's "
+                "local_rank (connect(local_rank=...), ?local_rank= or $COLLNET_LOCAL_RANK)"
+            )
         )
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     try:
@@ -95,11 +105,10 @@ def agree(comm: Comm, min_size: int = 1, timeout_s: float | None = None) -> tupl
                     f"the world did not reach {min_size} peers within {timeout_s}s"
                 )
             time.sleep(_LOOK_S)
-        world = comm.update_topology(timeout_s)
+        comm.update_topology(timeout_s)
+        return comm.rank, comm.size
     except CollnetError as exc:
         raise as_torch_error(exc) from None
-    rank = world.peers.index(comm.peer_id)
-    return rank, world.size
 
 
 def init_process_group(
@@ -172,12 +181,20 @@ def collnet_rendezvous(
 
     rank = int(one("rank") or -1)
     min_size = max(1, int(one("world_size") or -1))
+    local_size, local_rank = one("local_size"), one("local_rank")
     try:
-        comm = collnet_client.connect(one("daemon"), timeout_s=timeout.total_seconds())
+        comm = collnet_client.connect(
+            one("daemon"),
+            timeout_s=timeout.total_seconds(),
+            local_size=None if local_size is None else int(local_size),
+            local_rank=None if local_rank is None else int(local_rank),
+        )
     except CollnetError as exc:
         raise as_torch_error(exc) from None
     try:
-        agreed, size = agree(comm, min_size, timeout.total_seconds())
+        # torch's world_size counts trainers; the world counts daemons.
+        peers = -(-min_size // comm.local_size)
+        agreed, size = agree(comm, peers, timeout.total_seconds())
         if rank not in (-1, agreed):
             raise as_torch_error(
                 InvalidArgument(
