@@ -65,8 +65,8 @@ class Outer:
 def replay(args: argparse.Namespace, lr: float, decay: float) -> dict[str, Any]:
     torch.set_num_threads(1)
     names = [f"trainer{i}" for i in range(args.peers)]
-    problems = [example.Problem(n) for n in names]
-    models = [example.build_model() for _ in names]
+    problems = [example.Problem(n, args.hidden) for n in names]
+    models = [example.build_model(args.hidden) for _ in names]
     inner = [torch.optim.AdamW(m.parameters(), lr=args.inner_lr, weight_decay=0.0) for m in models]
     weights = _flat(models[0])
     sizes = [p.numel() for p in models[0].parameters()]
@@ -116,21 +116,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--inner-steps", type=int, default=20)
     ap.add_argument("--inner-lr", type=float, default=3e-3)
     ap.add_argument("--density", type=float, default=0.01)
-    ap.add_argument("--ef-decay", type=float, default=0.9)
+    ap.add_argument("--hidden", type=int, default=example.HIDDEN, help="The MLP's width.")
+    ap.add_argument("--ef-decay", type=float, default=0.7)
     ap.add_argument("--value-bits", dest="bits", type=int, default=4, choices=[2, 4, 8, 32])
     ap.add_argument("--topk-chunk", dest="chunk", type=int, default=4096)
     ap.add_argument("--outer-lr", type=float, default=None, help="topk 4.0 (SGD), none 0.7")
     ap.add_argument("--outer-momentum", type=float, default=0.9, help="none: Nesterov's.")
     ap.add_argument("--topk-momentum", type=float, default=0.0, help="topk: Nesterov's, 0: SGD.")
     ap.add_argument("--oracle", type=int, default=0, help="K: pooled top-K bound (see above).")
-    ap.add_argument("--grid", action="store_true", help="Outer lr 1..6 x decay 0.8..1.")
+    ap.add_argument("--grid", action="store_true", help="Outer lr 1..6 x decay 0.7..1.")
     ap.add_argument("--json", action="store_true", help="Print one JSON object.")
     args = ap.parse_args(argv)
     lr = args.outer_lr
     if lr is None:
         lr = 0.7 if args.compression == "none" else 4.0
     points = (
-        [(g, d) for g in (1.0, 2.0, 3.0, 4.0, 5.0, 6.0) for d in (0.8, 0.9, 0.95, 1.0)]
+        [(g, d) for g in (1.0, 2.0, 3.0, 4.0, 5.0, 6.0) for d in (0.7, 0.8, 0.9, 1.0)]
         if args.grid
         else [(lr, args.ef_decay)]
     )
