@@ -88,7 +88,7 @@ def test_topk_rounds_apply_nesterov_to_the_mean_of_every_peers_sparse_part(
         np.testing.assert_allclose(weights, g, rtol=1e-5, atol=1e-6)
 
 
-def test_example_topk_one_percent_ends_within_a_fifth_of_dense_for_thirty_times_fewer_bytes() -> None:
+def test_example_topk_one_percent_is_within_a_fifth_of_dense_for_30x_fewer_bytes() -> None:
     common = ("--peers", "3", "--step-ms", "0")
     dense = run_example_json(EXAMPLE, *common)
     sparse = run_example_json(EXAMPLE, *common, "--compression", "topk", "--density", "0.01",
