@@ -55,7 +55,7 @@ import xxhash
 from collnet.algo.actions import Schedule
 from collnet.algo.allgather import RingAllGather, all_gather_equal
 from collnet.algo.barrier import DisseminationBarrier
-from collnet.algo.ops import DTYPE_BY_NAME
+from collnet.algo.ops import DTYPE_BY_NAME, check_op
 from collnet.algo.reducescatter import RingReduceScatter, output_range
 from collnet.algo.select import make_broadcast
 from collnet.codec.base import Codec
@@ -268,6 +268,7 @@ class Collectives(CollectiveEntry):
             for r, (start, stop) in zip(reqs, ranges, strict=True)
         ]
         inputs = [self._input(r) for r in reqs]
+        check_op(req.reduction, inputs[0].dtype)  # before the local reduction uses it
         # The ring leaves partial sums outside this rank's block: never in an input.
         scratch = reduce_locally(req.reduction, inputs)
         counts = None

@@ -201,6 +201,21 @@ def test_reduce_scatter_avg_is_the_mean_over_every_trainer(
         assert (res == 3.0).all()
 
 
+def test_an_avg_over_ints_is_refused_typed_on_every_trainer_at_once(
+    trainers: tuple[Peers, list[Comm]],
+) -> None:
+    _, comms = trainers
+    tag = fresh_tag()
+    started = time.monotonic()
+    outcomes = run_on_all_outcomes(
+        comms,
+        lambda _r, c: c.reduce_scatter(np.ones(8, np.int64), op="avg", tag=tag, timeout_s=20.0),
+    )
+    assert time.monotonic() - started < MISMATCH_BOUND_S
+    assert all(isinstance(o, collnet_client.CollnetError) for o in outcomes), outcomes
+    assert any(isinstance(o, InvalidArgument) and "avg" in o.message for o in outcomes), outcomes
+
+
 def test_barrier_lets_no_trainer_out_before_every_trainer_entered(
     trainers: tuple[Peers, list[Comm]],
 ) -> None:
