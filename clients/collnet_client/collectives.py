@@ -229,6 +229,7 @@ class Collectives:
         tag: int | str | None,
         timeout_s: float | None,
     ) -> Handle:
+        self.local_rank()  # before anything is staged
         host, view, where, lent = self._input(tensor)
         request = Broadcast(
             **_tensor(host, view, where),
@@ -243,7 +244,7 @@ class Collectives:
     def all_gather(
         self, tensor: Any, out: Any, codec: str, tag: int | str | None, timeout_s: float | None
     ) -> Handle:
-        size = self.size()
+        size, _ = self.size(), self.local_rank()  # before anything is staged
         host, view, where, lent = self._input(tensor)
         output = self._output(tensor, out, host, (size, *host.shape), lent)
         request = AllGather(

@@ -336,6 +336,14 @@ def test_a_trainer_of_a_local_group_without_its_local_rank_is_refused_before_sen
     ) as anonymous:
         with pytest.raises(InvalidArgument, match="local_rank"):
             anonymous.barrier(timeout_s=5.0)
+        for call in (
+            lambda: anonymous.all_gather(np.ones(4, np.float32), timeout_s=5.0),
+            lambda: anonymous.broadcast(np.ones(4, np.float32), root=0, timeout_s=5.0),
+            lambda: anonymous.reduce_scatter(np.ones(4, np.float32), timeout_s=5.0),
+            lambda: anonymous.all_gather_v(np.ones(4, np.float32), timeout_s=5.0),
+        ):
+            with pytest.raises(InvalidArgument, match="local_rank"):
+                call()
         with pytest.raises(InvalidArgument, match="local_rank"):
             _ = anonymous.rank
         assert anonymous.node_rank in (0, 1)
