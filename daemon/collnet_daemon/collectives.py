@@ -46,7 +46,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import numpy as np
 import numpy.typing as npt
@@ -71,6 +71,7 @@ from collnet.wire.collectives import (
     ReduceScatter,
     counts_tag,
 )
+from collnet.wire.fields import Tag
 from collnet_daemon.allreduce import CollectiveEntry, Planned
 from collnet_daemon.localgroup import reduce_locally
 
@@ -97,8 +98,7 @@ class Collectives(CollectiveEntry):
         """Run ``req`` as its collective; the reply (empty but for a counts phase)."""
         if req.local_size == 1:
             return await self._run([req])
-        counts_phase = isinstance(req, AllGatherV) and req.counts is None
-        tag = counts_tag(req.tag) if counts_phase else req.tag
+        what, tag = _phase(req)
         world, _ = self.membership.agreed(req.epoch)
 
         async def action(reqs: list[CollectiveRequest]) -> dict[str, Any]:
@@ -111,14 +111,13 @@ class Collectives(CollectiveEntry):
             return await self._run(group)
 
         timeout_s = req.timeout_s or self.config.collective_timeout_s
-        key = (req.KIND, counts_phase, world.epoch, tag)
+        key = (what, world.epoch, tag)
         return await self.local.run(key, req.local_size, req, action, timeout_s)
 
     async def _run(self, reqs: list[CollectiveRequest]) -> dict[str, Any]:
         """Run the collective of this node's trainers ``reqs`` (in local rank order)."""
         req = reqs[0]
-        counts_phase = isinstance(req, AllGatherV) and req.counts is None
-        tag = counts_tag(req.tag) if counts_phase else req.tag
+        what, tag = _phase(req)
         after: Callable[[], dict[str, Any]] = dict
 
         def plan(world: WorldView, rank: int) -> Planned:
@@ -132,7 +131,6 @@ class Collectives(CollectiveEntry):
             )
             return Planned(made.schedule, digest, made.algo, made.codec, made.nbytes, made.modifies)
 
-        what = req.KIND + ("-counts" if counts_phase else "")
         await self._enter(what, req.epoch, tag, req.timeout_s, plan)
         return after()
 
@@ -297,8 +295,16 @@ R = TypeVar("R", Broadcast, AllGather, AllGatherV, ReduceScatter)
 
 
 def _same(reqs: list[CollectiveRequest], kind: type[R]) -> list[R]:
-    """``reqs`` as the one kind ``_local_group`` found them to be."""
-    return [r for r in reqs if isinstance(r, kind)]
+    """``reqs`` as the one kind ``_local_group`` found them to be (their first's)."""
+    return cast(list[R], reqs)
+
+
+def _phase(req: CollectiveRequest) -> tuple[str, Tag]:
+    """What runs over the network for ``req`` (an ``all_gather_v``'s counts phase
+    apart from its data) and under which tag."""
+    if isinstance(req, AllGatherV) and req.counts is None:
+        return f"{req.KIND}-counts", counts_tag(req.tag)
+    return req.KIND, req.tag
 
 
 def _copy(src: npt.NDArray[Any], dsts: list[npt.NDArray[Any]]) -> Callable[[], dict[str, Any]]:
