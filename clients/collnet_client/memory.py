@@ -18,11 +18,13 @@ tensor gives back numpy views with unrelated bases.
 from __future__ import annotations
 
 import bisect
+import threading
 from typing import Any, TypeAlias
 
 import numpy as np
 import numpy.typing as npt
 
+from collnet.errors import DaemonUnavailable
 from collnet.transport.shm import SharedBuffer
 
 # A staging segment and its bytes.
@@ -45,6 +47,16 @@ class SharedMemory:
         # those of requests that were never waited for.
         self.staging_made: dict[str, SharedBuffer] = {}
         self.closed = False
+        # close() may come from another thread than the collectives (a torch
+        # group's worker outliving its stop timeout): a segment made after
+        # close would never be unlinked.
+        self._lock = threading.Lock()
+
+    def _made(self, nbytes: int) -> SharedBuffer:
+        """A new segment, or DaemonUnavailable once closed (caller holds the lock)."""
+        if self.closed:
+            raise DaemonUnavailable("this Comm is closed")
+        return SharedBuffer.create(nbytes)
 
     def empty(
         self, shape: int | tuple[int, ...], dtype: npt.DTypeLike = np.float32
@@ -52,12 +64,13 @@ class SharedMemory:
         """An array in a new segment of its own."""
         dt = np.dtype(dtype)
         n = int(np.prod(shape))
-        seg = SharedBuffer.create(n * dt.itemsize)
-        base = seg.array(dt, n)
-        self.segments[id(base)] = (seg, base)
-        start = int(base.__array_interface__["data"][0])
-        bisect.insort(self._starts, start)
-        self._by_start[start] = seg
+        with self._lock:
+            seg = self._made(n * dt.itemsize)
+            base = seg.array(dt, n)
+            self.segments[id(base)] = (seg, base)
+            start = int(base.__array_interface__["data"][0])
+            bisect.insort(self._starts, start)
+            self._by_start[start] = seg
         return base.reshape(shape)
 
     def locate(self, arr: npt.NDArray[Any]) -> tuple[SharedBuffer, int] | None:
@@ -77,11 +90,12 @@ class SharedMemory:
 
     def stage(self, nbytes: int) -> Staging:
         """A staging segment of at least ``nbytes``, lent until ``unstage``."""
-        for i, (seg, _) in enumerate(self.pool):
-            if seg.nbytes >= nbytes:
-                return self.pool.pop(i)
-        seg = SharedBuffer.create(nbytes)
-        self.staging_made[seg.name] = seg
+        with self._lock:
+            for i, (seg, _) in enumerate(self.pool):
+                if seg.nbytes >= nbytes:
+                    return self.pool.pop(i)
+            seg = self._made(nbytes)
+            self.staging_made[seg.name] = seg
         return seg, seg.array(np.uint8, nbytes)
 
     def unstage(self, staging: Staging) -> None:
@@ -90,28 +104,31 @@ class SharedMemory:
         A segment the daemon may still write into is never given back: it is
         freed by ``close``.
         """
-        if self.closed:
-            staging[0].close()
-        else:
-            self.pool.append(staging)
+        with self._lock:
+            if not self.closed:
+                self.pool.append(staging)
+                return
+        staging[0].close()
 
     def names(self) -> list[str]:
         """Every segment this SDK created: the daemon may map any of them."""
-        return [seg.name for seg, _ in self.segments.values()] + list(self.staging_made)
+        with self._lock:
+            return [seg.name for seg, _ in self.segments.values()] + list(self.staging_made)
 
     def close(self) -> None:
         """Free every segment (unlinked; a segment's pages go once nobody maps it)."""
-        if self.closed:
-            return
-        self.closed = True
-        # Drop our references to the mapped arrays first, so a segment whose
-        # arrays the caller no longer holds is unmapped right away.
-        segments = [seg for seg, _ in self.segments.values()]
-        segments += self.staging_made.values()
-        self.segments.clear()
-        self._starts.clear()
-        self._by_start.clear()
-        self.pool.clear()
-        self.staging_made.clear()
+        with self._lock:
+            if self.closed:
+                return
+            self.closed = True
+            # Drop our references to the mapped arrays first, so a segment whose
+            # arrays the caller no longer holds is unmapped right away.
+            segments = [seg for seg, _ in self.segments.values()]
+            segments += self.staging_made.values()
+            self.segments.clear()
+            self._starts.clear()
+            self._by_start.clear()
+            self.pool.clear()
+            self.staging_made.clear()
         for seg in segments:
             seg.close()

@@ -1,10 +1,8 @@
-"""Fixtures shared by the integration tests: log dumps on failure, leak checks."""
+"""Fixtures of the integration tests: log dumps on failure (leak checks: ../conftest.py)."""
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 from cluster_harness import LIVE_CLUSTERS
@@ -25,11 +23,3 @@ def _cluster_logs_on_failure(request: pytest.FixtureRequest) -> Iterator[None]:
     if report is not None and report.failed:
         for cluster in LIVE_CLUSTERS:
             print(f"=== cluster in {cluster.workdir}\n{cluster.logs()}")
-
-
-@pytest.fixture(scope="session", autouse=True)
-def _no_leaked_shared_memory() -> Iterator[None]:
-    """Every Comm this process opened unlinks its shared-memory segments on close."""
-    yield
-    mine = sorted(p.name for p in Path("/dev/shm").glob(f"collnet-{os.getpid()}-*"))
-    assert not mine, f"shared-memory segments left behind: {mine}"

@@ -170,7 +170,10 @@ def test_a_dialler_sizes_an_unknown_link_from_the_round_trip_it_timed(lab: Lab) 
         listener.kill()
         listener.wait()
     rtt_s = dialled["dial_rtt_s"]
-    assert RTT <= rtt_s <= RTT + 0.006
+    # The kernel's smoothed RTT over the TLS handshake also holds the time the
+    # user-space delay line and the listener wait for one of CI's 2 busy cores
+    # (47 ms once); twice the lab's RTT (the whole handshake timed) still fails.
+    assert RTT <= rtt_s <= RTT * 1.5
     k = connections_for(None, lab.spec.addr(2), window, rtt_s=rtt_s)
     assert k > UNKNOWN_LINK_CONNECTIONS
     assert dialled["k"] == accepted["k"] == k
