@@ -419,11 +419,14 @@ class Comm:
         if self.closed:
             return
         # The daemon keeps segments mapped until told; unlinked pages stay
-        # allocated while anyone maps them. Best effort: a gone daemon is fine.
-        for name in self.memory.names():
-            self._transport.post(Release(name))
-        self._transport.close()
-        self.memory.close()
+        # allocated while anyone maps them. Best effort: a gone daemon is fine,
+        # and whatever the socket does, our segments are unlinked.
+        try:
+            for name in self.memory.names():
+                self._transport.post(Release(name))
+            self._transport.close()
+        finally:
+            self.memory.close()
 
     def __enter__(self) -> Comm:
         return self
